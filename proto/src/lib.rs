@@ -1,0 +1,26 @@
+//! The raftcache wire API.
+//!
+//! # Layout
+//! - [`v1`]: the `raftcache.v1` protobuf messages and the tonic `Cache` client and
+//!   server, generated at build time from `proto/raftcache/v1/kv.proto` by protox.
+//! - [`status`]: the one place where an [`v1::ErrorDetail`] is put into and read back
+//!   out of a `tonic::Status`, shared by the node (encoding) and the client (decoding).
+//!
+//! ```text
+//! raftcache-proto  <-  raftcache-node     (serves v1::cache_server)
+//!                  <-  raftcache-client   (calls  v1::cache_client)
+//! ```
+//!
+//! tonic and prost are re-exported so that dependants pin no versions of their own.
+
+pub use bytes;
+pub use prost;
+pub use tonic;
+
+/// Generated `raftcache.v1` messages and services.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("raftcache.v1");
+}
+
+pub mod status;
