@@ -1,0 +1,461 @@
+//! `raftcache dev`: a local cluster of `raftcache-node` children in the foreground.
+//!
+//! Each node is started with its own ports and data directory and announces itself
+//! with a JSON ready line on its stdout. `dev` relays one line per node,
+//! `{"node":1,"pid":…,"grpc":"…","metrics":"…"}`, then `ready`. On SIGTERM or
+//! ctrl-c it stops the nodes (SIGTERM, up to 10 s, then SIGKILL) and exits 0; if a
+//! node dies on its own, it stops the others and exits 1.
+
+use anyhow::{bail, ensure, Context};
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// How long a node may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long nodes may take to exit after SIGTERM before they get SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long reaping a node may take after SIGKILL.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Offset of a node's metrics port from its gRPC port.
+const METRICS_PORT_OFFSET: u32 = 100;
+
+/// What `raftcache dev` starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DevConfig {
+    pub(crate) nodes: u32,
+    /// gRPC port of node 1, or 0 for free ports everywhere.
+    pub(crate) base_port: u16,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) partitions: u32,
+    pub(crate) max_memory: Option<String>,
+    pub(crate) eviction_policy: Option<String>,
+}
+
+/// A node's ready line, and the line `dev` prints for it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+struct Ready {
+    node: u64,
+    pid: u32,
+    grpc: String,
+    metrics: String,
+}
+
+/// A running node.
+struct DevNode {
+    id: u32,
+    child: Child,
+}
+
+/// Runs the cluster until a signal (exit 0) or the death of a node (exit 1).
+///
+/// # Errors
+/// More than one node asked for, no node binary, or a node that fails to start.
+pub(crate) async fn run(config: DevConfig) -> anyhow::Result<ExitCode> {
+    ensure!(config.nodes >= 1, "--nodes must be at least 1");
+    ensure!(
+        config.nodes == 1,
+        "this build runs a single node only (--nodes 1); replicated clusters arrive with multi-raft"
+    );
+    let binary = find_node_binary(
+        std::env::var_os("RAFTCACHE_NODE_BIN"),
+        &std::env::current_exe().context("cannot locate the raftcache executable")?,
+    )?;
+    let mut shutdown = Shutdown::install()?;
+    let mut nodes = Vec::new();
+
+    let started = tokio::select! {
+        started = start_all(&config, &binary, &mut nodes) => started,
+        () = shutdown.wait() => {
+            stop(&mut nodes).await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    if let Err(e) = started {
+        stop(&mut nodes).await;
+        return Err(e);
+    }
+    print_line("ready")?;
+
+    let exited = tokio::select! {
+        () = shutdown.wait() => None,
+        exited = first_exit(&mut nodes) => Some(exited),
+    };
+    let code = match exited {
+        None => ExitCode::SUCCESS,
+        Some((id, status)) => {
+            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+            eprintln!(
+                "raftcache dev: node {id} exited unexpectedly ({status}); stopping the cluster"
+            );
+            ExitCode::from(1)
+        }
+    };
+    stop(&mut nodes).await;
+    Ok(code)
+}
+
+/// Starts the nodes one after the other, each once the previous one is ready,
+/// printing each node's line. Started nodes are pushed to `nodes` at once, so that
+/// the caller stops them whatever happens.
+async fn start_all(
+    config: &DevConfig,
+    binary: &Path,
+    nodes: &mut Vec<DevNode>,
+) -> anyhow::Result<()> {
+    for id in 1..=config.nodes {
+        let dir = config.data_dir.join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut child = Command::new(binary)
+            .args(node_args(config, id)?)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let stdout = child.stdout.take().context("node stdout is not piped")?;
+        nodes.push(DevNode { id, child });
+        let node = nodes.last_mut().context("the node was just pushed")?;
+        let ready = tokio::time::timeout(READY_TIMEOUT, wait_ready(node, stdout))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "node {id} printed no ready line within {}",
+                    humantime::format_duration(READY_TIMEOUT)
+                )
+            })??;
+        print_line(&serde_json::to_string(&ready)?)?;
+    }
+    Ok(())
+}
+
+/// Reads `node`'s stdout until its ready line, then keeps draining it in the
+/// background so that the node never blocks on a full pipe.
+async fn wait_ready(node: &mut DevNode, stdout: ChildStdout) -> anyhow::Result<Ready> {
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let Some(line) = lines.next_line().await.context("reading node stdout")? else {
+            let status = node.child.wait().await.context("waiting for the node")?;
+            bail!("node {} exited before it was ready ({status})", node.id);
+        };
+        if let Some(ready) = parse_ready(&line)? {
+            ensure!(
+                ready.node == u64::from(node.id),
+                "node {} announced itself as node {}",
+                node.id,
+                ready.node
+            );
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return Ok(ready);
+        }
+    }
+}
+
+/// The ready line, if `line` is one. Lines that are not JSON, or JSON of another
+/// event, are not; a ready event without its fields is an error.
+fn parse_ready(line: &str) -> anyhow::Result<Option<Ready>> {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(line.trim()) else {
+        return Ok(None);
+    };
+    if value.get("event").and_then(serde_json::Value::as_str) != Some("ready") {
+        return Ok(None);
+    }
+    let ready = serde_json::from_value(value)
+        .with_context(|| format!("malformed ready line from a node: {line}"))?;
+    Ok(Some(ready))
+}
+
+/// The command line of node `id` (1-based).
+fn node_args(config: &DevConfig, id: u32) -> anyhow::Result<Vec<OsString>> {
+    let port = |offset: u32| -> anyhow::Result<u16> {
+        if config.base_port == 0 {
+            return Ok(0);
+        }
+        let port = u32::from(config.base_port) + offset + id - 1;
+        u16::try_from(port).with_context(|| {
+            format!(
+                "--base-port {} puts node {id} on port {port}",
+                config.base_port
+            )
+        })
+    };
+    let mut args: Vec<OsString> = vec![
+        "--node-id".into(),
+        id.to_string().into(),
+        "--grpc-addr".into(),
+        format!("127.0.0.1:{}", port(0)?).into(),
+        "--metrics-addr".into(),
+        format!("127.0.0.1:{}", port(METRICS_PORT_OFFSET)?).into(),
+        "--data-dir".into(),
+        config.data_dir.join(format!("node-{id}")).into(),
+        "--partitions".into(),
+        config.partitions.to_string().into(),
+    ];
+    if let Some(max_memory) = &config.max_memory {
+        args.extend(["--max-memory".into(), max_memory.into()]);
+    }
+    if let Some(policy) = &config.eviction_policy {
+        args.extend(["--eviction-policy".into(), policy.into()]);
+    }
+    Ok(args)
+}
+
+/// The node binary: `$RAFTCACHE_NODE_BIN`, else `raftcache-node` beside `exe`.
+fn find_node_binary(from_env: Option<OsString>, exe: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(path) = from_env.filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let beside = exe.with_file_name(format!("raftcache-node{}", std::env::consts::EXE_SUFFIX));
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    bail!(
+        "cannot find raftcache-node at {}: run `cargo build --release` (or set RAFTCACHE_NODE_BIN)",
+        beside.display()
+    )
+}
+
+/// Waits for the first node to exit on its own.
+async fn first_exit(nodes: &mut [DevNode]) -> (u32, std::io::Result<ExitStatus>) {
+    if nodes.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = nodes
+        .iter_mut()
+        .map(|n| Box::pin(async move { (n.id, n.child.wait().await) }));
+    futures::future::select_all(waits).await.0
+}
+
+/// Stops every node: SIGTERM, then SIGKILL for those still running after
+/// [`STOP_TIMEOUT`].
+async fn stop(nodes: &mut [DevNode]) {
+    for node in nodes.iter() {
+        if let Some(pid) = node.child.id() {
+            if let Err(e) = send_signal(pid, libc::SIGTERM) {
+                tracing::warn!(node = node.id, pid, error = %e, "cannot send SIGTERM");
+            }
+        }
+    }
+    let all_exited = async {
+        for node in nodes.iter_mut() {
+            let _ = node.child.wait().await;
+        }
+    };
+    if tokio::time::timeout(STOP_TIMEOUT, all_exited).await.is_ok() {
+        return;
+    }
+    for node in nodes.iter_mut() {
+        eprintln!(
+            "raftcache dev: node {} did not stop in time; killing it",
+            node.id
+        );
+        // An error means the node has exited meanwhile.
+        let _ = node.child.start_kill();
+        if tokio::time::timeout(KILL_TIMEOUT, node.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(node = node.id, "node survived SIGKILL");
+        }
+    }
+}
+
+/// Sends `signal` to the process `pid`.
+#[allow(unsafe_code)]
+fn send_signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
+    // Zero or a negative pid would signal a process group, never one child.
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a child pid"))?;
+    // SAFETY: kill(2) only takes integers and touches no memory of this process.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// SIGINT and SIGTERM, listened for from the start so that neither kills `dev`
+/// before it can stop its nodes.
+struct Shutdown {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Shutdown {
+    fn install() -> anyhow::Result<Shutdown> {
+        Ok(Shutdown {
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+/// Prints one line on stdout and flushes it, for whoever waits on it.
+fn print_line(line: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .context("writing to stdout")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(base_port: u16) -> DevConfig {
+        DevConfig {
+            nodes: 1,
+            base_port,
+            data_dir: PathBuf::from("/tmp/rc"),
+            partitions: 16,
+            max_memory: None,
+            eviction_policy: None,
+        }
+    }
+
+    #[test]
+    fn ready_lines_are_recognised() {
+        let line = r#"{"event":"ready","node":1,"pid":123,"grpc":"127.0.0.1:7001","metrics":"127.0.0.1:7101"}"#;
+        let ready = parse_ready(line).unwrap().unwrap();
+        assert_eq!(
+            ready,
+            Ready {
+                node: 1,
+                pid: 123,
+                grpc: "127.0.0.1:7001".into(),
+                metrics: "127.0.0.1:7101".into()
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&ready).unwrap(),
+            r#"{"node":1,"pid":123,"grpc":"127.0.0.1:7001","metrics":"127.0.0.1:7101"}"#
+        );
+        // Other output is skipped.
+        assert_eq!(parse_ready("starting up").unwrap(), None);
+        assert_eq!(parse_ready("").unwrap(), None);
+        assert_eq!(parse_ready(r#"{"event":"listening"}"#).unwrap(), None);
+        assert_eq!(parse_ready("[1,2]").unwrap(), None);
+        // A ready event without its fields is an error, not a silent wait.
+        assert!(parse_ready(r#"{"event":"ready","node":1}"#).is_err());
+    }
+
+    #[test]
+    fn node_ports_follow_the_base_port() {
+        let args = node_args(&config(7001), 1).unwrap();
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "--node-id",
+                "1",
+                "--grpc-addr",
+                "127.0.0.1:7001",
+                "--metrics-addr",
+                "127.0.0.1:7101",
+                "--data-dir",
+                "/tmp/rc/node-1",
+                "--partitions",
+                "16"
+            ]
+        );
+        let third = node_args(&config(7001), 3).unwrap();
+        assert!(third.contains(&"127.0.0.1:7003".into()));
+        assert!(third.contains(&"127.0.0.1:7103".into()));
+
+        let mut c = config(0);
+        c.max_memory = Some("64MiB".into());
+        c.eviction_policy = Some("allkeys-lru".into());
+        let args = node_args(&c, 1).unwrap();
+        assert!(args.contains(&"127.0.0.1:0".into()));
+        assert!(!args.iter().any(|a| a.to_str().unwrap().ends_with(":100")));
+        assert!(args.ends_with(&[
+            "--max-memory".into(),
+            "64MiB".into(),
+            "--eviction-policy".into(),
+            "allkeys-lru".into()
+        ]));
+
+        assert!(
+            node_args(&config(65500), 1).is_err(),
+            "metrics port past 65535"
+        );
+    }
+
+    #[test]
+    fn the_node_binary_comes_from_env_or_beside_the_cli() {
+        let dir = std::env::temp_dir().join(format!("raftcache-dev-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("raftcache");
+        let err = find_node_binary(None, &exe).unwrap_err().to_string();
+        assert!(err.contains("cargo build --release"), "{err}");
+
+        let node = dir.join(format!("raftcache-node{}", std::env::consts::EXE_SUFFIX));
+        std::fs::write(&node, b"").unwrap();
+        assert_eq!(find_node_binary(None, &exe).unwrap(), node);
+        assert_eq!(
+            find_node_binary(Some("/opt/node".into()), &exe).unwrap(),
+            PathBuf::from("/opt/node")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn more_than_one_node_is_refused() {
+        let mut c = config(7001);
+        c.nodes = 3;
+        let err = run(c).await.unwrap_err().to_string();
+        assert!(err.contains("--nodes 1"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_exits_early_is_reported_and_stop_reaps_sleepers() {
+        let child = Command::new("sh")
+            .args(["-c", "echo not json; echo '{\"event\":\"other\"}'; exit 3"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut node = DevNode { id: 1, child };
+        let stdout = node.child.stdout.take().unwrap();
+        let err = wait_ready(&mut node, stdout).await.unwrap_err().to_string();
+        assert!(err.contains("exited before it was ready"), "{err}");
+
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                r#"echo '{"event":"ready","node":1,"pid":1,"grpc":"g","metrics":"m"}'; exec sleep 30"#,
+            ])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut nodes = vec![DevNode { id: 1, child }];
+        let stdout = nodes[0].child.stdout.take().unwrap();
+        let ready = wait_ready(&mut nodes[0], stdout).await.unwrap();
+        assert_eq!(ready.grpc, "g");
+        let started = std::time::Instant::now();
+        stop(&mut nodes).await;
+        assert!(
+            started.elapsed() < STOP_TIMEOUT,
+            "SIGTERM stopped the sleeper"
+        );
+        assert!(nodes[0].child.try_wait().unwrap().is_some());
+    }
+}

@@ -1,0 +1,57 @@
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+//! The raftcache client: routes each key to the leader of its partition over gRPC,
+//! and the `raftcache` command line built on it.
+//!
+//! # Layout
+//! - [`client`]: [`Client`], the typed API (get/mget/set/delete/incr/expire/ttl,
+//!   cluster map, stats) with its options and answers.
+//! - [`config`]: [`ClientConfig`], seed endpoints and timeouts.
+//! - [`error`]: [`ClientError`] and the one mapping from a gRPC status to it.
+//! - [`ring`]: the consistent-hash [`Ring`](ring::Ring) with hash tags.
+//! - [`routing`]: [`ClusterMap`] and the routing table built from it (private part).
+//! - `pool`: one lazily created gRPC channel per node address.
+//! - [`bench`](mod@bench): the load generator behind `raftcache bench`.
+//! - [`cli`]: the `raftcache` command line; `cli::dev` runs a local cluster.
+//!
+//! ```text
+//! cli ──► bench ──► client ──► routing ──► ring
+//!  │                  │           └──────► pool ──► raftcache_proto (tonic channel)
+//!  └─► cli::dev       ├──► config
+//!      (spawns        └──► error ◄── raftcache_proto::status (ErrorDetail)
+//!       raftcache-node)
+//! ```
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> raftcache_client::Result<()> {
+//! use raftcache_client::{Client, ClientConfig, Condition, SetOptions};
+//! use std::time::Duration;
+//!
+//! let client = Client::connect(ClientConfig::new(["127.0.0.1:7001"])).await?;
+//! let options = SetOptions {
+//!     ttl: Some(Duration::from_secs(60)),
+//!     condition: Condition::IfAbsent,
+//!     ..SetOptions::default()
+//! };
+//! let outcome = client.set_with("{user:1}:profile", "ada", options).await?;
+//! if let Some(v) = client.get("{user:1}:profile").await? {
+//!     println!("version {} (applied now: {})", v.version, outcome.applied);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+mod pool;
+pub mod ring;
+pub mod routing;
+
+pub use client::{
+    Client, Condition, Consistency, NodeStats, ReadOptions, SetOptions, SetOutcome, Ttl, Value,
+};
+pub use config::{ClientConfig, DEFAULT_ENDPOINT};
+pub use error::{ClientError, Result};
+pub use routing::{ClusterMap, NodeInfo, PartitionInfo};

@@ -1,0 +1,569 @@
+//! The client and the `raftcache` binary against an in-process fake node.
+//!
+//! The fake serves `raftcache.v1.Cache` over real loopback gRPC with a plain map, and
+//! checks what a real node checks about routing: the partition must be the one the
+//! ring gives for the key, and the epoch must be its own. Tests can bump its epoch,
+//! slow it down, and count the calls it got.
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use raftcache_client::ring::{Ring, DEFAULT_VNODES};
+use raftcache_client::{Client, ClientConfig, ClientError, Condition, SetOptions, Ttl};
+use raftcache_proto::tonic::transport::server::TcpIncoming;
+use raftcache_proto::tonic::transport::Server;
+use raftcache_proto::tonic::{self, Request, Response, Status};
+use raftcache_proto::v1::cache_server::{Cache, CacheServer};
+use raftcache_proto::v1::*;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PARTITIONS: u32 = 16;
+const MAX_KEY: u64 = 1024;
+/// A key the fake answers only after a long pause.
+const SLOW_KEY: &[u8] = b"slow";
+
+/// A stored value: (value, version, TTL deadline).
+type Entry = (Bytes, u64, Option<Instant>);
+
+#[derive(Default)]
+struct Counters {
+    cluster_maps: AtomicU64,
+    gets: AtomicU64,
+    mgets: AtomicU64,
+}
+
+struct Fake {
+    addr: String,
+    ring: Ring,
+    /// The epoch requests must carry.
+    epoch: AtomicU64,
+    /// The epoch of the map the fake serves (normally `epoch`).
+    map_epoch: AtomicU64,
+    data: Mutex<HashMap<Bytes, Entry>>,
+    next_version: AtomicU64,
+    calls: Counters,
+}
+
+impl Fake {
+    /// Moves the node, and the map it serves, to `epoch`.
+    fn set_epoch(&self, epoch: u64) {
+        self.map_epoch.store(epoch, Ordering::SeqCst);
+        self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    fn check(&self, key: &[u8], route: Option<Route>) -> Result<(), Status> {
+        if key.is_empty() {
+            return Err(ErrorDetail::of(ErrorCode::EmptyKey).into_status("empty key"));
+        }
+        if key.len() as u64 > MAX_KEY {
+            let mut d = ErrorDetail::of(ErrorCode::KeyTooLarge);
+            d.actual = Some(key.len() as u64);
+            d.limit = Some(MAX_KEY);
+            return Err(d.into_status("key too large"));
+        }
+        let route = route.ok_or_else(|| Status::invalid_argument("no route"))?;
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        if route.epoch != epoch {
+            let mut d = ErrorDetail::of(ErrorCode::WrongEpoch);
+            d.epoch = Some(epoch);
+            return Err(d.into_status("wrong epoch"));
+        }
+        let want = self.ring.partition_of(key);
+        if route.partition != want {
+            return Err(ErrorDetail::of(ErrorCode::InvalidArgument)
+                .into_status(format!("key routed to {}, not {want}", route.partition)));
+        }
+        Ok(())
+    }
+
+    fn read(&self, key: &Bytes, skip_value: bool) -> GetResponse {
+        let data = self.data.lock().unwrap();
+        match data.get(key) {
+            Some((value, version, deadline)) if deadline.is_none_or(|d| d > Instant::now()) => {
+                GetResponse {
+                    found: true,
+                    value: if skip_value {
+                        Bytes::new()
+                    } else {
+                        value.clone()
+                    },
+                    version: *version,
+                    ttl_remaining_ms: deadline
+                        .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+                }
+            }
+            _ => GetResponse::default(),
+        }
+    }
+
+    fn map(&self) -> ClusterMapResponse {
+        ClusterMapResponse {
+            epoch: self.map_epoch.load(Ordering::SeqCst),
+            partition_count: PARTITIONS,
+            vnodes: DEFAULT_VNODES,
+            nodes: vec![NodeInfo {
+                id: 1,
+                addr: self.addr.clone(),
+            }],
+            partitions: (0..PARTITIONS)
+                .map(|id| PartitionInfo {
+                    id,
+                    leader: 1,
+                    replicas: vec![1],
+                    term: 0,
+                    applied: 0,
+                })
+                .collect(),
+            node_id: 1,
+        }
+    }
+}
+
+/// The service handle: the server owns one, the test keeps the `Arc<Fake>`.
+struct Service(Arc<Fake>);
+
+impl std::ops::Deref for Service {
+    type Target = Fake;
+
+    fn deref(&self) -> &Fake {
+        &self.0
+    }
+}
+
+#[tonic::async_trait]
+impl Cache for Service {
+    async fn get(&self, r: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.calls.gets.fetch_add(1, Ordering::SeqCst);
+        let r = r.into_inner();
+        self.check(&r.key, r.route)?;
+        if r.key == SLOW_KEY {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Ok(Response::new(self.read(&r.key, r.skip_value)))
+    }
+
+    async fn m_get(&self, r: Request<MGetRequest>) -> Result<Response<MGetResponse>, Status> {
+        self.calls.mgets.fetch_add(1, Ordering::SeqCst);
+        let mut values = Vec::new();
+        for k in r.into_inner().keys {
+            self.check(&k.key, k.route)?;
+            values.push(self.read(&k.key, false));
+        }
+        Ok(Response::new(MGetResponse { values }))
+    }
+
+    async fn set(&self, r: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+        let r = r.into_inner();
+        self.check(&r.key, r.route)?;
+        let current = self.read(&r.key, true);
+        let applies = match r.condition() {
+            SetCondition::None => true,
+            SetCondition::IfAbsent => !current.found,
+            SetCondition::IfPresent => current.found,
+            SetCondition::IfVersion => current.found && current.version == r.expected_version,
+            SetCondition::Unspecified => {
+                return Err(ErrorDetail::of(ErrorCode::InvalidArgument).into_status("condition"))
+            }
+        };
+        if !applies {
+            return Ok(Response::new(SetResponse {
+                applied: false,
+                version: current.version,
+            }));
+        }
+        let version = self.next_version.fetch_add(1, Ordering::SeqCst) + 1;
+        let deadline = (r.ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(r.ttl_ms));
+        self.data
+            .lock()
+            .unwrap()
+            .insert(r.key, (r.value, version, deadline));
+        Ok(Response::new(SetResponse {
+            applied: true,
+            version,
+        }))
+    }
+
+    async fn delete(&self, r: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let r = r.into_inner();
+        self.check(&r.key, r.route)?;
+        let deleted = self.read(&r.key, true).found;
+        self.data.lock().unwrap().remove(&r.key);
+        Ok(Response::new(DeleteResponse { deleted }))
+    }
+
+    async fn incr(&self, r: Request<IncrRequest>) -> Result<Response<IncrResponse>, Status> {
+        let r = r.into_inner();
+        self.check(&r.key, r.route)?;
+        let current = self.read(&r.key, false);
+        let old: i64 = if current.found {
+            std::str::from_utf8(&current.value)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| ErrorDetail::of(ErrorCode::NotAnInteger).into_status("nan"))?
+        } else {
+            0
+        };
+        let value = old
+            .checked_add(r.delta)
+            .ok_or_else(|| ErrorDetail::of(ErrorCode::IncrOverflow).into_status("overflow"))?;
+        let version = self.next_version.fetch_add(1, Ordering::SeqCst) + 1;
+        self.data
+            .lock()
+            .unwrap()
+            .insert(r.key, (value.to_string().into(), version, None));
+        Ok(Response::new(IncrResponse { value, version }))
+    }
+
+    async fn expire(&self, r: Request<ExpireRequest>) -> Result<Response<ExpireResponse>, Status> {
+        let r = r.into_inner();
+        self.check(&r.key, r.route)?;
+        let mut data = self.data.lock().unwrap();
+        let updated = match data.get_mut(&r.key) {
+            Some(entry) => {
+                entry.2 = (r.ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(r.ttl_ms));
+                true
+            }
+            None => false,
+        };
+        Ok(Response::new(ExpireResponse { updated }))
+    }
+
+    async fn cluster_map(
+        &self,
+        _: Request<ClusterMapRequest>,
+    ) -> Result<Response<ClusterMapResponse>, Status> {
+        self.calls.cluster_maps.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(self.map()))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        Ok(Response::new(StatsResponse {
+            node_id: 1,
+            keys: self.data.lock().unwrap().len() as u64,
+            eviction_policy: "noeviction".into(),
+            partitions: PARTITIONS,
+            version: "fake".into(),
+            ..Default::default()
+        }))
+    }
+}
+
+/// Starts a fake node on a free loopback port; it serves until the test ends.
+async fn start_fake() -> Arc<Fake> {
+    let incoming = TcpIncoming::bind("127.0.0.1:0".parse::<SocketAddr>().unwrap()).unwrap();
+    let addr = incoming.local_addr().unwrap().to_string();
+    let fake = Arc::new(Fake {
+        addr,
+        ring: Ring::new(PARTITIONS, DEFAULT_VNODES),
+        epoch: AtomicU64::new(1),
+        map_epoch: AtomicU64::new(1),
+        data: Mutex::default(),
+        next_version: AtomicU64::new(0),
+        calls: Counters::default(),
+    });
+    let service = CacheServer::new(Service(Arc::clone(&fake)))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    tokio::spawn(
+        Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
+    fake
+}
+
+async fn connect(fake: &Fake) -> Client {
+    Client::connect(ClientConfig::new([fake.addr.as_str()]))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn basic_operations_round_trip() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+
+    assert_eq!(client.get("k").await.unwrap(), None);
+    let v1 = client.set("k", "one").await.unwrap();
+    let got = client.get("k").await.unwrap().unwrap();
+    assert_eq!(
+        (got.value, got.version, got.ttl),
+        (Bytes::from("one"), v1, None)
+    );
+
+    // Conditions.
+    let nx = SetOptions {
+        condition: Condition::IfAbsent,
+        ..SetOptions::default()
+    };
+    let outcome = client.set_with("k", "two", nx).await.unwrap();
+    assert!(!outcome.applied);
+    assert_eq!(outcome.version, v1);
+    let cas = SetOptions {
+        condition: Condition::IfVersion(v1),
+        ttl: Some(Duration::from_secs(60)),
+        ..SetOptions::default()
+    };
+    let outcome = client.set_with("k", "two", cas).await.unwrap();
+    assert!(outcome.applied && outcome.version > v1);
+
+    match client.ttl("k").await.unwrap() {
+        Ttl::Expires(left) => assert!(left > Duration::from_secs(58), "{left:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(client.expire("k", None).await.unwrap());
+    assert_eq!(client.ttl("k").await.unwrap(), Ttl::Persistent);
+    assert_eq!(client.ttl("nope").await.unwrap(), Ttl::Missing);
+    assert!(!client
+        .expire("nope", Some(Duration::from_secs(1)))
+        .await
+        .unwrap());
+
+    assert_eq!(client.incr("n", 5).await.unwrap(), 5);
+    assert_eq!(client.incr("n", -7).await.unwrap(), -2);
+    assert_eq!(
+        client.incr("k", 1).await.unwrap_err(),
+        ClientError::NotAnInteger
+    );
+
+    assert!(client.delete("k").await.unwrap());
+    assert!(!client.delete("k").await.unwrap());
+
+    let stats = client.stats().await.unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!((stats[0].node_id, stats[0].keys), (1, 1));
+    assert_eq!(stats[0].addr, fake.addr);
+}
+
+#[tokio::test]
+async fn node_errors_arrive_as_typed_errors() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+    let long = vec![b'k'; 2000];
+    assert_eq!(
+        client.set(&long, "v").await.unwrap_err(),
+        ClientError::KeyTooLarge {
+            size: 2000,
+            limit: MAX_KEY
+        }
+    );
+    assert_eq!(client.get("").await.unwrap_err(), ClientError::EmptyKey);
+}
+
+#[tokio::test]
+async fn values_of_16_mib_pass() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+    let big = Bytes::from(vec![7u8; 16 << 20]);
+    client.set("big", big.clone()).await.unwrap();
+    assert_eq!(client.get("big").await.unwrap().unwrap().value, big);
+}
+
+#[tokio::test]
+async fn mget_answers_in_input_order_with_one_call_per_node() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+    for i in (0..100).step_by(2) {
+        client
+            .set(format!("key:{i}"), format!("v{i}"))
+            .await
+            .unwrap();
+    }
+    let keys: Vec<String> = (0..100).rev().map(|i| format!("key:{i}")).collect();
+    let partitions: std::collections::HashSet<u32> =
+        keys.iter().map(|k| client.partition_of(k)).collect();
+    assert!(partitions.len() > 8, "the keys span many partitions");
+
+    let values = client.mget(&keys).await.unwrap();
+    assert_eq!(values.len(), 100);
+    for (key, value) in keys.iter().zip(&values) {
+        let i: u32 = key["key:".len()..].parse().unwrap();
+        match value {
+            Some(v) => {
+                assert_eq!(i % 2, 0, "{key}");
+                assert_eq!(v.value, format!("v{i}"));
+            }
+            None => assert_eq!(i % 2, 1, "{key}"),
+        }
+    }
+    assert_eq!(fake.calls.mgets.load(Ordering::SeqCst), 1);
+    assert!(client.mget::<&str>(&[]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_wrong_epoch_refreshes_the_map_and_retries_once() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+    client.set("k", "v").await.unwrap();
+    let maps_before = fake.calls.cluster_maps.load(Ordering::SeqCst);
+
+    fake.set_epoch(2);
+    let gets_before = fake.calls.gets.load(Ordering::SeqCst);
+    assert_eq!(client.get("k").await.unwrap().unwrap().value, "v");
+    assert_eq!(fake.calls.gets.load(Ordering::SeqCst) - gets_before, 2);
+    assert_eq!(
+        fake.calls.cluster_maps.load(Ordering::SeqCst) - maps_before,
+        1
+    );
+    assert_eq!(client.cluster_map().await.unwrap().epoch, 2);
+
+    // The same for a multi-get.
+    fake.set_epoch(3);
+    let values = client.mget(&["k", "missing"]).await.unwrap();
+    assert!(values[0].is_some() && values[1].is_none());
+}
+
+#[tokio::test]
+async fn retrying_is_bounded() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+    // The node moves to epoch 9 but keeps serving a map of epoch 1: a refresh never
+    // helps, and the client must give up after one retry.
+    fake.epoch.store(9, Ordering::SeqCst);
+    let gets_before = fake.calls.gets.load(Ordering::SeqCst);
+    let maps_before = fake.calls.cluster_maps.load(Ordering::SeqCst);
+    assert_eq!(
+        client.get("k").await.unwrap_err(),
+        ClientError::WrongEpoch { epoch: Some(9) }
+    );
+    assert_eq!(fake.calls.gets.load(Ordering::SeqCst) - gets_before, 2);
+    assert_eq!(
+        fake.calls.cluster_maps.load(Ordering::SeqCst) - maps_before,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_slow_node_times_out() {
+    let fake = start_fake().await;
+    let mut config = ClientConfig::new([fake.addr.as_str()]);
+    config.request_timeout = Duration::from_millis(200);
+    let client = Client::connect(config).await.unwrap();
+    let started = Instant::now();
+    let err = client.get(SLOW_KEY).await.unwrap_err();
+    assert_eq!(err, ClientError::Timeout(Duration::from_millis(200)));
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// Runs the `raftcache` binary against `fake`.
+async fn cli(fake: &Fake, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_raftcache"))
+        .args(["--endpoints", &fake.addr])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_speaks_in_exit_codes() {
+    let fake = start_fake().await;
+
+    assert_eq!(
+        cli(&fake, &["get", "k"]).await,
+        (1, String::new(), String::new())
+    );
+    assert_eq!(cli(&fake, &["set", "k", "hello"]).await.0, 0);
+    assert_eq!(
+        cli(&fake, &["set", "k", "x", "--nx"]).await,
+        (1, "NOT SET\n".into(), String::new())
+    );
+    assert_eq!(
+        cli(&fake, &["get", "k"]).await,
+        (0, "hello\n".into(), String::new())
+    );
+
+    let (code, out, _) = cli(&fake, &["get", "k", "--json"]).await;
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["key"], "k");
+    assert_eq!(json["found"], true);
+    assert_eq!(json["value"], "hello");
+    assert_eq!(json["ttl_ms"], serde_json::Value::Null);
+    assert!(json["version"].as_u64().unwrap() > 0);
+
+    assert_eq!(cli(&fake, &["incr", "n", "--by", "-3"]).await.1, "-3\n");
+    assert_eq!(cli(&fake, &["ttl", "k"]).await.1, "-1\n");
+    assert_eq!(cli(&fake, &["ttl", "gone"]).await.1, "-2\n");
+    assert_eq!(cli(&fake, &["expire", "k", "10s"]).await.1, "1\n");
+    let pttl: i64 = cli(&fake, &["ttl", "k"]).await.1.trim().parse().unwrap();
+    assert!((9_000..=10_000).contains(&pttl), "{pttl}");
+    assert_eq!(cli(&fake, &["persist", "k"]).await.1, "1\n");
+    assert_eq!(cli(&fake, &["del", "k"]).await.1, "1\n");
+    assert_eq!(cli(&fake, &["del", "k"]).await.1, "0\n");
+
+    let (code, out, _) = cli(&fake, &["cluster", "--json"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1);
+    let map: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(map["epoch"], 1);
+    assert_eq!(map["nodes"][0]["addr"], fake.addr.as_str());
+    assert_eq!(
+        map["partitions"].as_array().unwrap().len(),
+        PARTITIONS as usize
+    );
+    assert_eq!(map["partitions"][0]["leader"], 1);
+
+    // An error is one line on stderr and exit 2.
+    let (code, out, err) = cli(&fake, &["incr", "n2", "--by", "9223372036854775807"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "9223372036854775807\n");
+    let (code, out, err) = cli(&fake, &["incr", "n2"]).await;
+    assert_eq!((code, out.as_str()), (2, ""));
+    assert_eq!(
+        err,
+        "error: increment would overflow a signed 64-bit integer\n"
+    );
+
+    let (code, out, _) = cli(
+        &fake,
+        &[
+            "bench",
+            "--duration",
+            "2s",
+            "--max-ops",
+            "500",
+            "--keys",
+            "50",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["ops"], 500);
+    assert_eq!(report["errors"], 0);
+    assert_eq!(report["preloaded"], 50);
+    assert_eq!(report["hit_rate"], 1.0);
+}
+
+#[tokio::test]
+async fn the_cli_reports_an_unreachable_cluster() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_raftcache"))
+        .args(["--endpoints", &format!("127.0.0.1:{port}"), "get", "k"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with(&format!("error: cannot connect to 127.0.0.1:{port}: ")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1);
+}
