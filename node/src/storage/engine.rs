@@ -1,0 +1,563 @@
+//! [`Engine`]: one node's partitions, the memory limit and eviction.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use rand::Rng;
+use serde::Serialize;
+
+use super::evict::{Candidate, EvictionPool};
+use super::mem::entry_cost;
+use super::{
+    Clock, Command, Condition, EvictionPolicy, Op, Outcome, PartitionId, PartitionState,
+    StorageConfig, StorageError,
+};
+
+/// The longest TTL accepted: 100 Julian years, in ms.
+pub const MAX_TTL_MS: u64 = 36_525 * 24 * 60 * 60 * 1000;
+
+/// Rounds of "evict, then try to reserve again" before a write gives up with
+/// `OutOfMemory`. Only reached when concurrent writers keep taking the space freed.
+const MAX_ADMISSION_ROUNDS: usize = 64;
+/// Sampling rounds that find nothing but the key being written before that key itself
+/// becomes a candidate.
+const ROUNDS_BEFORE_SELF_EVICTION: usize = 4;
+
+/// A client write, before the proposer turns it into an [`Op`] (relative TTLs become
+/// absolute deadlines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteRequest {
+    /// Store a value.
+    Set {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+        /// Time to live in ms; `None` or `Some(0)` means no TTL.
+        ttl_ms: Option<u64>,
+        /// Keep the current deadline of a live key (Redis `KEEPTTL`); `ttl_ms` then only
+        /// applies when the key is absent.
+        keep_ttl: bool,
+        /// When to apply.
+        condition: Condition,
+    },
+    /// Remove a key.
+    Delete {
+        /// The key.
+        key: Bytes,
+    },
+    /// Add `delta` to the integer at `key` (missing = 0).
+    Incr {
+        /// The key.
+        key: Bytes,
+        /// The signed amount.
+        delta: i64,
+    },
+    /// Set the TTL of a live key; `None` or `Some(0)` removes it (persist).
+    Expire {
+        /// The key.
+        key: Bytes,
+        /// New time to live in ms.
+        ttl_ms: Option<u64>,
+    },
+}
+
+/// A live value as returned by [`Engine::get`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadView {
+    /// The stored value.
+    pub value: Bytes,
+    /// Version (index of the op that last wrote the key), for compare-and-set.
+    pub version: u64,
+    /// Time left before the key expires, if it has a TTL (always at least 1).
+    pub ttl_remaining_ms: Option<u64>,
+}
+
+/// Counters of one node's storage, for the Stats RPC and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct EngineStats {
+    /// Entries held across partitions, expired-but-unreclaimed included.
+    pub keys: u64,
+    /// Accounted bytes in use, including room reserved by writes being applied at this
+    /// instant (never above `memory_limit` when it is set).
+    pub memory_used: u64,
+    /// `max_memory`; 0 = unlimited.
+    pub memory_limit: u64,
+    /// The eviction policy.
+    pub policy: EvictionPolicy,
+    /// Reads that found a live key.
+    pub hits: u64,
+    /// Reads that found nothing (or only an expired entry).
+    pub misses: u64,
+    /// Live keys removed to make room.
+    pub evictions: u64,
+    /// Expired keys removed (by reclaim, overwrite or eviction).
+    pub expirations: u64,
+}
+
+/// One partition and what the engine knows about it without taking its lock.
+#[derive(Debug)]
+struct Partition {
+    id: PartitionId,
+    state: Mutex<PartitionState>,
+    /// `state.len()` as of the last apply, for weighted sampling without locking.
+    len: AtomicUsize,
+}
+
+/// The storage of one node: all its partitions, the node-wide memory limit and eviction.
+///
+/// `Send + Sync`; share it through an `Arc`. Each partition has its own mutex, held only
+/// for one apply or one read; no code path holds two partition locks at once.
+#[derive(Debug)]
+pub struct Engine {
+    config: StorageConfig,
+    clock: Arc<dyn Clock>,
+    partitions: Box<[Partition]>,
+    /// Accounted bytes of all partitions plus reservations of writes being applied.
+    /// Only grows by a successful reservation that keeps it `<= max_memory`.
+    used: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    expirations: AtomicU64,
+    /// Eviction candidates shared by all writers (taken without any partition lock held).
+    pool: Mutex<EvictionPool>,
+}
+
+impl Engine {
+    /// An engine with `config.partitions` empty partitions.
+    ///
+    /// # Panics
+    ///
+    /// If `config.partitions` is 0.
+    pub fn new(config: StorageConfig, clock: Arc<dyn Clock>) -> Self {
+        assert!(
+            config.partitions > 0,
+            "storage needs at least one partition"
+        );
+        let partitions = (0..config.partitions)
+            .map(|id| Partition {
+                id: PartitionId(id),
+                state: Mutex::new(PartitionState::new(PartitionId(id))),
+                len: AtomicUsize::new(0),
+            })
+            .collect();
+        Self {
+            config,
+            clock,
+            partitions,
+            used: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            expirations: AtomicU64::new(0),
+            pool: Mutex::new(EvictionPool::default()),
+        }
+    }
+
+    /// The configuration the engine was built with.
+    pub fn config(&self) -> &StorageConfig {
+        &self.config
+    }
+
+    /// The injected clock's current time (ms since epoch).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Reads a live key. Expired entries are hidden. Counts a hit or a miss.
+    ///
+    /// # Errors
+    ///
+    /// `PartitionOutOfRange`, `EmptyKey`, `KeyTooLarge`.
+    pub fn get(&self, p: PartitionId, key: &[u8]) -> Result<Option<ReadView>, StorageError> {
+        let partition = self.partition(p)?;
+        self.check_key(key)?;
+        let now = self.clock.now_ms();
+        let view = lock(&partition.state).get(key, now);
+        let counter = if view.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(view.map(|v| ReadView {
+            value: v.value,
+            version: v.version,
+            ttl_remaining_ms: v.expire_at_ms.map(|deadline| deadline.saturating_sub(now)),
+        }))
+    }
+
+    /// Validates a write (sizes, empty key, TTL range), turns relative TTLs into absolute
+    /// deadlines with the clock ([`prepare`](Self::prepare)), admits it under `max_memory`
+    /// (`noeviction`: `OutOfMemory`; `allkeys-lru`/`allkeys-lfu`: evicts through applied
+    /// [`Command::Evict`] ops first), then applies it with the partition's next index.
+    ///
+    /// # Errors
+    ///
+    /// The validation errors of `prepare`, `PartitionOutOfRange`, `OutOfMemory`, and for
+    /// `Incr`, `NotAnInteger` / `IncrOverflow` (the index is consumed, nothing changes).
+    pub fn write(&self, p: PartitionId, req: WriteRequest) -> Result<Outcome, StorageError> {
+        let partition = self.partition(p)?;
+        let op = self.prepare(req)?;
+        match self.admit_and_apply(partition, &op)? {
+            Outcome::Incr(Err(err)) => Err(err.into()),
+            outcome => Ok(outcome),
+        }
+    }
+
+    /// The proposer-side step: validates `req` and stamps it with the clock, turning TTLs
+    /// into absolute deadlines (`now + ttl`; a TTL of 0 or `None` means none).
+    ///
+    /// # Errors
+    ///
+    /// `EmptyKey`, `KeyTooLarge`, `ValueTooLarge`, `TtlOutOfRange` (over [`MAX_TTL_MS`],
+    /// or a deadline past `u64::MAX`).
+    pub fn prepare(&self, req: WriteRequest) -> Result<Op, StorageError> {
+        let now_ms = self.clock.now_ms();
+        let cmd = match req {
+            WriteRequest::Set {
+                key,
+                value,
+                ttl_ms,
+                keep_ttl,
+                condition,
+            } => {
+                self.check_key(&key)?;
+                if value.len() > self.config.max_value_bytes {
+                    return Err(StorageError::ValueTooLarge {
+                        size: value.len(),
+                        limit: self.config.max_value_bytes,
+                    });
+                }
+                Command::Set {
+                    key,
+                    value,
+                    expire_at_ms: deadline(now_ms, ttl_ms)?,
+                    keep_ttl,
+                    condition,
+                }
+            }
+            WriteRequest::Delete { key } => {
+                self.check_key(&key)?;
+                Command::Delete { key }
+            }
+            WriteRequest::Incr { key, delta } => {
+                self.check_key(&key)?;
+                Command::Incr { key, delta }
+            }
+            WriteRequest::Expire { key, ttl_ms } => {
+                self.check_key(&key)?;
+                Command::Expire {
+                    key,
+                    expire_at_ms: deadline(now_ms, ttl_ms)?,
+                }
+            }
+        };
+        Ok(Op { now_ms, cmd })
+    }
+
+    /// Active expiry: applies a [`Command::Reclaim`] to every partition that has a due
+    /// deadline, removing up to `max_per_partition` keys from each. Returns keys removed.
+    pub fn reclaim_expired(&self, max_per_partition: usize) -> usize {
+        if max_per_partition == 0 {
+            return 0;
+        }
+        let now_ms = self.clock.now_ms();
+        let op = Op {
+            now_ms,
+            cmd: Command::Reclaim {
+                max: max_per_partition,
+            },
+        };
+        let mut removed = 0;
+        for partition in self.partitions.iter() {
+            let mut state = lock(&partition.state);
+            if state.next_deadline().is_some_and(|d| d <= now_ms) {
+                if let Outcome::Reclaimed(n) = self.apply_locked(partition, &mut state, &op, None) {
+                    removed += n;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            keys: self
+                .partitions
+                .iter()
+                .map(|p| p.len.load(Ordering::Relaxed) as u64)
+                .sum(),
+            memory_used: self.used.load(Ordering::Acquire),
+            memory_limit: self.config.max_memory,
+            policy: self.config.policy,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            expirations: self.expirations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Index of the last op applied to partition `p`, or `None` if there is no such partition.
+    pub fn partition_applied(&self, p: PartitionId) -> Option<u64> {
+        let partition = self.partition(p).ok()?;
+        let applied = lock(&partition.state).applied_index();
+        Some(applied)
+    }
+
+    /// A copy of partition `p`'s replicated state, or `None` if there is no such partition.
+    pub fn snapshot(&self, p: PartitionId) -> Option<super::PartitionSnapshot> {
+        let partition = self.partition(p).ok()?;
+        let snapshot = lock(&partition.state).snapshot();
+        Some(snapshot)
+    }
+
+    fn partition(&self, p: PartitionId) -> Result<&Partition, StorageError> {
+        self.partitions
+            .get(p.0 as usize)
+            .ok_or(StorageError::PartitionOutOfRange {
+                partition: p.0,
+                count: self.config.partitions,
+            })
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), StorageError> {
+        if key.is_empty() {
+            return Err(StorageError::EmptyKey);
+        }
+        if key.len() > self.config.max_key_bytes {
+            return Err(StorageError::KeyTooLarge {
+                size: key.len(),
+                limit: self.config.max_key_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reserves room for `op`, evicting if the policy allows, and applies it.
+    fn admit_and_apply(&self, partition: &Partition, op: &Op) -> Result<Outcome, StorageError> {
+        let limit = self.config.max_memory;
+        if limit == 0 {
+            let mut state = lock(&partition.state);
+            return Ok(self.apply_locked(partition, &mut state, op, None));
+        }
+        let refuse = |needed| StorageError::OutOfMemory {
+            used: self.used.load(Ordering::Acquire),
+            needed,
+            limit,
+        };
+        // An entry that could never fit is refused before anything is evicted for it.
+        if let Command::Set {
+            key,
+            value,
+            expire_at_ms,
+            ..
+        } = &op.cmd
+        {
+            let size = entry_cost(key.len(), value.len(), expire_at_ms.is_some());
+            if size > limit {
+                return Err(refuse(size));
+            }
+        }
+        let mut rounds = 0;
+        loop {
+            let needed = {
+                let mut state = lock(&partition.state);
+                let growth = state.growth(op);
+                let needed = u64::try_from(growth).unwrap_or(0);
+                if self.try_reserve(needed) {
+                    return Ok(self.apply_locked(partition, &mut state, op, Some(needed)));
+                }
+                needed
+            };
+            // The partition lock is released: eviction may need it, or another partition's.
+            rounds += 1;
+            if self.config.policy == EvictionPolicy::NoEviction
+                || needed > limit
+                || rounds > MAX_ADMISSION_ROUNDS
+            {
+                return Err(refuse(needed));
+            }
+            let used = self.used.load(Ordering::Acquire);
+            let to_free = (used + needed).saturating_sub(limit);
+            let writing = op.cmd.key().map(|k| (partition.id, k.as_ref()));
+            if !self.evict(to_free, op.now_ms, writing) {
+                return Err(refuse(needed));
+            }
+        }
+    }
+
+    /// Adds `bytes` to `used` if that keeps it within the limit (always when unlimited).
+    fn try_reserve(&self, bytes: u64) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        let limit = self.config.max_memory;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                let after = used.checked_add(bytes)?;
+                (limit == 0 || after <= limit).then_some(after)
+            })
+            .is_ok()
+    }
+
+    /// Applies `op` with the partition's next index and settles the memory counter, given
+    /// that `reserved` bytes were reserved for it (`None`: nothing was reserved because
+    /// memory is unlimited or the op cannot grow it).
+    fn apply_locked(
+        &self,
+        partition: &Partition,
+        state: &mut PartitionState,
+        op: &Op,
+        reserved: Option<u64>,
+    ) -> Outcome {
+        let memory_before = state.memory_used();
+        let expired_before = state.expired_removed();
+        let index = state.applied_index() + 1;
+        let outcome = state.apply(index, op);
+        let memory_after = state.memory_used();
+        let expired = state.expired_removed() - expired_before;
+        partition.len.store(state.len(), Ordering::Relaxed);
+
+        if memory_after >= memory_before {
+            let grown = memory_after - memory_before;
+            debug_assert!(
+                reserved.is_none_or(|r| grown <= r),
+                "growth {grown} over reservation {reserved:?}"
+            );
+            let reserved = reserved.unwrap_or(0);
+            if grown < reserved {
+                self.used.fetch_sub(reserved - grown, Ordering::AcqRel);
+            } else if grown > reserved {
+                // Unreserved growth (no limit), or a misprediction: account for it.
+                self.used.fetch_add(grown - reserved, Ordering::AcqRel);
+            }
+        } else {
+            let shrunk = memory_before - memory_after;
+            self.used
+                .fetch_sub(shrunk + reserved.unwrap_or(0), Ordering::AcqRel);
+        }
+
+        if expired > 0 {
+            self.expirations.fetch_add(expired, Ordering::Relaxed);
+        }
+        if let Outcome::Evicted(n) = outcome {
+            let live = (n as u64).saturating_sub(expired);
+            self.evictions.fetch_add(live, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    /// Evicts keys until about `to_free` accounted bytes are released. Prefers not to evict
+    /// `writing` (the key being written). Returns false when nothing could be evicted.
+    fn evict(&self, to_free: u64, now_ms: u64, writing: Option<(PartitionId, &[u8])>) -> bool {
+        let mut rng = rand::rng();
+        let samples = self.config.eviction_samples.max(1);
+        let mut freed = 0u64;
+        let mut fruitless = 0usize;
+        let mut sampled = Vec::with_capacity(samples);
+        while freed < to_free {
+            let exclude = writing.filter(|_| fruitless < ROUNDS_BEFORE_SELF_EVICTION);
+            sampled.clear();
+            self.sample(&mut rng, samples, now_ms, exclude, &mut sampled);
+            let victim = {
+                let mut pool = lock(&self.pool);
+                for candidate in sampled.drain(..) {
+                    pool.offer(candidate);
+                }
+                pool.pop_best_except(exclude)
+            };
+            let Some(Candidate { partition, key, .. }) = victim else {
+                fruitless += 1;
+                if fruitless > 2 * ROUNDS_BEFORE_SELF_EVICTION {
+                    return freed > 0;
+                }
+                continue;
+            };
+            let Ok(partition) = self.partition(partition) else {
+                continue;
+            };
+            let mut state = lock(&partition.state);
+            // Pool entries can be stale; do not spend an op (a log entry, later) on a key
+            // that is gone.
+            if !state.contains_key(&key) {
+                continue;
+            }
+            let op = Op {
+                now_ms,
+                cmd: Command::Evict { keys: vec![key] },
+            };
+            let before = state.memory_used();
+            self.apply_locked(partition, &mut state, &op, None);
+            freed += before.saturating_sub(state.memory_used());
+        }
+        true
+    }
+
+    /// Samples `samples` random keys across the node (each partition chosen with probability
+    /// proportional to its number of entries, so every key is about equally likely), locking
+    /// each chosen partition once, one at a time.
+    fn sample(
+        &self,
+        rng: &mut impl Rng,
+        samples: usize,
+        now_ms: u64,
+        exclude: Option<(PartitionId, &[u8])>,
+        out: &mut Vec<Candidate>,
+    ) {
+        let mut cumulative = Vec::with_capacity(self.partitions.len());
+        let mut total = 0usize;
+        for partition in self.partitions.iter() {
+            total += partition.len.load(Ordering::Relaxed);
+            cumulative.push(total);
+        }
+        if total == 0 {
+            return;
+        }
+        let mut picks: Vec<usize> = (0..samples)
+            .map(|_| {
+                let at = rng.random_range(0..total);
+                cumulative.partition_point(|&end| end <= at)
+            })
+            .collect();
+        picks.sort_unstable();
+        for group in picks.chunk_by(|a, b| a == b) {
+            let Some(partition) = group.first().and_then(|&i| self.partitions.get(i)) else {
+                continue;
+            };
+            let exclude = exclude
+                .filter(|(p, _)| *p == partition.id)
+                .map(|(_, key)| key);
+            let state = lock(&partition.state);
+            state.sample(rng, group.len(), self.config.policy, now_ms, exclude, out);
+        }
+    }
+}
+
+/// `now + ttl` as an absolute deadline; `None`/`Some(0)` mean no TTL.
+fn deadline(now_ms: u64, ttl_ms: Option<u64>) -> Result<Option<u64>, StorageError> {
+    match ttl_ms {
+        None | Some(0) => Ok(None),
+        Some(ttl_ms) => {
+            let out_of_range = StorageError::TtlOutOfRange {
+                ttl_ms,
+                limit_ms: MAX_TTL_MS,
+            };
+            if ttl_ms > MAX_TTL_MS {
+                return Err(out_of_range);
+            }
+            now_ms.checked_add(ttl_ms).map(Some).ok_or(out_of_range)
+        }
+    }
+}
+
+/// Locks a mutex, recovering from poisoning. A panic while a partition was locked can only
+/// come from a bug outside `apply`'s data path (apply itself has no panicking operations
+/// on any input); the state is still structurally valid, and refusing to serve every later
+/// request on that partition would turn one bug into an outage.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,25 @@
+//! One stored entry.
+
+use bytes::Bytes;
+
+use super::evict::Access;
+
+/// A value held by a partition. Every field but `access` is replicated state.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    /// The stored value.
+    pub(crate) value: Bytes,
+    /// Index of the op that last wrote this entry.
+    pub(crate) version: u64,
+    /// Absolute deadline, ms since epoch.
+    pub(crate) expire_at_ms: Option<u64>,
+    /// Node-local LRU/LFU metadata; never read by `apply`.
+    pub(crate) access: Access,
+}
+
+impl Entry {
+    /// Whether the entry counts as absent at `now_ms`.
+    pub(crate) fn is_expired(&self, now_ms: u64) -> bool {
+        self.expire_at_ms.is_some_and(|deadline| deadline <= now_ms)
+    }
+}

@@ -1,0 +1,384 @@
+//! Model-based property tests of [`PartitionState`]: random op sequences against a
+//! `BTreeMap` reference, snapshot/restore mid-sequence, and replica determinism.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::mem::entry_cost;
+use super::{Command, Condition, IncrError, Op, Outcome, PartitionId, PartitionState};
+
+const KEYS: [&str; 5] = ["a", "b", "c", "dd", "eee"];
+const VALUES: [&str; 10] = [
+    "",
+    "x",
+    "hello",
+    "0",
+    "-0",
+    "42",
+    "-7",
+    "+1",
+    " 1",
+    "9223372036854775807",
+];
+
+/// One step of a generated sequence. Deadlines are relative to the current model time so
+/// that they land near it.
+#[derive(Debug, Clone)]
+enum Step {
+    Set {
+        key: usize,
+        value: usize,
+        ttl: Option<i64>,
+        keep_ttl: bool,
+        condition: Cond,
+    },
+    Delete(usize),
+    Incr(usize, i64),
+    Expire(usize, Option<i64>),
+    Evict(Vec<usize>),
+    Reclaim(usize),
+    Get(usize),
+    Advance(u64),
+    Restore,
+}
+
+/// A `Condition` whose version is resolved against the model at run time.
+#[derive(Debug, Clone, Copy)]
+enum Cond {
+    Always,
+    IfAbsent,
+    IfPresent,
+    /// `IfVersion(current version of the key + offset)`.
+    IfVersion(u64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let key = 0..KEYS.len();
+    let ttl = prop::option::of(-5i64..40);
+    let cond = prop_oneof![
+        Just(Cond::Always),
+        Just(Cond::IfAbsent),
+        Just(Cond::IfPresent),
+        (0u64..2).prop_map(Cond::IfVersion),
+    ];
+    let delta = prop_oneof![
+        Just(1i64),
+        Just(-1),
+        Just(1000),
+        Just(i64::MAX),
+        Just(i64::MIN),
+        any::<i64>()
+    ];
+    prop_oneof![
+        6 => (key.clone(), 0..VALUES.len(), ttl.clone(), any::<bool>(), cond).prop_map(
+            |(key, value, ttl, keep_ttl, condition)| Step::Set { key, value, ttl, keep_ttl, condition }
+        ),
+        2 => key.clone().prop_map(Step::Delete),
+        3 => (key.clone(), delta).prop_map(|(k, d)| Step::Incr(k, d)),
+        2 => (key.clone(), ttl).prop_map(|(k, t)| Step::Expire(k, t)),
+        1 => prop::collection::vec(key.clone(), 0..4).prop_map(Step::Evict),
+        1 => (0usize..4).prop_map(Step::Reclaim),
+        3 => key.prop_map(Step::Get),
+        3 => (0u64..25).prop_map(Step::Advance),
+        1 => Just(Step::Restore),
+    ]
+}
+
+/// The reference: key -> (value, version, deadline).
+#[derive(Debug, Default)]
+struct Model {
+    map: BTreeMap<Vec<u8>, (Vec<u8>, u64, Option<u64>)>,
+}
+
+/// Independent INCR parse: `-?[0-9]+` within i64 range.
+fn model_parse(v: &[u8]) -> Option<i64> {
+    let (neg, digits) = match v.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, v),
+    };
+    if digits.is_empty() || digits.len() > 40 || digits.iter().any(|c| !c.is_ascii_digit()) {
+        return None;
+    }
+    let mut n: i128 = 0;
+    for d in digits {
+        n = n * 10 + i128::from(d - b'0');
+    }
+    i64::try_from(if neg { -n } else { n }).ok()
+}
+
+impl Model {
+    fn live(&self, key: &[u8], now: u64) -> Option<&(Vec<u8>, u64, Option<u64>)> {
+        self.map
+            .get(key)
+            .filter(|(_, _, d)| d.is_none_or(|d| d > now))
+    }
+
+    fn apply(&mut self, index: u64, op: &Op) -> Outcome {
+        let now = op.now_ms;
+        if let Some(key) = op.cmd.key() {
+            if self
+                .map
+                .get(key.as_ref())
+                .is_some_and(|(_, _, d)| d.is_some_and(|d| d <= now))
+            {
+                self.map.remove(key.as_ref());
+            }
+        }
+        match &op.cmd {
+            Command::Set {
+                key,
+                value,
+                expire_at_ms,
+                keep_ttl,
+                condition,
+            } => {
+                let cur = self.map.get(key.as_ref()).cloned();
+                let ok = match condition {
+                    Condition::Always => true,
+                    Condition::IfAbsent => cur.is_none(),
+                    Condition::IfPresent => cur.is_some(),
+                    Condition::IfVersion(v) => cur.as_ref().is_some_and(|c| c.1 == *v),
+                };
+                if !ok {
+                    return Outcome::Set {
+                        applied: false,
+                        version: cur.map_or(0, |c| c.1),
+                    };
+                }
+                let deadline = match (&cur, keep_ttl) {
+                    (Some(c), true) => c.2,
+                    _ => *expire_at_ms,
+                };
+                self.map
+                    .insert(key.to_vec(), (value.to_vec(), index, deadline));
+                Outcome::Set {
+                    applied: true,
+                    version: index,
+                }
+            }
+            Command::Delete { key } => Outcome::Deleted(self.map.remove(key.as_ref()).is_some()),
+            Command::Incr { key, delta } => {
+                let cur = self.map.get(key.as_ref()).cloned();
+                let n = match &cur {
+                    None => 0,
+                    Some(c) => match model_parse(&c.0) {
+                        Some(n) => n,
+                        None => return Outcome::Incr(Err(IncrError::NotAnInteger)),
+                    },
+                };
+                let Some(n) = n.checked_add(*delta) else {
+                    return Outcome::Incr(Err(IncrError::Overflow));
+                };
+                let deadline = cur.and_then(|c| c.2);
+                self.map
+                    .insert(key.to_vec(), (n.to_string().into_bytes(), index, deadline));
+                Outcome::Incr(Ok((n, index)))
+            }
+            Command::Expire { key, expire_at_ms } => {
+                let Some(cur) = self.map.get_mut(key.as_ref()) else {
+                    return Outcome::Expire(false);
+                };
+                match expire_at_ms {
+                    Some(d) if *d <= now => {
+                        self.map.remove(key.as_ref());
+                        Outcome::Expire(true)
+                    }
+                    Some(d) => {
+                        cur.1 = index;
+                        cur.2 = Some(*d);
+                        Outcome::Expire(true)
+                    }
+                    None if cur.2.is_some() => {
+                        cur.1 = index;
+                        cur.2 = None;
+                        Outcome::Expire(true)
+                    }
+                    None => Outcome::Expire(false),
+                }
+            }
+            Command::Evict { keys } => {
+                let mut n = 0;
+                for key in keys {
+                    if self.map.remove(key.as_ref()).is_some() {
+                        n += 1;
+                    }
+                }
+                Outcome::Evicted(n)
+            }
+            Command::Reclaim { max } => {
+                let mut due: Vec<(u64, Vec<u8>)> = self
+                    .map
+                    .iter()
+                    .filter_map(|(k, (_, _, d))| d.filter(|d| *d <= now).map(|d| (d, k.clone())))
+                    .collect();
+                due.sort();
+                due.truncate(*max);
+                for (_, k) in &due {
+                    self.map.remove(k);
+                }
+                Outcome::Reclaimed(due.len())
+            }
+        }
+    }
+
+    fn memory(&self) -> u64 {
+        self.map
+            .iter()
+            .map(|(k, (v, _, d))| entry_cost(k.len(), v.len(), d.is_some()))
+            .sum()
+    }
+}
+
+fn deadline(now: u64, rel: Option<i64>) -> Option<u64> {
+    rel.map(|r| now.saturating_add_signed(r))
+}
+
+fn key(i: usize) -> Bytes {
+    Bytes::from_static(KEYS[i].as_bytes())
+}
+
+/// Turns a step into an op against the model's current state; `None` for non-writes.
+fn to_op(step: &Step, model: &Model, now: u64) -> Option<Op> {
+    let cmd = match step {
+        Step::Set {
+            key: k,
+            value,
+            ttl,
+            keep_ttl,
+            condition,
+        } => Command::Set {
+            key: key(*k),
+            value: Bytes::from_static(VALUES[*value].as_bytes()),
+            expire_at_ms: deadline(now, *ttl),
+            keep_ttl: *keep_ttl,
+            condition: match condition {
+                Cond::Always => Condition::Always,
+                Cond::IfAbsent => Condition::IfAbsent,
+                Cond::IfPresent => Condition::IfPresent,
+                Cond::IfVersion(offset) => {
+                    let current = model.live(KEYS[*k].as_bytes(), now).map_or(0, |e| e.1);
+                    Condition::IfVersion(current + offset)
+                }
+            },
+        },
+        Step::Delete(k) => Command::Delete { key: key(*k) },
+        Step::Incr(k, delta) => Command::Incr {
+            key: key(*k),
+            delta: *delta,
+        },
+        Step::Expire(k, ttl) => Command::Expire {
+            key: key(*k),
+            expire_at_ms: deadline(now, *ttl),
+        },
+        Step::Evict(keys) => Command::Evict {
+            keys: keys.iter().map(|k| key(*k)).collect(),
+        },
+        Step::Reclaim(max) => Command::Reclaim { max: *max },
+        Step::Get(_) | Step::Advance(_) | Step::Restore => return None,
+    };
+    Some(Op { now_ms: now, cmd })
+}
+
+fn check_reads(state: &mut PartitionState, model: &Model, now: u64) {
+    for k in KEYS {
+        let got = state.get(k.as_bytes(), now);
+        let want = model.live(k.as_bytes(), now);
+        match (got, want) {
+            (None, None) => {}
+            (Some(g), Some(w)) => {
+                assert_eq!(g.value.as_ref(), w.0.as_slice(), "value of {k}");
+                assert_eq!(g.version, w.1, "version of {k}");
+                assert_eq!(g.expire_at_ms, w.2, "deadline of {k}");
+            }
+            (g, w) => panic!("key {k} at {now}: state {g:?}, model {w:?}"),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Every outcome and every read matches the model, including after restore(snapshot()).
+    #[test]
+    fn matches_btreemap_model(steps in prop::collection::vec(step(), 1..120)) {
+        let id = PartitionId(7);
+        let mut state = PartitionState::new(id);
+        let mut model = Model::default();
+        let mut now = 1_000u64;
+        let mut index = 0u64;
+        for step in &steps {
+            match step {
+                Step::Advance(ms) => now += ms,
+                Step::Restore => state = PartitionState::restore(id, state.snapshot()),
+                Step::Get(k) => {
+                    let got = state.get(KEYS[*k].as_bytes(), now).map(|v| (v.value.to_vec(), v.version, v.expire_at_ms));
+                    prop_assert_eq!(got, model.live(KEYS[*k].as_bytes(), now).cloned());
+                }
+                _ => {
+                    let Some(op) = to_op(step, &model, now) else { continue };
+                    // Every fifth write comes from a larger, jumping index (indexes need
+                    // only increase).
+                    index += if index % 5 == 4 { 3 } else { 1 };
+                    let predicted = state.growth(&op);
+                    let before = state.memory_used() as i64;
+                    let got = state.apply(index, &op);
+                    let want = model.apply(index, &op);
+                    prop_assert_eq!(&got, &want, "op {:?}", op);
+                    prop_assert_eq!(state.memory_used() as i64 - before, predicted, "growth of {:?}", op);
+                }
+            }
+            prop_assert_eq!(state.len(), model.map.len());
+            prop_assert_eq!(state.memory_used(), model.memory());
+            state.assert_consistent();
+            check_reads(&mut state, &model, now);
+        }
+        prop_assert_eq!(state.applied_index(), index);
+    }
+
+    /// Two replicas applying the same ops, with different reads (access metadata) in
+    /// between, end with identical snapshots.
+    #[test]
+    fn replicas_are_deterministic(
+        steps in prop::collection::vec(step(), 1..150),
+        reads in prop::collection::vec((0..KEYS.len(), 0u64..10_000), 0..200),
+    ) {
+        let mut a = PartitionState::new(PartitionId(1));
+        let mut b = PartitionState::new(PartitionId(1));
+        let mut model = Model::default();
+        let mut reads = reads.into_iter();
+        let mut now = 5_000u64;
+        let mut index = 0;
+        for step in &steps {
+            if let Step::Advance(ms) = step {
+                now += ms;
+            }
+            let Some(op) = to_op(step, &model, now) else { continue };
+            index += 1;
+            model.apply(index, &op);
+            let out_a = a.apply(index, &op);
+            // Only b sees reads, at arbitrary (node-local) times.
+            if let Some((k, at)) = reads.next() {
+                b.get(KEYS[k].as_bytes(), at);
+            }
+            let out_b = b.apply(index, &op);
+            prop_assert_eq!(out_a, out_b);
+        }
+        prop_assert_eq!(a.snapshot(), b.snapshot());
+        prop_assert_eq!(a.memory_used(), b.memory_used());
+    }
+}
+
+#[test]
+fn model_parse_agrees_with_parse_i64() {
+    for v in VALUES {
+        assert_eq!(
+            model_parse(v.as_bytes()),
+            super::command::parse_i64(v.as_bytes()),
+            "{v:?}"
+        );
+    }
+}

@@ -1,0 +1,571 @@
+//! [`PartitionState`]: the deterministic state machine of one partition.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use indexmap::IndexMap;
+
+use super::command::parse_i64;
+use super::entry::Entry;
+use super::evict::{Access, Candidate};
+use super::mem::entry_cost;
+use super::ttl::TtlIndex;
+use super::{Command, Condition, EvictionPolicy, IncrError, Op, Outcome, PartitionId};
+
+/// The entries of one partition and the index of the last op applied to them.
+///
+/// Writes go through [`apply`](Self::apply) only, which depends on nothing but the current
+/// state, the index and the op, so every replica applying the same log ends in the same
+/// state (same entries, versions, deadlines, `memory_used`, even the same internal order).
+/// Reads ([`get`](Self::get)) hide expired entries and update node-local access metadata.
+#[derive(Debug, Clone)]
+pub struct PartitionState {
+    /// Which partition this is.
+    id: PartitionId,
+    /// Key → entry. An `IndexMap` gives O(1) random access for eviction sampling;
+    /// removal is `swap_remove`, which is deterministic given the same op sequence.
+    entries: IndexMap<Bytes, Entry>,
+    /// Entries with a deadline, by deadline.
+    ttl: TtlIndex,
+    /// Index of the last applied op.
+    applied_index: u64,
+    /// Accounted bytes, see [`mem`](super::mem).
+    memory_used: u64,
+    /// Entries removed because they were expired (by `Reclaim`, by being overwritten or
+    /// touched while expired, or evicted while expired). Derived from replicated state,
+    /// but kept for statistics only: not part of snapshots.
+    expired_removed: u64,
+}
+
+/// A live entry as seen by a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryView {
+    /// The stored value.
+    pub value: Bytes,
+    /// Index of the op that last wrote the entry (strictly increasing per key).
+    pub version: u64,
+    /// Absolute deadline in ms since epoch, if the entry has one.
+    pub expire_at_ms: Option<u64>,
+}
+
+/// The replicated state of a partition, for persistence and Raft snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PartitionSnapshot {
+    /// Index of the last op reflected in `entries`.
+    pub applied_index: u64,
+    /// Every entry held, expired-but-unreclaimed ones included, in internal order (so a
+    /// restored state is identical to the original, not only equivalent).
+    pub entries: Vec<SnapshotEntry>,
+}
+
+/// One entry of a [`PartitionSnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    /// The key.
+    pub key: Bytes,
+    /// The value.
+    pub value: Bytes,
+    /// Index of the op that last wrote the entry.
+    pub version: u64,
+    /// Absolute deadline in ms since epoch.
+    pub expire_at_ms: Option<u64>,
+}
+
+/// What a single-key op will do, computed without mutating so that the engine can learn the
+/// exact memory growth before applying (see [`PartitionState::growth`]).
+struct Plan {
+    /// Position and accounted size of the current entry, live or expired.
+    existing: Option<(usize, u64)>,
+    /// Whether the current entry is expired (it is then dropped whatever the effect).
+    expired: bool,
+    effect: Effect,
+    outcome: Outcome,
+}
+
+enum Effect {
+    /// Leave the key as it is (an expired entry is still dropped).
+    Keep,
+    /// Remove the key.
+    Remove,
+    /// Store this value and deadline with version = index.
+    Put {
+        value: Bytes,
+        expire_at_ms: Option<u64>,
+    },
+}
+
+impl PartitionState {
+    /// An empty partition with nothing applied.
+    pub fn new(id: PartitionId) -> Self {
+        Self {
+            id,
+            entries: IndexMap::new(),
+            ttl: TtlIndex::default(),
+            applied_index: 0,
+            memory_used: 0,
+            expired_removed: 0,
+        }
+    }
+
+    /// Which partition this is.
+    pub fn id(&self) -> PartitionId {
+        self.id
+    }
+
+    /// Applies `op` as log entry `index` and says what it did.
+    ///
+    /// `index` strictly increases; the version of anything written by this op is `index`
+    /// (so versions strictly increase per key across writes, deletes and re-creates).
+    /// Entries whose deadline is `<= op.now_ms` count as absent for every command and are
+    /// dropped when the command touches their key. An `Incr` error leaves the key as it is
+    /// but still counts the index as applied.
+    ///
+    /// # Panics
+    ///
+    /// In debug builds, if `index` does not exceed [`applied_index`](Self::applied_index).
+    pub fn apply(&mut self, index: u64, op: &Op) -> Outcome {
+        debug_assert!(
+            index > self.applied_index,
+            "partition {}: index {index} applied after {}",
+            self.id,
+            self.applied_index
+        );
+        self.applied_index = index;
+        let now = op.now_ms;
+        match &op.cmd {
+            Command::Evict { keys } => Outcome::Evicted(self.evict(keys, now)),
+            Command::Reclaim { max } => Outcome::Reclaimed(self.reclaim(*max, now)),
+            Command::Set { key, .. }
+            | Command::Delete { key }
+            | Command::Incr { key, .. }
+            | Command::Expire { key, .. } => {
+                let plan = self.plan(key, op);
+                self.execute(key, index, now, plan)
+            }
+        }
+    }
+
+    /// The exact change of [`memory_used`](Self::memory_used) that applying `op` now would
+    /// cause. Used by the engine to reserve memory before applying.
+    pub fn growth(&self, op: &Op) -> i64 {
+        let now = op.now_ms;
+        match &op.cmd {
+            Command::Evict { keys } => {
+                // A key listed twice is removed once.
+                let distinct: BTreeSet<&Bytes> = keys.iter().collect();
+                -signed(
+                    distinct
+                        .into_iter()
+                        .filter_map(|key| self.entries.get(key.as_ref()).map(|e| cost_of(key, e)))
+                        .sum(),
+                )
+            }
+            Command::Reclaim { max } => -signed(
+                self.ttl
+                    .due(now)
+                    .take(*max)
+                    .filter_map(|(_, key)| self.entries.get(key.as_ref()).map(|e| cost_of(key, e)))
+                    .sum(),
+            ),
+            Command::Set { key, .. }
+            | Command::Delete { key }
+            | Command::Incr { key, .. }
+            | Command::Expire { key, .. } => {
+                let plan = self.plan(key, op);
+                let old = signed(plan.existing.map_or(0, |(_, cost)| cost));
+                match plan.effect {
+                    Effect::Keep if plan.expired => -old,
+                    Effect::Keep => 0,
+                    Effect::Remove => -old,
+                    Effect::Put {
+                        value,
+                        expire_at_ms,
+                    } => signed(entry_cost(key.len(), value.len(), expire_at_ms.is_some())) - old,
+                }
+            }
+        }
+    }
+
+    /// Reads a live entry: hides entries whose deadline is `<= now_ms` (lazy expiry: they
+    /// stay until an applied op removes them, so replicas stay identical) and records the
+    /// access for LRU/LFU (node-local metadata that never affects `apply`).
+    pub fn get(&mut self, key: &[u8], now_ms: u64) -> Option<EntryView> {
+        let entry = self.entries.get_mut(key)?;
+        if entry.is_expired(now_ms) {
+            return None;
+        }
+        entry.access.on_read(now_ms, rand::random());
+        Some(EntryView {
+            value: entry.value.clone(),
+            version: entry.version,
+            expire_at_ms: entry.expire_at_ms,
+        })
+    }
+
+    /// Whether `key` is held, live or expired.
+    pub fn contains_key(&self, key: &[u8]) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Index of the last applied op (0 when none).
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Entries held, expired-but-unreclaimed ones included.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no entries are held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Accounted bytes: keys + values + per-entry overheads (see [`ENTRY_OVERHEAD`] and
+    /// [`TTL_OVERHEAD`]). A pure function of the replicated state.
+    ///
+    /// [`ENTRY_OVERHEAD`]: super::ENTRY_OVERHEAD
+    /// [`TTL_OVERHEAD`]: super::TTL_OVERHEAD
+    pub fn memory_used(&self) -> u64 {
+        self.memory_used
+    }
+
+    /// The earliest deadline held, if any; `Reclaim` has work to do once it is `<= now`.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.ttl.first().map(|(deadline, _)| *deadline)
+    }
+
+    /// How many entries this state has removed because they were expired (statistics).
+    pub fn expired_removed(&self) -> u64 {
+        self.expired_removed
+    }
+
+    /// The replicated state: applied index and every entry with its version and deadline.
+    pub fn snapshot(&self) -> PartitionSnapshot {
+        PartitionSnapshot {
+            applied_index: self.applied_index,
+            entries: self
+                .entries
+                .iter()
+                .map(|(key, entry)| SnapshotEntry {
+                    key: key.clone(),
+                    value: entry.value.clone(),
+                    version: entry.version,
+                    expire_at_ms: entry.expire_at_ms,
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds a partition from a snapshot. Access metadata starts cold (as if last read
+    /// at time 0), so restored keys are the first eviction candidates until read.
+    pub fn restore(id: PartitionId, snap: PartitionSnapshot) -> Self {
+        let mut state = Self::new(id);
+        state.applied_index = snap.applied_index;
+        state.entries.reserve(snap.entries.len());
+        for e in snap.entries {
+            state.insert_new(e.key, e.value, e.version, e.expire_at_ms, 0);
+        }
+        state
+    }
+
+    /// Number of entries in the TTL index.
+    #[cfg(test)]
+    pub(crate) fn ttl_len(&self) -> usize {
+        self.ttl.len()
+    }
+
+    /// Panics unless the TTL index mirrors the entries and `memory_used` matches them.
+    #[cfg(test)]
+    pub(crate) fn assert_consistent(&self) {
+        let with_deadline = self
+            .entries
+            .values()
+            .filter(|e| e.expire_at_ms.is_some())
+            .count();
+        assert_eq!(self.ttl.len(), with_deadline, "TTL index size");
+        for (deadline, key) in self.ttl.due(u64::MAX) {
+            let entry = self.entries.get(key.as_ref());
+            assert_eq!(
+                entry.and_then(|e| e.expire_at_ms),
+                Some(*deadline),
+                "TTL index entry"
+            );
+        }
+        let memory: u64 = self.entries.iter().map(|(k, e)| cost_of(k, e)).sum();
+        assert_eq!(self.memory_used, memory, "memory_used");
+    }
+
+    /// Samples up to `samples` random entries as eviction candidates, skipping `exclude`.
+    pub(crate) fn sample(
+        &self,
+        rng: &mut impl rand::Rng,
+        samples: usize,
+        policy: EvictionPolicy,
+        now_ms: u64,
+        exclude: Option<&[u8]>,
+        out: &mut Vec<Candidate>,
+    ) {
+        if self.entries.is_empty() {
+            return;
+        }
+        for _ in 0..samples {
+            let at = rng.random_range(0..self.entries.len());
+            let Some((key, entry)) = self.entries.get_index(at) else {
+                continue;
+            };
+            if exclude == Some(key.as_ref()) {
+                continue;
+            }
+            out.push(Candidate {
+                score: entry.access.score(entry.is_expired(now_ms), policy, now_ms),
+                partition: self.id,
+                key: key.clone(),
+            });
+        }
+    }
+
+    /// Decides what a single-key op does, without changing anything.
+    fn plan(&self, key: &Bytes, op: &Op) -> Plan {
+        let now = op.now_ms;
+        let existing = self.entries.get_full(key.as_ref());
+        let expired = existing.is_some_and(|(_, _, e)| e.is_expired(now));
+        let live = existing.filter(|_| !expired).map(|(_, _, e)| e);
+        let existing = existing.map(|(at, k, e)| (at, cost_of(k, e)));
+        let (effect, outcome) = match &op.cmd {
+            Command::Set {
+                value,
+                expire_at_ms,
+                keep_ttl,
+                condition,
+                ..
+            } => {
+                let holds = match *condition {
+                    Condition::Always => true,
+                    Condition::IfAbsent => live.is_none(),
+                    Condition::IfPresent => live.is_some(),
+                    Condition::IfVersion(v) => live.is_some_and(|e| e.version == v),
+                };
+                if holds {
+                    let expire_at_ms = match live {
+                        Some(e) if *keep_ttl => e.expire_at_ms,
+                        _ => *expire_at_ms,
+                    };
+                    (
+                        Effect::Put {
+                            value: value.clone(),
+                            expire_at_ms,
+                        },
+                        Outcome::Set {
+                            applied: true,
+                            version: 0, // filled in by execute
+                        },
+                    )
+                } else {
+                    let version = live.map_or(0, |e| e.version);
+                    (
+                        Effect::Keep,
+                        Outcome::Set {
+                            applied: false,
+                            version,
+                        },
+                    )
+                }
+            }
+            Command::Delete { .. } => match live {
+                Some(_) => (Effect::Remove, Outcome::Deleted(true)),
+                None => (Effect::Keep, Outcome::Deleted(false)),
+            },
+            Command::Incr { delta, .. } => {
+                let current = match live {
+                    None => Ok(0),
+                    Some(e) => parse_i64(&e.value).ok_or(IncrError::NotAnInteger),
+                };
+                match current.and_then(|n| n.checked_add(*delta).ok_or(IncrError::Overflow)) {
+                    Ok(n) => (
+                        Effect::Put {
+                            value: Bytes::from(n.to_string()),
+                            expire_at_ms: live.and_then(|e| e.expire_at_ms),
+                        },
+                        Outcome::Incr(Ok((n, 0))), // version filled in by execute
+                    ),
+                    Err(err) => (Effect::Keep, Outcome::Incr(Err(err))),
+                }
+            }
+            Command::Expire { expire_at_ms, .. } => match (live, *expire_at_ms) {
+                (None, _) => (Effect::Keep, Outcome::Expire(false)),
+                // A deadline already passed deletes the key, as in Redis.
+                (Some(_), Some(deadline)) if deadline <= now => {
+                    (Effect::Remove, Outcome::Expire(true))
+                }
+                (Some(e), Some(_)) => (
+                    Effect::Put {
+                        value: e.value.clone(),
+                        expire_at_ms: *expire_at_ms,
+                    },
+                    Outcome::Expire(true),
+                ),
+                (Some(e), None) if e.expire_at_ms.is_some() => (
+                    Effect::Put {
+                        value: e.value.clone(),
+                        expire_at_ms: None,
+                    },
+                    Outcome::Expire(true),
+                ),
+                (Some(_), None) => (Effect::Keep, Outcome::Expire(false)),
+            },
+            Command::Evict { .. } | Command::Reclaim { .. } => {
+                unreachable!("plan is only called for single-key commands")
+            }
+        };
+        Plan {
+            existing,
+            expired,
+            effect,
+            outcome,
+        }
+    }
+
+    /// Carries out a [`Plan`] for `key` as op `index`.
+    fn execute(&mut self, key: &Bytes, index: u64, now: u64, plan: Plan) -> Outcome {
+        let mut existing = plan.existing.map(|(at, _)| at);
+        if plan.expired {
+            if let Some(at) = existing.take() {
+                self.remove_at(at);
+                self.expired_removed += 1;
+            }
+        }
+        match plan.effect {
+            Effect::Keep => {}
+            Effect::Remove => {
+                if let Some(at) = existing {
+                    self.remove_at(at);
+                }
+            }
+            Effect::Put {
+                value,
+                expire_at_ms,
+            } => match existing {
+                Some(at) => self.replace_at(at, value, index, expire_at_ms, now),
+                None => self.insert_new(key.clone(), value, index, expire_at_ms, now),
+            },
+        }
+        match plan.outcome {
+            Outcome::Set { applied: true, .. } => Outcome::Set {
+                applied: true,
+                version: index,
+            },
+            Outcome::Incr(Ok((n, _))) => Outcome::Incr(Ok((n, index))),
+            other => other,
+        }
+    }
+
+    /// Removes every listed key that is held (live or expired).
+    fn evict(&mut self, keys: &[Bytes], now: u64) -> usize {
+        let mut removed = 0;
+        for key in keys {
+            if let Some(at) = self.entries.get_index_of(key.as_ref()) {
+                if let Some((_, entry)) = self.entries.get_index(at) {
+                    if entry.is_expired(now) {
+                        self.expired_removed += 1;
+                    }
+                }
+                self.remove_at(at);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Removes up to `max` entries whose deadline is `<= now`, earliest first.
+    fn reclaim(&mut self, max: usize, now: u64) -> usize {
+        let mut removed = 0;
+        while removed < max {
+            let Some((_, key)) = self.ttl.due(now).next() else {
+                break;
+            };
+            let key = key.clone();
+            match self.entries.get_index_of(key.as_ref()) {
+                Some(at) => self.remove_at(at),
+                None => {
+                    // Unreachable while the index mirrors the map; stay terminating anyway.
+                    debug_assert!(false, "TTL index names a missing key");
+                    break;
+                }
+            }
+            removed += 1;
+        }
+        self.expired_removed += removed as u64;
+        removed
+    }
+
+    fn insert_new(
+        &mut self,
+        key: Bytes,
+        value: Bytes,
+        version: u64,
+        expire_at_ms: Option<u64>,
+        now: u64,
+    ) {
+        self.memory_used += entry_cost(key.len(), value.len(), expire_at_ms.is_some());
+        if let Some(deadline) = expire_at_ms {
+            self.ttl.insert(deadline, key.clone());
+        }
+        let entry = Entry {
+            value,
+            version,
+            expire_at_ms,
+            access: Access::new(now),
+        };
+        // Callers only insert keys that are not held (checked by `plan`, or distinct in a
+        // snapshot), so this never replaces an entry.
+        self.entries.insert(key, entry);
+    }
+
+    fn replace_at(
+        &mut self,
+        at: usize,
+        value: Bytes,
+        version: u64,
+        expire_at_ms: Option<u64>,
+        now: u64,
+    ) {
+        let Some((key, entry)) = self.entries.get_index_mut(at) else {
+            return;
+        };
+        let old = entry_cost(key.len(), entry.value.len(), entry.expire_at_ms.is_some());
+        let new = entry_cost(key.len(), value.len(), expire_at_ms.is_some());
+        if entry.expire_at_ms != expire_at_ms {
+            if let Some(deadline) = entry.expire_at_ms {
+                self.ttl.remove(deadline, key);
+            }
+            if let Some(deadline) = expire_at_ms {
+                self.ttl.insert(deadline, key.clone());
+            }
+        }
+        entry.value = value;
+        entry.version = version;
+        entry.expire_at_ms = expire_at_ms;
+        entry.access.on_write(now);
+        self.memory_used = self.memory_used - old + new;
+    }
+
+    fn remove_at(&mut self, at: usize) {
+        if let Some((key, entry)) = self.entries.swap_remove_index(at) {
+            if let Some(deadline) = entry.expire_at_ms {
+                self.ttl.remove(deadline, &key);
+            }
+            self.memory_used -= cost_of(&key, &entry);
+        }
+    }
+}
+
+fn cost_of(key: &Bytes, entry: &Entry) -> u64 {
+    entry_cost(key.len(), entry.value.len(), entry.expire_at_ms.is_some())
+}
+
+/// Accounted sizes fit in i64 by a wide margin (they are bounded by real memory).
+fn signed(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
