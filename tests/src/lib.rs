@@ -1,0 +1,300 @@
+//! Process tests of raftcache: spawn the real binaries on 127.0.0.1 and check them
+//! from outside, through the real client library, the real CLI and raw gRPC.
+//!
+//! # Layout
+//! - [`NodeProc`]: one `raftcache-node` child process on free ports, killed by its
+//!   `Drop` guard even when the test panics; its log goes to a file that is printed
+//!   when a test fails.
+//! - [`run_cli`]: runs the `raftcache` CLI with a deadline.
+//! - [`scrape_metrics`], [`rss_bytes`]: outside views of a node.
+//!
+//! `CARGO_BIN_EXE_<name>` only exists for a package's own binaries, so this crate has
+//! two one-line binaries, `test-node` and `test-cli`, that call the node's and the
+//! client's `cli::main()`; the [`bins!`] macro finds them from an integration test.
+//!
+//! ```text
+//! raftcache-node (lib) ─► bin test-node ─┐
+//! raftcache-client (lib) ─► bin test-cli ─┼─► tests/tests/*.rs (spawn, drive, check)
+//! raftcache-client (lib) ─────────────────┘
+//! ```
+
+#![allow(clippy::unwrap_used)]
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Paths of the binaries under test.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `raftcache-node` (as `test-node`).
+    pub node: PathBuf,
+    /// `raftcache` CLI (as `test-cli`).
+    pub cli: PathBuf,
+}
+
+/// The binaries of this package, as seen from an integration test.
+#[macro_export]
+macro_rules! bins {
+    () => {
+        $crate::Bins {
+            node: env!("CARGO_BIN_EXE_test-node").into(),
+            cli: env!("CARGO_BIN_EXE_test-cli").into(),
+        }
+    };
+}
+
+/// How long a child may take to print its ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `raftcache-node` child. Dropping it kills the process (SIGKILL).
+pub struct NodeProc {
+    child: Option<Child>,
+    /// The node's gRPC address.
+    pub grpc: SocketAddr,
+    /// The node's metrics address.
+    pub metrics: SocketAddr,
+    /// The process id.
+    pub pid: u32,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeProc {
+    /// Starts a node on free loopback ports with `extra` flags and waits until it is
+    /// ready.
+    ///
+    /// # Errors
+    /// When the node exits or does not print its ready line within [`READY_TIMEOUT`]
+    /// (the error includes the node's log).
+    pub fn start(bins: &Bins, extra: &[&str]) -> Result<NodeProc> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("node.log");
+        let data = dir.path().join("data");
+        let mut cmd = Command::new(&bins.node);
+        cmd.args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {:?}", bins.node))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        match wait_ready_line(stdout, READY_TIMEOUT) {
+            Ok(v) => {
+                let addr = |k: &str| -> Result<SocketAddr> {
+                    v[k].as_str()
+                        .with_context(|| format!("ready line lacks {k}: {v}"))?
+                        .parse()
+                        .with_context(|| format!("bad {k} in {v}"))
+                };
+                Ok(NodeProc {
+                    grpc: addr("grpc")?,
+                    metrics: addr("metrics")?,
+                    pid: child.id(),
+                    child: Some(child),
+                    log,
+                    _dir: dir,
+                })
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "node did not become ready: {e:#}\n--- node log ---\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            }
+        }
+    }
+
+    /// The endpoint string clients use.
+    pub fn endpoint(&self) -> String {
+        self.grpc.to_string()
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit.
+    ///
+    /// # Errors
+    /// When it does not exit in time (it is then killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let child = self.child.as_mut().context("already stopped")?;
+        signal(child.id(), libc::SIGTERM);
+        let status = wait_with_deadline(child, timeout);
+        self.child = None;
+        status
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last lines of node {} log ---", self.pid);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) takes plain integers and touches no memory of this process.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie we could reap).
+pub fn process_alive(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    !status.is_empty() && !status.contains("State:\tZ")
+}
+
+/// Waits for `child` to exit, killing it when `timeout` passes first.
+///
+/// # Errors
+/// When the deadline passes.
+pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("process {} did not exit within {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads lines from `out` until one is a JSON object with `"event":"ready"` (as the
+/// node prints) or a `"grpc"` field (as `raftcache dev` prints); other lines are skipped.
+/// The reader thread keeps draining the pipe afterwards so the child never blocks.
+///
+/// # Errors
+/// On EOF or timeout.
+pub fn wait_ready_line(
+    out: impl Read + Send + 'static,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if sent {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v.get("event").and_then(|e| e.as_str()) == Some("ready") {
+                    sent = true;
+                    let _ = tx.send(v);
+                }
+            }
+        }
+    });
+    rx.recv_timeout(timeout)
+        .map_err(|_| anyhow::anyhow!("no ready line within {timeout:?} (or the process exited)"))
+}
+
+/// Runs the CLI with `args` against `endpoint`, killing it after `timeout`.
+///
+/// # Errors
+/// When it cannot be started or overruns its deadline.
+pub fn run_cli(bins: &Bins, endpoint: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut child = Command::new(&bins.cli)
+        .arg("--endpoints")
+        .arg(endpoint)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {:?}", bins.cli))?;
+    // Outputs here are small; read them after exit.
+    wait_with_deadline(&mut child, timeout)?;
+    child.wait_with_output().map_err(Into::into)
+}
+
+/// Fetches `http://addr/metrics` with a plain HTTP/1.0 request.
+///
+/// # Errors
+/// On connection errors or a non-200 answer.
+pub fn scrape_metrics(addr: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    if !body.starts_with("HTTP/1.0 200") && !body.starts_with("HTTP/1.1 200") {
+        bail!("metrics answered: {}", body.lines().next().unwrap_or(""));
+    }
+    Ok(body)
+}
+
+/// The value of an unlabelled metric line `name value` in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Resident set size of a process, from /proc.
+///
+/// # Errors
+/// When /proc has no such process.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// A fresh multi-threaded runtime for a test that drives the async client.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a test runtime")
+}
