@@ -231,23 +231,34 @@ pub fn wait_ready_line(
         .map_err(|_| anyhow::anyhow!("no ready line within {timeout:?} (or the process exited)"))
 }
 
+/// Runs `cmd` to completion with stdin closed and stdout/stderr captured, killing it
+/// after `timeout`. Meant for commands with short outputs.
+///
+/// # Errors
+/// When it cannot be started or overruns its deadline.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    wait_with_deadline(&mut child, timeout)?;
+    child.wait_with_output().map_err(Into::into)
+}
+
 /// Runs the CLI with `args` against `endpoint`, killing it after `timeout`.
 ///
 /// # Errors
 /// When it cannot be started or overruns its deadline.
 pub fn run_cli(bins: &Bins, endpoint: &str, args: &[&str], timeout: Duration) -> Result<Output> {
-    let mut child = Command::new(&bins.cli)
-        .arg("--endpoints")
-        .arg(endpoint)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawn {:?}", bins.cli))?;
-    // Outputs here are small; read them after exit.
-    wait_with_deadline(&mut child, timeout)?;
-    child.wait_with_output().map_err(Into::into)
+    output_within(
+        Command::new(&bins.cli)
+            .arg("--endpoints")
+            .arg(endpoint)
+            .args(args),
+        timeout,
+    )
 }
 
 /// Fetches `http://addr/metrics` with a plain HTTP/1.0 request.

@@ -3,30 +3,27 @@
 
 #![allow(clippy::unwrap_used)]
 
-use raftcache_tests::{bins, wait_with_deadline, NodeProc};
-use std::process::{Command, Stdio};
+use raftcache_tests::{bins, output_within, NodeProc};
+use std::process::Command;
 use std::time::Duration;
 
 /// Runs `test-node` with `args`, expecting it to exit by itself; returns (code, stderr).
 fn node_fails(args: &[&str]) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bins!().node)
-        .args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_with_deadline(&mut child, Duration::from_secs(20)).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_within(
+        Command::new(bins!().node)
+            .args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(args),
+        Duration::from_secs(20),
+    )
+    .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -86,16 +83,14 @@ fn a_port_in_use_is_a_clear_error() {
     let first = NodeProc::start(&bins!(), &[]).unwrap();
     let taken = first.grpc.to_string();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bins!().node)
-        .args(["--grpc-addr", &taken, "--metrics-addr", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_with_deadline(&mut child, Duration::from_secs(20)).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_within(
+        Command::new(bins!().node)
+            .args(["--grpc-addr", &taken, "--metrics-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path()),
+        Duration::from_secs(20),
+    )
+    .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

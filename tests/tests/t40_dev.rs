@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use raftcache_tests::{bins, process_alive, run_cli, signal, wait_with_deadline};
+use raftcache_tests::{bins, output_within, process_alive, run_cli, signal, wait_with_deadline};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -79,17 +79,15 @@ fn dev_starts_a_node_and_stops_it_on_sigterm() {
 fn dev_refuses_more_nodes_than_this_build_replicates() {
     let bins = bins!();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(&bins.cli)
-        .args(["dev", "--nodes", "3", "--base-port", "0"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("RAFTCACHE_NODE_BIN", &bins.node)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_with_deadline(&mut child, Duration::from_secs(20)).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_within(
+        Command::new(&bins.cli)
+            .args(["dev", "--nodes", "3", "--base-port", "0"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RAFTCACHE_NODE_BIN", &bins.node),
+        Duration::from_secs(20),
+    )
+    .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(!out.stderr.is_empty());
 }
