@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //! ```text
-//! main.rs ─► cli ─► server ─► service ─► storage
-//!             │        │          │
+//! main.rs ─► cli ─► server ─► service ─► storage ◄── raft (openraft storage of one
+//!             │        │          │                        partition; not wired in yet)
 //!          config   metrics    error ─► service::status (the one mapping to gRPC)
 //! ```
 //! - [`cli`]: flags over the TOML [`config`], logging, signals, the ready line.
@@ -14,6 +14,8 @@
 //!   deterministic state machines (the ones Raft will drive), TTL, memory
 //!   accounting, eviction. No tonic, no tokio networking inside.
 //! - [`metrics`]: Prometheus recorder and endpoint.
+//! - [`raft`]: openraft log store and state machine of one partition (groundwork for
+//!   replication; the only module that names openraft types).
 //!
 //! This version runs one unreplicated node; replication (one openraft group per
 //! partition) arrives with the multi-raft issue and drives the same state machines.
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod raft;
 pub mod server;
 pub mod service;
 pub mod storage;

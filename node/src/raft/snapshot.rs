@@ -1,0 +1,348 @@
+//! The binary snapshot format of one partition: versioned, self-describing, checksummed.
+//!
+//! ```text
+//! magic            8 bytes  b"RCSNAP\0\0"
+//! format version   u16      1
+//! partition id     u32
+//! last log id      opt-log-id            (Raft position covered by the snapshot)
+//! membership       opt-log-id, configs: u32 n × (u32 m × u64 voter id),
+//!                  nodes: u32 n × (u64 id, u32 len, addr UTF-8)
+//! applied index    u64                   (PartitionSnapshot::applied_index)
+//! entry count      u64
+//! entries          count × (u32 len, key, u32 len, value, u64 version,
+//!                           u8 has-deadline, [u64 deadline])
+//! checksum         u64                   xxh3-64 of every byte before it
+//!
+//! opt-log-id = u8 0 | u8 1, u64 term, u64 leader node id, u64 index
+//! ```
+//!
+//! All integers are little-endian. The decoder checks magic, version and checksum before it
+//! parses, then reads every field with bounds checks and validates the result (no duplicate
+//! keys or node ids, versions not after the applied index, ...), so a truncated, corrupted
+//! or foreign input is an error, never a panic or a huge allocation. A new layout gets a new
+//! version number; the decoder keeps reading the old ones.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::types::{
+    CommittedLeaderId, LogId, Membership, ReplicaNode, SnapshotMeta, StoredMembership,
+};
+use crate::storage::{PartitionId, PartitionSnapshot, SnapshotEntry};
+
+/// First bytes of every snapshot.
+pub const MAGIC: [u8; 8] = *b"RCSNAP\0\0";
+/// The format version [`encode`] writes.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// Bytes of the trailing checksum.
+const CHECKSUM_LEN: usize = 8;
+/// The smallest encoding of one entry: two empty byte strings, version, no deadline.
+const MIN_ENTRY_LEN: usize = 4 + 4 + 8 + 1;
+
+/// A decoded snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedSnapshot {
+    /// The partition the snapshot belongs to.
+    pub partition: PartitionId,
+    /// Last log id and membership covered by the snapshot.
+    pub meta: SnapshotMeta,
+    /// The partition's replicated state.
+    pub state: PartitionSnapshot,
+}
+
+/// Why bytes are not a valid snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// The input does not start with [`MAGIC`].
+    #[error("not a raftcache snapshot (bad magic)")]
+    BadMagic,
+    /// Written by a newer (or unknown) format version.
+    #[error("unsupported snapshot format version {version}")]
+    UnsupportedVersion {
+        /// The version found.
+        version: u16,
+    },
+    /// The checksum does not match the content.
+    #[error("snapshot checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
+    Checksum {
+        /// The checksum in the snapshot.
+        stored: u64,
+        /// The checksum of the content read.
+        computed: u64,
+    },
+    /// The input ended inside a field.
+    #[error("snapshot truncated while reading {field}")]
+    Truncated {
+        /// The field being read.
+        field: &'static str,
+    },
+    /// A field holds an impossible value.
+    #[error("invalid snapshot: {what}")]
+    Invalid {
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// Bytes left between the last entry and the checksum.
+    #[error("{len} unexpected bytes after the last snapshot entry")]
+    TrailingBytes {
+        /// How many.
+        len: usize,
+    },
+}
+
+/// Encodes a partition's state with the Raft metadata it covers.
+pub fn encode(partition: PartitionId, meta: &SnapshotMeta, state: &PartitionSnapshot) -> Bytes {
+    let payload: usize = state
+        .entries
+        .iter()
+        .map(|e| MIN_ENTRY_LEN + 8 + e.key.len() + e.value.len())
+        .sum();
+    let mut buf = BytesMut::with_capacity(256 + payload);
+    buf.put_slice(&MAGIC);
+    buf.put_u16_le(FORMAT_VERSION);
+    buf.put_u32_le(partition.0);
+    put_log_id(&mut buf, meta.last_log_id.as_ref());
+    put_log_id(&mut buf, meta.last_membership.log_id().as_ref());
+    let membership = meta.last_membership.membership();
+    put_len(&mut buf, membership.get_joint_config().len());
+    for config in membership.get_joint_config() {
+        put_len(&mut buf, config.len());
+        for id in config {
+            buf.put_u64_le(*id);
+        }
+    }
+    let nodes: Vec<_> = membership.nodes().collect();
+    put_len(&mut buf, nodes.len());
+    for (id, node) in nodes {
+        buf.put_u64_le(*id);
+        put_bytes(&mut buf, node.addr.as_bytes());
+    }
+    buf.put_u64_le(state.applied_index);
+    buf.put_u64_le(state.entries.len() as u64);
+    for e in &state.entries {
+        put_bytes(&mut buf, &e.key);
+        put_bytes(&mut buf, &e.value);
+        buf.put_u64_le(e.version);
+        match e.expire_at_ms {
+            None => buf.put_u8(0),
+            Some(at) => {
+                buf.put_u8(1);
+                buf.put_u64_le(at);
+            }
+        }
+    }
+    let checksum = xxh3_64(&buf);
+    buf.put_u64_le(checksum);
+    buf.freeze()
+}
+
+/// Decodes and validates a snapshot written by [`encode`].
+///
+/// Keys and values are copied into buffers of exactly their size, so the restored state does
+/// not pin the snapshot buffer.
+///
+/// # Errors
+///
+/// Any [`SnapshotError`]: wrong magic or version, checksum mismatch, truncation, an invalid
+/// field or trailing bytes.
+pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
+    let mut r = Reader { buf: bytes };
+    if r.take(MAGIC.len(), "magic").ok() != Some(&MAGIC[..]) {
+        return Err(SnapshotError::BadMagic);
+    }
+    let version = r.u16("format version")?;
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::UnsupportedVersion { version });
+    }
+    let body_len = bytes
+        .len()
+        .checked_sub(CHECKSUM_LEN)
+        .filter(|&n| n >= MAGIC.len() + 2)
+        .ok_or(SnapshotError::Truncated { field: "checksum" })?;
+    let (body, stored) = bytes.split_at(body_len);
+    let stored = Reader { buf: stored }.u64("checksum")?;
+    let computed = xxh3_64(body);
+    if stored != computed {
+        return Err(SnapshotError::Checksum { stored, computed });
+    }
+    let mut r = Reader {
+        buf: &body[MAGIC.len() + 2..],
+    };
+    let decoded = decode_v1(&mut r)?;
+    if !r.buf.is_empty() {
+        return Err(SnapshotError::TrailingBytes { len: r.buf.len() });
+    }
+    Ok(decoded)
+}
+
+/// Everything after magic and version, before the checksum.
+fn decode_v1(r: &mut Reader<'_>) -> Result<DecodedSnapshot, SnapshotError> {
+    let partition = PartitionId(r.u32("partition id")?);
+    let last_log_id = r.log_id("last log id")?;
+    let membership_log_id = r.log_id("membership log id")?;
+    if membership_log_id.is_some() && membership_log_id > last_log_id {
+        return Err(invalid("membership log id after the last log id"));
+    }
+
+    let config_count = r.u32("membership config count")?;
+    let mut configs = Vec::new();
+    for _ in 0..config_count {
+        let voters = r.u32("voter count")?;
+        let mut config = BTreeSet::new();
+        for _ in 0..voters {
+            if !config.insert(r.u64("voter id")?) {
+                return Err(invalid("duplicate voter id"));
+            }
+        }
+        configs.push(config);
+    }
+    let node_count = r.u32("node count")?;
+    let mut nodes = BTreeMap::new();
+    for _ in 0..node_count {
+        let id = r.u64("node id")?;
+        let addr = std::str::from_utf8(r.bytes("node address")?)
+            .map_err(|_| invalid("node address is not UTF-8"))?;
+        let node = ReplicaNode {
+            addr: addr.to_owned(),
+        };
+        if nodes.insert(id, node).is_some() {
+            return Err(invalid("duplicate node id"));
+        }
+    }
+    let membership =
+        Membership::new(configs, nodes).map_err(|_| invalid("voter without a node"))?;
+
+    let applied_index = r.u64("applied index")?;
+    if applied_index > last_log_id.as_ref().map_or(0, |id| id.index) {
+        return Err(invalid("applied index after the last log id"));
+    }
+    let count = r.u64("entry count")?;
+    let possible = r.buf.len() / MIN_ENTRY_LEN;
+    if count > possible as u64 {
+        return Err(SnapshotError::Truncated { field: "entries" });
+    }
+    // `count <= possible`, a usize.
+    let mut entries = Vec::with_capacity(possible.min(count as usize));
+    let mut keys = HashSet::with_capacity(entries.capacity());
+    for _ in 0..count {
+        let key = r.bytes("key")?;
+        let value = r.bytes("value")?;
+        let version = r.u64("version")?;
+        let expire_at_ms = match r.u8("deadline flag")? {
+            0 => None,
+            1 => Some(r.u64("deadline")?),
+            _ => return Err(invalid("deadline flag is not 0 or 1")),
+        };
+        if version == 0 || version > applied_index {
+            return Err(invalid("entry version outside 1..=applied index"));
+        }
+        if !keys.insert(key) {
+            return Err(invalid("duplicate key"));
+        }
+        entries.push(SnapshotEntry {
+            key: Bytes::copy_from_slice(key),
+            value: Bytes::copy_from_slice(value),
+            version,
+            expire_at_ms,
+        });
+    }
+    Ok(DecodedSnapshot {
+        partition,
+        meta: SnapshotMeta {
+            last_log_id,
+            last_membership: StoredMembership::new(membership_log_id, membership),
+        },
+        state: PartitionSnapshot {
+            applied_index,
+            entries,
+        },
+    })
+}
+
+fn invalid(what: &'static str) -> SnapshotError {
+    SnapshotError::Invalid { what }
+}
+
+fn put_len(buf: &mut BytesMut, len: usize) {
+    // Keys (<= 1 MiB) and values (<= 512 MiB) are bounded by the config ceilings in
+    // `crate::config`, membership sizes by the cluster size: a length over 4 GiB is a bug.
+    let len = u32::try_from(len).expect("snapshot field longer than u32::MAX");
+    buf.put_u32_le(len);
+}
+
+fn put_bytes(buf: &mut BytesMut, bytes: &[u8]) {
+    put_len(buf, bytes.len());
+    buf.put_slice(bytes);
+}
+
+fn put_log_id(buf: &mut BytesMut, id: Option<&LogId>) {
+    match id {
+        None => buf.put_u8(0),
+        Some(id) => {
+            buf.put_u8(1);
+            buf.put_u64_le(id.leader_id.term);
+            buf.put_u64_le(id.leader_id.node_id);
+            buf.put_u64_le(id.index);
+        }
+    }
+}
+
+/// Checked little-endian reads from a byte slice.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], SnapshotError> {
+        if self.buf.len() < n {
+            return Err(SnapshotError::Truncated { field });
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], SnapshotError> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N, field)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, SnapshotError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, SnapshotError> {
+        Ok(u16::from_le_bytes(self.array(field)?))
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, SnapshotError> {
+        Ok(u32::from_le_bytes(self.array(field)?))
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, SnapshotError> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
+
+    fn bytes(&mut self, field: &'static str) -> Result<&'a [u8], SnapshotError> {
+        let len = self.u32(field)?;
+        let len = usize::try_from(len).map_err(|_| SnapshotError::Truncated { field })?;
+        self.take(len, field)
+    }
+
+    fn log_id(&mut self, field: &'static str) -> Result<Option<LogId>, SnapshotError> {
+        match self.u8(field)? {
+            0 => Ok(None),
+            1 => {
+                let term = self.u64(field)?;
+                let node_id = self.u64(field)?;
+                let index = self.u64(field)?;
+                Ok(Some(LogId::new(CommittedLeaderId { term, node_id }, index)))
+            }
+            _ => Err(invalid("log id flag is not 0 or 1")),
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! Applying ops through [`PartitionStateMachine`], snapshot round trips, and the snapshot
+//! decoder's behaviour on damaged input.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use futures::stream;
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use proptest::prelude::*;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::snapshot::{self, SnapshotError, MAGIC};
+use super::{
+    CommittedLeaderId, Entry, EntryPayload, LogId, Membership, PartitionStateMachine, ReplicaNode,
+};
+use crate::storage::{Command, Condition, Op, Outcome, PartitionId, PartitionState};
+
+const P: PartitionId = PartitionId(3);
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId { term, node_id: 1 }, index)
+}
+
+fn normal(index: u64, op: Op) -> Entry {
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(op),
+    }
+}
+
+fn membership(index: u64) -> Entry {
+    let nodes = [
+        (1, "10.0.0.1:7001"),
+        (2, "10.0.0.2:7001"),
+        (9, "10.0.0.9:7001"),
+    ]
+    .map(|(id, addr)| (id, ReplicaNode { addr: addr.into() }));
+    let m = Membership::new(
+        vec![[1, 2].into()],
+        nodes.into_iter().collect::<BTreeMap<_, _>>(),
+    )
+    .unwrap();
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Membership(m),
+    }
+}
+
+fn blank(index: u64) -> Entry {
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Blank,
+    }
+}
+
+fn op(now_ms: u64, cmd: Command) -> Op {
+    Op { now_ms, cmd }
+}
+
+fn set(key: &str, value: &str, expire_at_ms: Option<u64>) -> Command {
+    Command::Set {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+        expire_at_ms,
+        keep_ttl: false,
+        condition: Condition::Always,
+    }
+}
+
+fn incr(key: &str, delta: i64) -> Command {
+    Command::Incr {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        delta,
+    }
+}
+
+fn delete(key: &str) -> Command {
+    Command::Delete {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+    }
+}
+
+/// A mixed op sequence: sets with and without deadlines, incr (fine, on a non-integer, on a
+/// missing key), deletes, a CAS, an expiry, a reclaim.
+fn ops() -> Vec<Op> {
+    vec![
+        op(1_000, set("a", "1", None)),
+        op(1_001, set("b", "hello", Some(5_000))),
+        op(1_002, incr("a", 41)),
+        op(1_003, incr("b", 1)),
+        op(1_004, incr("c", -7)),
+        op(1_005, delete("a")),
+        op(1_006, set("a", "again", None)),
+        op(
+            1_007,
+            Command::Set {
+                key: Bytes::from_static(b"c"),
+                value: Bytes::from_static(b"cas"),
+                expire_at_ms: None,
+                keep_ttl: false,
+                condition: Condition::IfVersion(7),
+            },
+        ),
+        op(1_008, delete("missing")),
+        op(1_009, set("d", "short-lived", Some(2_000))),
+        op(3_000, Command::Reclaim { max: 10 }),
+        op(3_001, incr("c", 1)),
+    ]
+}
+
+/// Entries: a blank at 1, a membership at 2, then the ops from index 3 on.
+fn entries(ops: &[Op]) -> Vec<Entry> {
+    let mut out = vec![blank(1), membership(2)];
+    out.extend(ops.iter().cloned().zip(3..).map(|(op, i)| normal(i, op)));
+    out
+}
+
+async fn apply_all(sm: &mut PartitionStateMachine, entries: Vec<Entry>) {
+    sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None)))))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn outcomes_and_versions_match_a_bare_partition_state_at_log_indexes() {
+    let sm = PartitionStateMachine::new(P);
+    let mut bare = PartitionState::new(P);
+    for entry in entries(&ops()) {
+        let index = entry.log_id.index;
+        let expected = match &entry.payload {
+            EntryPayload::Normal(op) => Some(bare.apply(index, op)),
+            _ => None,
+        };
+        let got = sm.apply_entry(entry.clone()).unwrap();
+        assert_eq!(got, expected, "entry {index}");
+        if let (
+            Some(Outcome::Set {
+                applied: true,
+                version,
+            }),
+            EntryPayload::Normal(op),
+        ) = (&got, &entry.payload)
+        {
+            assert_eq!(*version, index, "a write's version is its log index");
+            let key = op.cmd.key().unwrap();
+            let view = sm.with_state(|s| s.get(key, op.now_ms)).unwrap().unwrap();
+            assert_eq!(view.version, index);
+        }
+    }
+    assert_eq!(sm.with_state(|s| s.snapshot()).unwrap(), bare.snapshot());
+    assert_eq!(sm.last_applied_index().unwrap(), 2 + ops().len() as u64);
+    // "a" now holds "again": incr is refused but the index still counts as applied.
+    assert_eq!(
+        sm.apply_entry(normal(100, op(3_002, incr("a", 0))))
+            .unwrap(),
+        Some(Outcome::Incr(Err(crate::storage::IncrError::NotAnInteger)))
+    );
+}
+
+#[test]
+fn blank_and_membership_entries_leave_data_alone() {
+    let sm = PartitionStateMachine::new(P);
+    assert_eq!(sm.apply_entry(blank(1)).unwrap(), None);
+    assert_eq!(sm.apply_entry(membership(2)).unwrap(), None);
+    assert_eq!(sm.last_applied_index().unwrap(), 2);
+    let data = sm.with_state(|s| s.snapshot()).unwrap();
+    assert_eq!(data.applied_index, 0);
+    assert!(data.entries.is_empty());
+    // The first op lands at its log index, not at applied_index + 1.
+    assert_eq!(
+        sm.apply_entry(normal(3, op(1, set("k", "v", None))))
+            .unwrap(),
+        Some(Outcome::Set {
+            applied: true,
+            version: 3
+        })
+    );
+}
+
+#[test]
+fn applying_an_old_entry_is_an_error_not_a_panic() {
+    let sm = PartitionStateMachine::new(P);
+    sm.apply_entry(normal(5, op(1, set("k", "v", None))))
+        .unwrap();
+    let err = sm
+        .apply_entry(normal(4, op(1, set("k", "w", None))))
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    let err = sm.apply_entry(blank(5)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+}
+
+#[tokio::test]
+async fn snapshot_installs_into_an_identical_state() {
+    let mut leader = PartitionStateMachine::new(P);
+    apply_all(&mut leader, entries(&ops())).await;
+    let snap = leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(
+        snap.meta.last_log_id,
+        Some(log_id(1, 2 + ops().len() as u64))
+    );
+    assert_eq!(snap.meta.last_membership.log_id(), &Some(log_id(1, 2)));
+    let current = leader.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, snap.meta);
+    assert_eq!(current.snapshot, snap.snapshot);
+
+    let mut follower = PartitionStateMachine::new(P);
+    follower
+        .install_snapshot(&snap.meta, snap.snapshot.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        follower.with_state(|s| s.snapshot()).unwrap(),
+        leader.with_state(|s| s.snapshot()).unwrap()
+    );
+    assert_eq!(
+        follower.applied_state().await.unwrap(),
+        leader.applied_state().await.unwrap()
+    );
+    assert_eq!(
+        follower.get_current_snapshot().await.unwrap().unwrap().meta,
+        snap.meta
+    );
+
+    // Both continue identically from the snapshot.
+    let next = 3 + ops().len() as u64;
+    for (i, cmd) in [set("a", "x", None), incr("c", 5), delete("b")]
+        .into_iter()
+        .enumerate()
+    {
+        let e = normal(next + i as u64, op(4_000, cmd));
+        assert_eq!(
+            leader.apply_entry(e.clone()).unwrap(),
+            follower.apply_entry(e).unwrap()
+        );
+    }
+    assert_eq!(
+        follower.with_state(|s| s.snapshot()).unwrap(),
+        leader.with_state(|s| s.snapshot()).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn install_rejects_another_partition_or_mismatched_meta() {
+    let mut leader = PartitionStateMachine::new(P);
+    apply_all(&mut leader, entries(&ops())).await;
+    let snap = leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+
+    let mut other = PartitionStateMachine::new(PartitionId(4));
+    let err = other
+        .install_snapshot(&snap.meta, snap.snapshot.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+
+    let mut meta = snap.meta.clone();
+    meta.last_log_id = Some(log_id(2, 99));
+    let mut follower = PartitionStateMachine::new(P);
+    let err = follower
+        .install_snapshot(&meta, snap.snapshot.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert!(follower.get_current_snapshot().await.unwrap().is_none());
+}
+
+/// A valid encoded snapshot of the op sequence (built once).
+fn encoded() -> Bytes {
+    static ENCODED: OnceLock<Bytes> = OnceLock::new();
+    ENCODED
+        .get_or_init(|| {
+            let mut sm = PartitionStateMachine::new(P);
+            for e in entries(&ops()) {
+                sm.apply_entry(e).unwrap();
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(sm.build_snapshot()).unwrap().snapshot
+        })
+        .clone()
+}
+
+/// Rewrites the trailing checksum so that a mutation reaches the field parser.
+fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.len() >= 8 {
+        let body = bytes.len() - 8;
+        let sum = xxh3_64(&bytes[..body]);
+        bytes[body..].copy_from_slice(&sum.to_le_bytes());
+    }
+    bytes
+}
+
+#[test]
+fn encode_decode_round_trip() {
+    let bytes = encoded();
+    assert_eq!(&bytes[..8], &MAGIC);
+    let decoded = snapshot::decode(&bytes).unwrap();
+    assert_eq!(decoded.partition, P);
+    assert_eq!(
+        decoded.meta.last_log_id,
+        Some(log_id(1, 2 + ops().len() as u64))
+    );
+    assert_eq!(
+        snapshot::encode(decoded.partition, &decoded.meta, &decoded.state),
+        bytes,
+        "re-encoding is byte-identical"
+    );
+}
+
+#[test]
+fn damaged_snapshots_are_errors() {
+    let bytes = encoded().to_vec();
+
+    for len in [0, 3, 8, 10, 17, 40, bytes.len() / 2, bytes.len() - 1] {
+        assert!(
+            snapshot::decode(&bytes[..len]).is_err(),
+            "truncated to {len}"
+        );
+    }
+
+    let mut wrong_magic = bytes.clone();
+    wrong_magic[0] ^= 0xff;
+    assert_eq!(snapshot::decode(&wrong_magic), Err(SnapshotError::BadMagic));
+
+    let mut wrong_version = bytes.clone();
+    wrong_version[8] = 2;
+    assert_eq!(
+        snapshot::decode(&wrong_version),
+        Err(SnapshotError::UnsupportedVersion { version: 2 })
+    );
+
+    for bit in [
+        8 * 12,
+        8 * 40 + 3,
+        8 * (bytes.len() - 20) + 7,
+        8 * bytes.len() - 1,
+    ] {
+        let mut flipped = bytes.clone();
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        assert!(
+            matches!(
+                snapshot::decode(&flipped),
+                Err(SnapshotError::Checksum { .. })
+            ),
+            "bit {bit}"
+        );
+    }
+
+    // Past the checksum: an entry count larger than the bytes can hold.
+    let body = bytes.len() - 8;
+    let count_at = {
+        // The entry count is the u64 just before the entries.
+        let decoded = snapshot::decode(&bytes).unwrap();
+        let entries_len: usize = decoded
+            .state
+            .entries
+            .iter()
+            .map(|e| {
+                4 + e.key.len()
+                    + 4
+                    + e.value.len()
+                    + 8
+                    + 1
+                    + if e.expire_at_ms.is_some() { 8 } else { 0 }
+            })
+            .sum();
+        body - entries_len - 8
+    };
+    let mut huge = bytes.clone();
+    huge[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_eq!(
+        snapshot::decode(&reseal(huge)),
+        Err(SnapshotError::Truncated { field: "entries" })
+    );
+
+    let mut trailing = bytes[..body].to_vec();
+    trailing.extend_from_slice(&[0, 0, 0]);
+    trailing.extend_from_slice(&[0; 8]);
+    assert_eq!(
+        snapshot::decode(&reseal(trailing)),
+        Err(SnapshotError::TrailingBytes { len: 3 })
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Random truncations, bit flips, overwrites and insertions never panic; with the
+    /// checksum fixed up afterwards they reach (and must not crash) the field parser.
+    #[test]
+    fn mutated_snapshots_never_panic(
+        edits in prop::collection::vec((0usize..4, any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        reseal_after in any::<bool>(),
+    ) {
+        let mut bytes = encoded().to_vec();
+        for (kind, at, byte) in edits {
+            if bytes.is_empty() {
+                break;
+            }
+            let i = at.index(bytes.len());
+            match kind {
+                0 => bytes.truncate(i),
+                1 => bytes[i] ^= 1 << (byte % 8),
+                2 => bytes[i] = byte,
+                _ => bytes.insert(i, byte),
+            }
+        }
+        let bytes = if reseal_after { reseal(bytes) } else { bytes };
+        if let Ok(decoded) = snapshot::decode(&bytes) {
+            // Whatever decodes is internally valid: it restores without panicking.
+            let state = PartitionState::restore(decoded.partition, decoded.state);
+            prop_assert!(state.applied_index() <= decoded.meta.last_log_id.map_or(0, |id| id.index));
+        }
+    }
+}

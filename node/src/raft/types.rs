@@ -1,0 +1,93 @@
+//! The openraft type configuration of one partition group, and short aliases for the
+//! openraft types the rest of [`crate::raft`] uses.
+//!
+//! Only this module names openraft types; code outside `raft/` sees [`Op`], [`Outcome`]
+//! and [`PartitionState`](crate::storage::PartitionState).
+
+use std::fmt;
+
+use bytes::Bytes;
+use openraft::type_config::alias;
+
+use crate::storage::{Command, Op, Outcome};
+
+openraft::declare_raft_types!(
+    /// Type configuration of one partition's Raft group.
+    ///
+    /// - `D = Op`: a log entry carries exactly what
+    ///   [`PartitionState::apply`](crate::storage::PartitionState::apply) consumes, already
+    ///   prepared by the leader (validated, TTL turned into a deadline, `now_ms` stamped).
+    /// - `R = Response` (`Option<Outcome>`): openraft also asks the state machine for a
+    ///   response to blank and membership entries (e.g. the reply to `change_membership`),
+    ///   and [`Outcome`] has no "nothing applied" value; those entries answer `None`, a normal
+    ///   entry always answers `Some(outcome)`.
+    /// - `NodeId = u64`: a replica id assigned by the meta group and never reused, so a
+    ///   memory-only node that restarts (and lost its log) joins under a new id.
+    /// - `Node = BasicNode`: the replica's node raft address (`raft-addr`), all the transport
+    ///   needs to reach it; its `Default` is also what openraft's storage suite requires.
+    /// - Everything else is openraft's default: `Term = u64`, the "advanced" leader id (several
+    ///   leaders per term, totally ordered; log entries then carry term and node id),
+    ///   `Vote`, `Entry`, the tokio runtime.
+    ///
+    /// The snapshot type is not here: in 0.10 it belongs to the state machine, see
+    /// [`SnapshotData`].
+    pub TypeConfig:
+        D = Op,
+        R = Response,
+        NodeId = ReplicaId,
+        Node = ReplicaNode,
+);
+
+/// What applying one log entry answers: `Some` for a normal entry, `None` for blank and
+/// membership entries.
+pub type Response = Option<Outcome>;
+
+/// A replica id: the openraft node id of one replica of one partition.
+pub type ReplicaId = u64;
+
+/// How to reach a replica: its node's raft address.
+pub type ReplicaNode = openraft::BasicNode;
+
+/// The snapshot payload: the encoded form of [`crate::raft::snapshot`]. Immutable and
+/// reference-counted, so `get_current_snapshot` and sending it to several followers never
+/// copy it, and a durable store can write it as one blob.
+pub type SnapshotData = Bytes;
+
+/// The committed leader id stored in each log id (term and node id).
+pub type CommittedLeaderId = alias::CommittedLeaderIdOf<TypeConfig>;
+/// A log id: committed leader id and index.
+pub type LogId = alias::LogIdOf<TypeConfig>;
+/// A log entry.
+pub type Entry = alias::EntryOf<TypeConfig>;
+/// A log entry payload (blank, normal [`Op`], membership).
+pub type EntryPayload = alias::EntryPayloadOf<TypeConfig>;
+/// The persisted vote.
+pub type Vote = alias::VoteOf<TypeConfig>;
+/// A membership config (voters, learners and their addresses).
+pub type Membership = openraft::Membership<ReplicaId, ReplicaNode>;
+/// A membership config with the log id of the entry that set it.
+pub type StoredMembership = alias::StoredMembershipOf<TypeConfig>;
+/// Snapshot metadata: last log id and membership covered by the snapshot.
+pub type SnapshotMeta = alias::SnapshotMetaOf<TypeConfig>;
+/// A snapshot: metadata and [`SnapshotData`].
+pub type Snapshot = alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// openraft requires `Display` of its app data (for logs). This prints the command kind and
+/// sizes, never key or value bytes (which may be large or sensitive).
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.cmd {
+            Command::Set { key, value, .. } => {
+                write!(f, "set(key {}B, value {}B)", key.len(), value.len())?
+            }
+            Command::Delete { key } => write!(f, "delete(key {}B)", key.len())?,
+            Command::Incr { key, delta } => write!(f, "incr(key {}B, {delta})", key.len())?,
+            Command::Expire { key, expire_at_ms } => {
+                write!(f, "expire(key {}B, {expire_at_ms:?})", key.len())?
+            }
+            Command::Evict { keys } => write!(f, "evict({} keys)", keys.len())?,
+            Command::Reclaim { max } => write!(f, "reclaim(max {max})")?,
+        }
+        write!(f, "@{}", self.now_ms)
+    }
+}
