@@ -165,9 +165,10 @@ pub async fn run(
     Ok(())
 }
 
-/// Active expiry: every `interval`, reclaims expired keys; when a round removes a
-/// full batch somewhere it goes again at once (a few times) so a mass expiry is
-/// caught up quickly without starving requests.
+/// Active expiry: every `interval`, reclaims expired keys (at most `batch` per
+/// partition per round); while rounds keep finding due keys it goes again at once, a
+/// bounded number of times, so a mass expiry is caught up quickly without starving
+/// requests. Partitions with nothing due are skipped without applying anything.
 async fn reclaim_loop(
     engine: Arc<Engine>,
     interval: Duration,
@@ -183,8 +184,7 @@ async fn reclaim_loop(
             _ = tick.tick() => {}
         }
         for _ in 0..MAX_ROUNDS_PER_TICK {
-            let removed = engine.reclaim_expired(batch);
-            if removed < batch {
+            if engine.reclaim_expired(batch) == 0 {
                 break;
             }
             tokio::task::yield_now().await;
