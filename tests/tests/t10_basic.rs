@@ -73,6 +73,20 @@ fn cli_set_get_ttl_incr_del() {
     std::thread::sleep(Duration::from_millis(1100));
     let (code, _, _) = cli(&node, &["get", "short"]);
     assert_eq!(code, 1, "a 1s key is gone after 1.1s");
+    // Reads only hide it; the background reclaim removes it (every 100 ms by default).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, out, _) = cli(&node, &["stats", "--json"]);
+        let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        if stats[0]["expirations"].as_u64().unwrap() >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expired key never reclaimed: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     tracing::info!("--- incr");
     let (code, out, _) = cli(&node, &["incr", "counter"]);
