@@ -4,7 +4,6 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::OptionalSend;
@@ -14,7 +13,7 @@ use super::types::{
     Entry, EntryPayload, LogId, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership,
     TypeConfig,
 };
-use crate::storage::{Command, Op, PartitionId, PartitionState};
+use crate::storage::{PartitionId, PartitionState};
 
 /// The state machine of one partition's Raft group.
 ///
@@ -89,11 +88,7 @@ impl PartitionStateMachine {
     /// Applies one committed entry and returns its response.
     pub(crate) fn apply_entry(&self, entry: Entry) -> io::Result<Response> {
         let log_id = entry.log_id;
-        // Copy payload bytes before taking the lock.
-        let payload = match entry.payload {
-            EntryPayload::Normal(op) => EntryPayload::Normal(compact(op)),
-            other => other,
-        };
+        let payload = entry.payload;
         let mut inner = self.lock()?;
         // Applied indexes strictly increase (they become versions); compare indexes, not
         // whole log ids, whose order puts the leader id first.
@@ -128,41 +123,6 @@ impl PartitionStateMachine {
         };
         inner.last_applied = Some(log_id);
         Ok(response)
-    }
-}
-
-/// A log entry's bytes may be slices of a larger buffer (a received batch, the log store's
-/// copy); storing them would pin that buffer for as long as the entry lives, and the memory
-/// accounting would not see it. Stored keys and values are copied into buffers of exactly
-/// their size, as the gRPC path does.
-fn compact(op: Op) -> Op {
-    let cmd = match op.cmd {
-        Command::Set {
-            key,
-            value,
-            expire_at_ms,
-            keep_ttl,
-            condition,
-        } => Command::Set {
-            key: Bytes::copy_from_slice(&key),
-            value: Bytes::copy_from_slice(&value),
-            expire_at_ms,
-            keep_ttl,
-            condition,
-        },
-        Command::Incr { key, delta } => Command::Incr {
-            key: Bytes::copy_from_slice(&key),
-            delta,
-        },
-        // These store no bytes from the op.
-        cmd @ (Command::Delete { .. }
-        | Command::Expire { .. }
-        | Command::Evict { .. }
-        | Command::Reclaim { .. }) => cmd,
-    };
-    Op {
-        now_ms: op.now_ms,
-        cmd,
     }
 }
 

@@ -131,8 +131,8 @@ impl CacheService {
             ));
         }
         let req = WriteRequest::Set {
-            key: compact(&r.key),
-            value: compact(&r.value),
+            key: r.key,
+            value: r.value,
             ttl_ms: nonzero(r.ttl_ms),
             keep_ttl: r.keep_ttl,
             condition,
@@ -145,12 +145,7 @@ impl CacheService {
 
     fn do_delete(&self, r: DeleteRequest) -> Result<DeleteResponse> {
         let p = self.route(r.route.as_ref())?;
-        match self.engine.write(
-            p,
-            WriteRequest::Delete {
-                key: compact(&r.key),
-            },
-        )? {
+        match self.engine.write(p, WriteRequest::Delete { key: r.key })? {
             Outcome::Deleted(deleted) => Ok(DeleteResponse { deleted }),
             other => Err(unexpected("delete", &other)),
         }
@@ -159,7 +154,7 @@ impl CacheService {
     fn do_incr(&self, r: IncrRequest) -> Result<IncrResponse> {
         let p = self.route(r.route.as_ref())?;
         let req = WriteRequest::Incr {
-            key: compact(&r.key),
+            key: r.key,
             delta: r.delta,
         };
         match self.engine.write(p, req)? {
@@ -172,7 +167,7 @@ impl CacheService {
     fn do_expire(&self, r: ExpireRequest) -> Result<ExpireResponse> {
         let p = self.route(r.route.as_ref())?;
         let req = WriteRequest::Expire {
-            key: compact(&r.key),
+            key: r.key,
             ttl_ms: nonzero(r.ttl_ms),
         };
         match self.engine.write(p, req)? {
@@ -232,15 +227,6 @@ fn check_consistency(level: i32) -> Result<()> {
             "unknown consistency level {level}: use LINEARIZABLE, LEASE or FOLLOWER"
         ))
     })
-}
-
-/// A decoded `bytes` field is a slice of the whole receive buffer; storing it would
-/// pin that buffer (often many times the entry's size) for as long as the entry
-/// lives, and the memory accounting would not see it. Stored keys and values are
-/// therefore copied into buffers of exactly their size. Oversized input is copied
-/// too, but only until the engine rejects it.
-fn compact(b: &Bytes) -> Bytes {
-    Bytes::copy_from_slice(b)
 }
 
 /// The wire uses 0 for "no TTL".

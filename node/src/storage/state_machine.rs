@@ -500,6 +500,7 @@ impl PartitionState {
         removed
     }
 
+    // Every key and value the state keeps passes through `insert_new` or `replace_at`.
     fn insert_new(
         &mut self,
         key: Bytes,
@@ -508,6 +509,7 @@ impl PartitionState {
         expire_at_ms: Option<u64>,
         now: u64,
     ) {
+        let (key, value) = (exact(&key), exact(&value));
         self.memory_used += entry_cost(key.len(), value.len(), expire_at_ms.is_some());
         if let Some(deadline) = expire_at_ms {
             self.ttl.insert(deadline, key.clone());
@@ -544,7 +546,7 @@ impl PartitionState {
                 self.ttl.insert(deadline, key.clone());
             }
         }
-        entry.value = value;
+        entry.value = exact(&value);
         entry.version = version;
         entry.expire_at_ms = expire_at_ms;
         entry.access.on_write(now);
@@ -568,4 +570,12 @@ fn cost_of(key: &Bytes, entry: &Entry) -> u64 {
 /// Accounted sizes fit in i64 by a wide margin (they are bounded by real memory).
 fn signed(bytes: u64) -> i64 {
     i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+/// A copy of `b` in a buffer of exactly its size. The bytes of an op are often slices
+/// of a larger buffer (a gRPC request frame, a batch of Raft log entries); keeping the
+/// slice would pin that whole buffer for as long as the entry lives, unseen by the
+/// memory accounting (a 1 KiB value pinned ~8 KiB: 431 MiB RSS under a 64 MiB limit).
+fn exact(b: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(b)
 }

@@ -114,6 +114,36 @@ fn set_then_get_returns_value_and_version() {
 }
 
 #[test]
+fn stored_bytes_never_alias_the_op_buffer() {
+    // A request frame holding one small value among other bytes.
+    let frame = Bytes::from(vec![7u8; 8192]);
+    let (key, value) = (frame.slice(0..16), frame.slice(1024..2048));
+    let in_frame = |b: &Bytes| frame.as_ptr_range().contains(&b.as_ptr());
+    let mut sm = Sm::new();
+    for round in 0..2 {
+        // Round 0 inserts, round 1 replaces: both paths keep their own copies.
+        sm.apply(Command::Set {
+            key: key.clone(),
+            value: value.clone(),
+            expire_at_ms: None,
+            keep_ttl: false,
+            condition: Condition::Always,
+        });
+        let view = sm.state.get(&key, 0).unwrap();
+        assert_eq!(view.value, value);
+        assert!(
+            !in_frame(&view.value),
+            "round {round}: value pins the frame"
+        );
+    }
+    let snap = sm.state.snapshot();
+    assert!(snap
+        .entries
+        .iter()
+        .all(|e| !in_frame(&e.key) && !in_frame(&e.value)));
+}
+
+#[test]
 fn if_absent_and_if_present() {
     let mut sm = Sm::new();
     assert_eq!(
