@@ -290,13 +290,7 @@ impl Client {
             .iter()
             .map(|k| Bytes::copy_from_slice(k.as_ref()))
             .collect();
-        match self.mget_once(&keys, options).await {
-            Err(e) if e.is_routing() => {
-                self.refresh_after(&e).await?;
-                self.mget_once(&keys, options).await
-            }
-            answer => answer,
-        }
+        self.routed(|| self.mget_once(&keys, options)).await
     }
 
     /// Writes `key` unconditionally, without a TTL, and returns its new version.
@@ -531,9 +525,8 @@ impl Client {
         }
     }
 
-    /// Sends a keyed request to the leader of the key's partition; on `NOT_LEADER` or
-    /// `WRONG_EPOCH` refreshes the map and sends it once more. `build` makes the
-    /// request from the key and the route.
+    /// Sends a keyed request to the leader of the key's partition, with the retry of
+    /// [`Client::routed`]. `build` makes the request from the key and the route.
     async fn keyed<Req, Resp, Fut>(
         &self,
         key: &[u8],
@@ -549,6 +542,16 @@ impl Client {
             let request = build(key.clone(), target.route);
             call(&self.inner.config, target.channel, request, &rpc).await
         };
+        self.routed(attempt).await
+    }
+
+    /// Runs `attempt`; on `NOT_LEADER` or `WRONG_EPOCH` refreshes the map and runs it
+    /// once more (it routes again with the new map). The one retry policy of every
+    /// routed call.
+    async fn routed<T, Fut>(&self, attempt: impl Fn() -> Fut) -> Result<T>
+    where
+        Fut: Future<Output = Result<T>>,
+    {
         match attempt().await {
             Err(e) if e.is_routing() => {
                 self.refresh_after(&e).await?;

@@ -13,6 +13,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::snapshot::{self, SnapshotError, MAGIC};
 use super::{
     CommittedLeaderId, Entry, EntryPayload, LogId, Membership, PartitionStateMachine, ReplicaNode,
+    Snapshot,
 };
 use crate::storage::{Command, Condition, Op, Outcome, PartitionId, PartitionState};
 
@@ -191,8 +192,8 @@ fn applying_an_old_entry_is_an_error_not_a_panic() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
 }
 
-#[tokio::test]
-async fn snapshot_installs_into_an_identical_state() {
+/// A state machine that applied [`ops`] and the snapshot it built of them.
+async fn leader_with_snapshot() -> (PartitionStateMachine, Snapshot) {
     let mut leader = PartitionStateMachine::new(P);
     apply_all(&mut leader, entries(&ops())).await;
     let snap = leader
@@ -201,6 +202,12 @@ async fn snapshot_installs_into_an_identical_state() {
         .build_snapshot()
         .await
         .unwrap();
+    (leader, snap)
+}
+
+#[tokio::test]
+async fn snapshot_installs_into_an_identical_state() {
+    let (mut leader, snap) = leader_with_snapshot().await;
     assert_eq!(
         snap.meta.last_log_id,
         Some(log_id(1, 2 + ops().len() as u64))
@@ -248,14 +255,7 @@ async fn snapshot_installs_into_an_identical_state() {
 
 #[tokio::test]
 async fn install_rejects_another_partition_or_mismatched_meta() {
-    let mut leader = PartitionStateMachine::new(P);
-    apply_all(&mut leader, entries(&ops())).await;
-    let snap = leader
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let (_, snap) = leader_with_snapshot().await;
 
     let mut other = PartitionStateMachine::new(PartitionId(4));
     let err = other
