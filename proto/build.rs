@@ -2,7 +2,10 @@
 //! and generates prost messages plus tonic clients and servers into `OUT_DIR` only.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/raftcache/v1/kv.proto"];
+    let files = [
+        "proto/raftcache/v1/kv.proto",
+        "proto/raftcache/v1/raft.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -5,5 +5,11 @@
 //! - `benches/ring.rs`: criterion benches of the client's consistent-hash ring.
 //! - The load generator over gRPC is `raftcache bench` (in the client crate, so the
 //!   CLI ships it); see README "Benchmarks" for the commands and the figures.
+//! - `src/bin/cluster-bench.rs`: the replication benchmarks on local 3-node clusters
+//!   of `raftcache-node` processes (write throughput R=1 vs R=3, read consistency
+//!   levels, leader failover after SIGKILL, idle CPU); [`cluster`] starts and stops
+//!   those processes. Run them all with `benches/scripts/cluster.sh`.
 //!
-//! Run with `cargo bench -p raftcache-benches`.
+//! Run the micro-benchmarks with `cargo bench -p raftcache-benches`.
+
+pub mod cluster;

@@ -3,13 +3,17 @@
 //! Exit codes: 0 on success; 1 when the answer is a negative one (`get` of a missing
 //! key, `set` whose condition did not hold, `dev` when a node died); 2 on any error,
 //! printed as one line `error: <message>` on stderr.
+//!
+//! Membership is managed with `raftcache admin add-node ADDR`, `admin remove-node ID
+//! [--wait]`, `admin transfer-leader PARTITION NODE` and `admin rebalance`;
+//! `raftcache cluster` shows the merged view of every node.
 
 mod dev;
 
 use crate::bench::{self, BenchConfig, BenchReport, Ratio};
 use crate::{
-    Client, ClientConfig, ClusterMap, Condition, Consistency, NodeStats, ReadOptions, SetOptions,
-    Ttl, DEFAULT_ENDPOINT,
+    Client, ClientConfig, ClusterStatus, Condition, Consistency, NodeStats, ReadOptions,
+    SetOptions, Ttl, DEFAULT_ENDPOINT,
 };
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -33,9 +37,10 @@ struct Cli {
         default_value = DEFAULT_ENDPOINT
     )]
     endpoints: Vec<String>,
-    /// Timeout of each request, e.g. `500ms`, `5s`.
-    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
+    /// Timeout of each call, retries included, e.g. `500ms`, `5s` [default: 5s]. For
+    /// `admin remove-node --wait`: how long to wait for the drain [default: 60s].
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -127,12 +132,16 @@ enum ClientCommand {
         /// The key.
         key: String,
     },
-    /// Show the cluster map.
+    /// Show the cluster as all its nodes see it: nodes, and per partition its
+    /// leader, replicas, learners, term and applied index.
     Cluster {
         /// Print one JSON line.
         #[arg(long)]
         json: bool,
     },
+    /// Change the cluster's membership and placement.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Show every node's counters.
     Stats {
         /// Print one JSON line.
@@ -141,6 +150,35 @@ enum ClientCommand {
     },
     /// Measure throughput and latency with a get/set load.
     Bench(BenchArgs),
+}
+
+/// The `admin` commands.
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Add the node listening at ADDR (started with `--join` or `--standby`); prints
+    /// its node id.
+    AddNode {
+        /// The node's gRPC address, `host:port`.
+        addr: String,
+    },
+    /// Drain a node: its replicas and leaderships move away, then it leaves the map.
+    RemoveNode {
+        /// The node id.
+        id: u64,
+        /// Wait until the node is gone from the cluster map (bounded by `--timeout`,
+        /// default 60s).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Move the leadership of a partition to a node holding a voting replica of it.
+    TransferLeader {
+        /// The partition.
+        partition: u32,
+        /// The node to lead it.
+        node: u64,
+    },
+    /// Recompute placement: min(R, active nodes) replicas per partition, spread evenly.
+    Rebalance,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -180,8 +218,8 @@ struct BenchArgs {
 
 #[derive(Debug, Args)]
 struct DevArgs {
-    /// Number of nodes (this build: 1).
-    #[arg(long, default_value_t = 1)]
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
     nodes: u32,
     /// gRPC port of node 1; node i listens on P+i-1 and serves metrics on
     /// P+100+i-1. 0 picks free ports.
@@ -193,6 +231,9 @@ struct DevArgs {
     /// Partitions of the cluster.
     #[arg(long, default_value_t = 16)]
     partitions: u32,
+    /// Replicas per partition [default: min(3, nodes)].
+    #[arg(long, value_name = "R")]
+    replicas: Option<u32>,
     /// Memory limit per node, e.g. `512MiB`.
     #[arg(long, value_name = "SIZE")]
     max_memory: Option<String>,
@@ -243,23 +284,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 base_port: args.base_port,
                 data_dir: args.data_dir,
                 partitions: args.partitions,
+                replicas: args.replicas.unwrap_or(args.nodes.min(3)),
                 max_memory: args.max_memory,
                 eviction_policy: args.eviction_policy,
             })
             .await
         }
         Command::Client(command) => {
+            let timeout = cli.timeout.unwrap_or(REQUEST_TIMEOUT);
             let config = ClientConfig {
                 endpoints: cli.endpoints,
-                request_timeout: cli.timeout,
+                request_timeout: timeout,
+                request_deadline: timeout,
                 ..ClientConfig::default()
             };
-            run_client(config, command).await
+            let wait = cli.timeout.unwrap_or(WAIT_TIMEOUT);
+            run_client(config, command, wait).await
         }
     }
 }
 
-async fn run_client(config: ClientConfig, command: ClientCommand) -> anyhow::Result<ExitCode> {
+/// The timeout of a call when `--timeout` is not given.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `admin remove-node --wait` waits when `--timeout` is not given.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often `admin remove-node --wait` looks at the cluster.
+const WAIT_POLL: Duration = Duration::from_millis(250);
+
+async fn run_client(
+    config: ClientConfig,
+    command: ClientCommand,
+    wait: Duration,
+) -> anyhow::Result<ExitCode> {
     let client = Client::connect(config).await?;
     let mut out = String::new();
     let code = match command {
@@ -341,15 +397,16 @@ async fn run_client(config: ClientConfig, command: ClientCommand) -> anyhow::Res
             ExitCode::SUCCESS
         }
         ClientCommand::Cluster { json } => {
-            let map = client.cluster_map().await?;
+            let status = client.cluster_status().await?;
             if json {
-                writeln!(out, "{}", serde_json::to_string(&map)?)?;
+                writeln!(out, "{}", serde_json::to_string(&status)?)?;
             } else {
-                out = cluster_table(&map);
+                out = cluster_table(&status);
             }
             write_stdout(out.as_bytes())?;
             ExitCode::SUCCESS
         }
+        ClientCommand::Admin(command) => run_admin(&client, command, wait).await?,
         ClientCommand::Stats { json } => {
             let stats = client.stats().await?;
             if json {
@@ -381,6 +438,65 @@ async fn run_client(config: ClientConfig, command: ClientCommand) -> anyhow::Res
         }
     };
     Ok(code)
+}
+
+/// Runs an `admin` command.
+async fn run_admin(
+    client: &Client,
+    command: AdminCommand,
+    wait: Duration,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        AdminCommand::AddNode { addr } => {
+            let id = client
+                .add_node(&addr)
+                .await
+                .with_context(|| format!("cannot add the node at {addr}"))?;
+            write_stdout(format!("{id}\n").as_bytes())?;
+        }
+        AdminCommand::RemoveNode { id, wait: false } => {
+            let epoch = client
+                .remove_node(id)
+                .await
+                .with_context(|| format!("cannot remove node {id}"))?;
+            write_stdout(format!("draining node {id} (epoch {epoch})\n").as_bytes())?;
+        }
+        AdminCommand::RemoveNode { id, wait: true } => {
+            let deadline = tokio::time::Instant::now() + wait;
+            client
+                .remove_node(id)
+                .await
+                .with_context(|| format!("cannot remove node {id}"))?;
+            loop {
+                match client.cluster_status().await {
+                    Ok(status) if !status.nodes.iter().any(|n| n.id == id) => break,
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "cluster status failed; polling on"),
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() + WAIT_POLL < deadline,
+                    "node {id} is still in the cluster map after {}",
+                    humantime::format_duration(wait)
+                );
+                tokio::time::sleep(WAIT_POLL).await;
+            }
+            write_stdout(format!("removed node {id}\n").as_bytes())?;
+        }
+        AdminCommand::TransferLeader { partition, node } => {
+            client
+                .transfer_leader(partition, node)
+                .await
+                .with_context(|| {
+                    format!("cannot move the leadership of partition {partition} to node {node}")
+                })?;
+            write_stdout(b"OK\n")?;
+        }
+        AdminCommand::Rebalance => {
+            let (epoch, moved) = client.rebalance().await.context("cannot rebalance")?;
+            write_stdout(format!("epoch {epoch}, {moved} replicas moved\n").as_bytes())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The `get --json` line.
@@ -420,35 +536,46 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
         .context("writing to stdout")
 }
 
-/// The human view of the cluster map.
-fn cluster_table(map: &ClusterMap) -> String {
+/// The human view of the merged cluster status.
+fn cluster_table(status: &ClusterStatus) -> String {
+    let ids = |ids: &[u64]| -> String {
+        if ids.is_empty() {
+            "-".to_owned()
+        } else {
+            ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+        }
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "epoch {}  partitions {}  vnodes {}",
-        map.epoch, map.partition_count, map.vnodes
+        "epoch {}  replication factor {}  partitions {}",
+        status.epoch,
+        status.replication_factor,
+        status.partitions.len()
     );
-    let _ = writeln!(out, "\nnode  address");
-    for n in &map.nodes {
-        let _ = writeln!(out, "{:>4}  {}", n.id, n.addr);
+    let _ = writeln!(out, "\n{:>4}  {:<21}  state", "node", "address");
+    for n in &status.nodes {
+        let _ = writeln!(out, "{:>4}  {:<21}  {}", n.id, n.addr, n.state);
+    }
+    if !status.unreachable.is_empty() {
+        let _ = writeln!(out, "unreachable: {}", status.unreachable.join(", "));
     }
     let _ = writeln!(
         out,
-        "\n{:>9}  {:>6}  {:<12}  {:>6}  {:>10}",
-        "partition", "leader", "replicas", "term", "applied"
+        "\n{:>9}  {:>6}  {:<12}  {:<8}  {:>6}  {:>10}",
+        "partition", "leader", "replicas", "learners", "term", "applied"
     );
-    for p in &map.partitions {
+    for p in &status.partitions {
         let leader = p.leader.map_or_else(|| "-".to_owned(), |l| l.to_string());
-        let replicas = p
-            .replicas
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
         let _ = writeln!(
             out,
-            "{:>9}  {:>6}  {:<12}  {:>6}  {:>10}",
-            p.id, leader, replicas, p.term, p.applied
+            "{:>9}  {:>6}  {:<12}  {:<8}  {:>6}  {:>10}",
+            p.id,
+            leader,
+            ids(&p.replicas),
+            ids(&p.learners),
+            p.term,
+            p.applied
         );
     }
     out
@@ -520,7 +647,7 @@ fn bench_text(r: &BenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{NodeInfo, PartitionInfo};
+    use crate::{NodeInfo, PartitionStatus};
 
     #[test]
     fn arguments_parse() {
@@ -530,7 +657,7 @@ mod tests {
             Command::Client(ClientCommand::Incr { by: -5, .. })
         ));
         assert_eq!(cli.endpoints, [DEFAULT_ENDPOINT]);
-        assert_eq!(cli.timeout, Duration::from_secs(5));
+        assert_eq!(cli.timeout, None);
 
         let cli = Cli::try_parse_from([
             "raftcache",
@@ -547,7 +674,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.endpoints, ["a:1", "b:2"]);
-        assert_eq!(cli.timeout, Duration::from_millis(250));
+        assert_eq!(cli.timeout, Some(Duration::from_millis(250)));
         match cli.command {
             Command::Client(ClientCommand::Set { value, ttl, nx, .. }) => {
                 assert_eq!(value, "-v");
@@ -575,41 +702,111 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+
+        let cli = Cli::try_parse_from([
+            "raftcache",
+            "admin",
+            "remove-node",
+            "3",
+            "--wait",
+            "--timeout",
+            "90s",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Client(ClientCommand::Admin(AdminCommand::RemoveNode {
+                id: 3,
+                wait: true
+            }))
+        ));
+        assert_eq!(cli.timeout, Some(Duration::from_secs(90)));
+        let cli = Cli::try_parse_from(["raftcache", "admin", "transfer-leader", "7", "2"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Client(ClientCommand::Admin(AdminCommand::TransferLeader {
+                partition: 7,
+                node: 2
+            }))
+        ));
+        for admin in [
+            &["raftcache", "admin", "add-node", "127.0.0.1:7004"][..],
+            &["raftcache", "admin", "rebalance"],
+        ] {
+            assert!(Cli::try_parse_from(admin).is_ok(), "{admin:?}");
+        }
+
+        let cli = Cli::try_parse_from([
+            "raftcache",
+            "get",
+            "k",
+            "--consistency",
+            "follower",
+            "--max-staleness",
+            "250ms",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Client(ClientCommand::Get {
+                consistency: ConsistencyArg::Follower,
+                max_staleness,
+                ..
+            }) if max_staleness == Duration::from_millis(250)
+        ));
+
+        let cli = Cli::try_parse_from(["raftcache", "dev"]).unwrap();
+        match cli.command {
+            Command::Dev(d) => assert_eq!((d.nodes, d.partitions, d.replicas), (3, 16, None)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn the_cluster_table_has_a_row_per_partition() {
-        let map = ClusterMap {
+        let status = ClusterStatus {
             epoch: 3,
-            partition_count: 2,
-            vnodes: 1024,
-            nodes: vec![NodeInfo {
-                id: 1,
-                addr: "127.0.0.1:7001".into(),
-            }],
+            replication_factor: 3,
+            nodes: vec![
+                NodeInfo {
+                    id: 1,
+                    addr: "127.0.0.1:7001".into(),
+                    state: "active".into(),
+                },
+                NodeInfo {
+                    id: 2,
+                    addr: "127.0.0.1:7002".into(),
+                    state: "draining".into(),
+                },
+            ],
             partitions: vec![
-                PartitionInfo {
+                PartitionStatus {
                     id: 0,
                     leader: Some(1),
                     replicas: vec![1, 2],
+                    learners: vec![3],
                     term: 4,
                     applied: 17,
                 },
-                PartitionInfo {
+                PartitionStatus {
                     id: 1,
                     leader: None,
                     replicas: vec![1],
+                    learners: vec![],
                     term: 0,
                     applied: 0,
                 },
             ],
+            unreachable: vec!["127.0.0.1:7003".into()],
         };
-        let table = cluster_table(&map);
+        let table = cluster_table(&status);
         println!("{table}");
-        assert!(table.starts_with("epoch 3  partitions 2  vnodes 1024\n"));
-        assert!(table.contains("   1  127.0.0.1:7001\n"));
-        assert!(table.contains("        0       1  1,2                4          17\n"));
-        assert!(table.contains("        1       -  1                  0           0\n"));
+        assert!(table.starts_with("epoch 3  replication factor 3  partitions 2\n"));
+        assert!(table.contains("   1  127.0.0.1:7001         active\n"));
+        assert!(table.contains("   2  127.0.0.1:7002         draining\n"));
+        assert!(table.contains("unreachable: 127.0.0.1:7003\n"));
+        assert!(table.contains("        0       1  1,2           3              4          17\n"));
+        assert!(table.contains("        1       -  1             -              0           0\n"));
     }
 
     #[test]

@@ -2,23 +2,47 @@
 //!
 //! Every keyed call hashes its key on the ring of the cached cluster map, sends the
 //! request to the partition's leader with the route it used, and maps an error status
-//! back to a [`ClientError`]. When a node answers `NOT_LEADER` or `WRONG_EPOCH`, the
-//! client fetches a fresh map and tries once more.
+//! back to a [`ClientError`].
+//!
+//! # Retries
+//! One policy for every routed call, bounded by [`ClientConfig::max_attempts`] and by
+//! [`ClientConfig::request_deadline`] for the whole call:
+//! - `NOT_LEADER` with a leader hint: the hint goes into the per-partition leader
+//!   cache at once; the first such retry goes straight to the hinted leader, without
+//!   sleeping.
+//! - `NOT_LEADER` without a (new) hint, `WRONG_EPOCH`, an unavailable or unreachable
+//!   node, a timed-out attempt: back off (exponential with full jitter), refresh the
+//!   cluster map from every known node (not only the configured endpoints), retry.
+//! - Anything else (a key too large, out of memory, ...) fails at once.
+//!
+//! Reads, [`Client::set_with`], [`Client::delete`] and [`Client::expire`] retry on
+//! all of these (a conditional set that was applied before its answer was lost
+//! reports `applied: false` on the retry). [`Client::incr`] is not idempotent: it
+//! retries only when the request surely had no effect (`NOT_LEADER`, `WRONG_EPOCH`,
+//! no connection), never after a broken connection or a timeout. The final error is
+//! the last attempt's.
 
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::pool::Pool;
-use crate::routing::{ClusterMap, Topology};
+use crate::routing::{ClusterMap, ClusterStatus, Topology};
 use bytes::Bytes;
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
+use futures::StreamExt;
 use raftcache_proto::tonic::transport::Channel;
 use raftcache_proto::tonic::{Code, Request, Response, Status};
-use raftcache_proto::v1::{self, cache_client::CacheClient};
+use raftcache_proto::v1::{self, admin_client::AdminClient, cache_client::CacheClient};
+use rand::Rng;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
+use tokio::time::Instant;
+
+/// How many nodes a map refresh asks at once.
+const REFRESH_FAN_OUT: usize = 8;
 
 /// A connection to a raftcache cluster.
 ///
@@ -34,6 +58,8 @@ struct Inner {
     config: ClientConfig,
     pool: Pool,
     topology: RwLock<Arc<Topology>>,
+    /// Rotates FOLLOWER reads over the replicas of a partition.
+    follower_reads: AtomicUsize,
 }
 
 /// A value read from the cache.
@@ -212,7 +238,7 @@ impl Client {
         let pool = Pool::new(&config);
         let mut last_error = ClientError::NoEndpoints;
         for endpoint in &config.endpoints {
-            let connected = fetch_map(&config, &pool, endpoint)
+            let connected = fetch_map(&config, &pool, endpoint, Limit::request(&config))
                 .await
                 .and_then(|map| Topology::new(map, &pool, None));
             match connected {
@@ -223,6 +249,7 @@ impl Client {
                             topology: RwLock::new(Arc::new(topology)),
                             config,
                             pool,
+                            follower_reads: AtomicUsize::new(0),
                         }),
                     });
                 }
@@ -230,7 +257,9 @@ impl Client {
                     tracing::debug!(%endpoint, error = %e, "endpoint did not answer");
                     let message = match e {
                         // "cannot connect to X: unavailable: ..." would say it twice.
-                        ClientError::Unavailable(message) => message,
+                        ClientError::Unavailable(message) | ClientError::Unreachable(message) => {
+                            message
+                        }
                         other => other.to_string(),
                     };
                     last_error = ClientError::Connect {
@@ -243,6 +272,11 @@ impl Client {
         Err(last_error)
     }
 
+    /// The settings this client runs with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
     /// Reads `key` at the default ([`Consistency::Lease`]) level.
     ///
     /// # Errors
@@ -252,6 +286,10 @@ impl Client {
     }
 
     /// Reads `key` at the level `options` asks for; `None` when it does not exist.
+    ///
+    /// A [`Consistency::Follower`] read goes to one of the partition's voting
+    /// replicas (rotating over them); if that replica is not fresh enough it answers
+    /// `NOT_LEADER` and the retry goes to the leader.
     ///
     /// # Errors
     /// Any [`ClientError`]: a rejected key, an unreachable node, a timeout, ...
@@ -274,10 +312,12 @@ impl Client {
     }
 
     /// Reads several keys: one `MGet` per node, sent concurrently; the answers come
-    /// back in the order of `keys`.
+    /// back in the order of `keys`. A failure of any node retries the whole call
+    /// (routed afresh), as a single read would.
     ///
     /// # Errors
-    /// The first error of any node; the call fails as a whole.
+    /// The first error of any node once retries are exhausted; the call fails as a
+    /// whole.
     pub async fn mget_with<K: AsRef<[u8]>>(
         &self,
         keys: &[K],
@@ -290,7 +330,10 @@ impl Client {
             .iter()
             .map(|k| Bytes::copy_from_slice(k.as_ref()))
             .collect();
-        self.routed(|| self.mget_once(&keys, options)).await
+        self.routed(Retry::Transient, |attempt, limit| {
+            self.mget_once(&keys, options, attempt, limit)
+        })
+        .await
     }
 
     /// Writes `key` unconditionally, without a TTL, and returns its new version.
@@ -303,6 +346,10 @@ impl Client {
     }
 
     /// Writes `key` with a TTL and a condition.
+    ///
+    /// Retried on every transient failure (see the [module](self) docs): a write
+    /// whose answer was lost may be applied again, and a conditional one then
+    /// reports `applied: false`.
     ///
     /// # Errors
     /// Any [`ClientError`]: sizes over the node's limits, a TTL out of range, out of
@@ -325,6 +372,7 @@ impl Client {
         let r = self
             .keyed(
                 key,
+                Retry::Transient,
                 |key, route| v1::SetRequest {
                     key,
                     value: value.clone(),
@@ -351,6 +399,7 @@ impl Client {
         let r = self
             .keyed(
                 key.as_ref(),
+                Retry::Transient,
                 |key, route| v1::DeleteRequest {
                     key,
                     route: Some(route),
@@ -364,6 +413,11 @@ impl Client {
     /// Adds `delta` to the integer at `key` (a missing key counts as 0) and returns
     /// the result.
     ///
+    /// Not idempotent, so retried only when the request surely had no effect
+    /// (`NOT_LEADER`, `WRONG_EPOCH`, no connection could be made); a broken
+    /// connection, an unavailable node or a timeout is returned as it is, since the
+    /// increment may have been applied.
+    ///
     /// # Errors
     /// [`ClientError::NotAnInteger`] when the value is not a base-10 `i64`,
     /// [`ClientError::IncrOverflow`] when the sum leaves the `i64` range, or any other
@@ -372,6 +426,7 @@ impl Client {
         let r = self
             .keyed(
                 key.as_ref(),
+                Retry::Unapplied,
                 |key, route| v1::IncrRequest {
                     key,
                     route: Some(route),
@@ -394,6 +449,7 @@ impl Client {
         let r = self
             .keyed(
                 key.as_ref(),
+                Retry::Transient,
                 |key, route| v1::ExpireRequest {
                     key,
                     route: Some(route),
@@ -420,35 +476,120 @@ impl Client {
         })
     }
 
-    /// Fetches the cluster map afresh (from the nodes of the cached map, then the
-    /// configured endpoints, whichever answers first) and caches it unless it is
-    /// older than the cached one.
+    /// Fetches the cluster map afresh from the first node that answers (the nodes of
+    /// the cached map and the configured endpoints are asked concurrently) and caches
+    /// it unless it is older than the cached one.
     ///
     /// # Errors
     /// The error of the last node tried when none answers, or
     /// [`ClientError::InvalidResponse`] for a map the client cannot use.
     pub async fn cluster_map(&self) -> Result<ClusterMap> {
-        let current = self.topology();
-        let mut candidates: Vec<&str> = current.map.nodes.iter().map(|n| n.addr.as_str()).collect();
-        for endpoint in &self.inner.config.endpoints {
-            if !candidates.contains(&endpoint.as_str()) {
-                candidates.push(endpoint);
-            }
-        }
-        let mut last_error = ClientError::NoEndpoints;
-        for addr in candidates {
-            match fetch_map(&self.inner.config, &self.inner.pool, addr).await {
-                Ok(map) => {
-                    self.install(map.clone())?;
-                    return Ok(map);
-                }
+        self.refresh(Want::default(), Limit::request(&self.inner.config))
+            .await
+    }
+
+    /// The cluster as all its nodes see it: asks every node of a fresh map for its
+    /// map, concurrently, and merges the answers with [`ClusterStatus::merge`], so
+    /// that each partition shows its live leader, term and applied index. Nodes that
+    /// do not answer are listed in [`ClusterStatus::unreachable`].
+    ///
+    /// # Errors
+    /// When no node answers at all.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus> {
+        let first = self.cluster_map().await?;
+        let config = &self.inner.config;
+        let pool = &self.inner.pool;
+        let first_ref = &first;
+        let answers = join_all(first.nodes.iter().map(|node| async move {
+            let first = first_ref;
+            let answer = if node.id == first.node_id {
+                Ok(first.clone())
+            } else {
+                fetch_map(config, pool, &node.addr, Limit::request(config)).await
+            };
+            (node.addr.clone(), answer)
+        }))
+        .await;
+        let mut reports = Vec::with_capacity(answers.len() + 1);
+        let mut unreachable = Vec::new();
+        for (addr, answer) in answers {
+            match answer {
+                Ok(map) => reports.push(map),
                 Err(e) => {
-                    tracing::debug!(%addr, error = %e, "cluster map fetch failed");
-                    last_error = e;
+                    tracing::debug!(%addr, error = %e, "node did not report its map");
+                    unreachable.push(addr);
                 }
             }
         }
-        Err(last_error)
+        if !reports.iter().any(|r| r.node_id == first.node_id) {
+            reports.push(first.clone());
+        }
+        let mut status = ClusterStatus::merge(&reports).ok_or_else(|| {
+            ClientError::InvalidResponse("no node reported a cluster map".to_owned())
+        })?;
+        status.unreachable = unreachable;
+        Ok(status)
+    }
+
+    /// Adds the node listening at `addr` (started with `--join` or `--standby`) to
+    /// the cluster and returns the node id it was given (or already had).
+    ///
+    /// # Errors
+    /// Any [`ClientError`] once retries are exhausted.
+    pub async fn add_node(&self, addr: &str) -> Result<u64> {
+        let request = v1::AddNodeRequest {
+            addr: addr.to_owned(),
+        };
+        let r = self
+            .admin(request, |mut c, r| async move { c.add_node(r).await })
+            .await?;
+        Ok(r.node_id)
+    }
+
+    /// Starts draining node `node_id`: its replicas and leaderships move away, then
+    /// it disappears from the cluster map (poll [`Client::cluster_map`]). Returns the
+    /// epoch after the change.
+    ///
+    /// # Errors
+    /// Any [`ClientError`] once retries are exhausted.
+    pub async fn remove_node(&self, node_id: u64) -> Result<u64> {
+        let request = v1::RemoveNodeRequest { node_id };
+        let r = self
+            .admin(request, |mut c, r| async move { c.remove_node(r).await })
+            .await?;
+        Ok(r.epoch)
+    }
+
+    /// Asks for the leadership of `partition` to move to `node_id` (which must hold a
+    /// voting replica of it); it completes within an election round. Returns the
+    /// epoch after the change.
+    ///
+    /// # Errors
+    /// Any [`ClientError`] once retries are exhausted.
+    pub async fn transfer_leader(&self, partition: u32, node_id: u64) -> Result<u64> {
+        let request = v1::TransferLeaderRequest { partition, node_id };
+        let r = self
+            .admin(
+                request,
+                |mut c, r| async move { c.transfer_leader(r).await },
+            )
+            .await?;
+        Ok(r.epoch)
+    }
+
+    /// Recomputes placement (min(R, active nodes) replicas per partition, spread
+    /// evenly); returns the epoch after the change and the number of replicas that
+    /// change node.
+    ///
+    /// # Errors
+    /// Any [`ClientError`] once retries are exhausted.
+    pub async fn rebalance(&self) -> Result<(u64, u32)> {
+        let r = self
+            .admin(v1::RebalanceRequest {}, |mut c, r| async move {
+                c.rebalance(r).await
+            })
+            .await?;
+        Ok((r.epoch, r.moved_replicas))
     }
 
     /// The counters of every node in the cached cluster map, fetched concurrently, in
@@ -459,11 +600,13 @@ impl Client {
     pub async fn stats(&self) -> Result<Vec<NodeStats>> {
         let topology = self.topology();
         let config = &self.inner.config;
-        try_join_all(topology.nodes.iter().map(|node| async move {
+        let listed = topology.map.nodes.len().min(topology.nodes.len());
+        try_join_all(topology.nodes[..listed].iter().map(|node| async move {
             let s = call(
                 config,
                 node.channel.clone(),
                 v1::StatsRequest {},
+                Limit::request(config),
                 |mut c, r| async move { c.stats(r).await },
             )
             .await?;
@@ -487,77 +630,289 @@ impl Client {
         Arc::clone(&topology)
     }
 
-    /// Caches `map` unless the cached one is newer.
+    /// Caches `map` unless the cached one is newer. Leaders the cached table learned
+    /// survive where `map` did not observe its partitions (see [`Topology::new`]).
     fn install(&self, map: ClusterMap) -> Result<()> {
-        let current = self.topology();
-        if map.epoch < current.map.epoch {
-            tracing::debug!(
-                fetched = map.epoch,
-                cached = current.map.epoch,
-                "ignoring an older cluster map"
-            );
-            return Ok(());
-        }
-        let topology = Arc::new(Topology::new(map, &self.inner.pool, Some(&current))?);
         let mut slot = self
             .inner
             .topology
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        // A concurrent refresh may have installed a newer map meanwhile.
-        if topology.map.epoch >= slot.map.epoch {
-            tracing::debug!(epoch = topology.map.epoch, "cluster map refreshed");
-            *slot = topology;
+        if map.epoch < slot.map.epoch {
+            tracing::debug!(
+                fetched = map.epoch,
+                cached = slot.map.epoch,
+                "ignoring an older cluster map"
+            );
+            return Ok(());
         }
+        let topology = Topology::new(map, &self.inner.pool, Some(&slot))?;
+        tracing::debug!(epoch = topology.map.epoch, "cluster map refreshed");
+        *slot = Arc::new(topology);
         Ok(())
     }
 
-    /// Refreshes the cached map after a routing error. A failed refresh is logged and
-    /// `error` is returned: it says more about the request than the refresh does.
-    async fn refresh_after(&self, error: &ClientError) -> Result<()> {
-        tracing::debug!(%error, "refreshing the cluster map");
-        match self.cluster_map().await {
-            Ok(_) => Ok(()),
-            Err(refresh) => {
-                tracing::debug!(error = %refresh, "cluster map refresh failed");
-                Err(error.clone())
-            }
+    /// Puts a `NOT_LEADER` hint into the leader cache. True when the cache now
+    /// routes `partition` to the hinted node (whether or not it did before).
+    fn learn_leader(
+        &self,
+        partition: u32,
+        leader_id: Option<u64>,
+        leader_addr: Option<&str>,
+    ) -> bool {
+        let mut slot = self
+            .inner
+            .topology
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(next) = slot.with_leader(partition, leader_id, leader_addr, &self.inner.pool) {
+            tracing::debug!(partition, ?leader_id, ?leader_addr, "leader hint");
+            *slot = Arc::new(next);
+            return true;
         }
+        // No change: usable only if the cache already routes to that node.
+        let current = slot.leader_id(partition);
+        current.is_some() && current == leader_id
     }
 
-    /// Sends a keyed request to the leader of the key's partition, with the retry of
+    /// Fetches maps from the nodes of the cached map and the configured endpoints,
+    /// up to [`REFRESH_FAN_OUT`] at once, until one satisfies `want`; installs that
+    /// one, or else the best that came back, and returns it.
+    ///
+    /// # Errors
+    /// The last error when no node answers.
+    async fn refresh(&self, want: Want, limit: Limit) -> Result<ClusterMap> {
+        let current = self.topology();
+        let mut candidates: Vec<String> = Vec::new();
+        for addr in current
+            .nodes
+            .iter()
+            .map(|n| &n.info.addr)
+            .chain(&self.inner.config.endpoints)
+        {
+            if !candidates.contains(addr) {
+                candidates.push(addr.clone());
+            }
+        }
+        let config = &self.inner.config;
+        let pool = &self.inner.pool;
+        let mut answers = futures::stream::iter(candidates)
+            .map(|addr| async move {
+                let answer = fetch_map(config, pool, &addr, limit).await;
+                (addr, answer)
+            })
+            .buffer_unordered(REFRESH_FAN_OUT);
+        let mut best: Option<ClusterMap> = None;
+        let mut last_error = ClientError::NoEndpoints;
+        while let Some((addr, answer)) = answers.next().await {
+            match answer {
+                Ok(map) if want.is_met_by(&map) => {
+                    best = Some(map);
+                    break;
+                }
+                Ok(map) => {
+                    if best.as_ref().is_none_or(|b| want.rank(&map) > want.rank(b)) {
+                        best = Some(map);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "cluster map fetch failed");
+                    last_error = e;
+                }
+            }
+        }
+        drop(answers);
+        let map = best.ok_or(last_error)?;
+        self.install(map.clone())?;
+        Ok(map)
+    }
+
+    /// Sends a keyed request to the leader of the key's partition (or, for
+    /// `follower_reads`, to a replica on the first attempt), with the retries of
     /// [`Client::routed`]. `build` makes the request from the key and the route.
     async fn keyed<Req, Resp, Fut>(
         &self,
         key: &[u8],
+        retry: Retry,
         build: impl Fn(Bytes, v1::Route) -> Req,
         rpc: impl Fn(CacheClient<Channel>, Request<Req>) -> Fut,
     ) -> Result<Resp>
     where
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
-        let key = Bytes::copy_from_slice(key);
-        let attempt = || async {
-            let target = self.topology().target(&key)?;
-            let request = build(key.clone(), target.route);
-            call(&self.inner.config, target.channel, request, &rpc).await
-        };
-        self.routed(attempt).await
+        self.keyed_to(key, retry, false, build, rpc).await
     }
 
-    /// Runs `attempt`; on `NOT_LEADER` or `WRONG_EPOCH` refreshes the map and runs it
-    /// once more (it routes again with the new map). The one retry policy of every
-    /// routed call.
-    async fn routed<T, Fut>(&self, attempt: impl Fn() -> Fut) -> Result<T>
+    /// [`Client::keyed`], optionally sending the first attempt to a replica.
+    async fn keyed_to<Req, Resp, Fut>(
+        &self,
+        key: &[u8],
+        retry: Retry,
+        to_replica: bool,
+        build: impl Fn(Bytes, v1::Route) -> Req,
+        rpc: impl Fn(CacheClient<Channel>, Request<Req>) -> Fut,
+    ) -> Result<Resp>
+    where
+        Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
+        let key = &Bytes::copy_from_slice(key);
+        let build = &build;
+        let rpc = &rpc;
+        let attempt = |attempt: u32, limit: Limit| async move {
+            let topology = self.topology();
+            let target = if to_replica && attempt == 0 {
+                let pick = self.inner.follower_reads.fetch_add(1, Ordering::Relaxed);
+                topology.replica_target(key, pick)?
+            } else {
+                topology.target(key)?
+            };
+            let partition = target.route.partition;
+            let request = build(key.clone(), target.route);
+            call(&self.inner.config, target.channel, request, limit, rpc)
+                .await
+                .map_err(|e| with_partition(e, partition))
+        };
+        self.routed(retry, attempt).await
+    }
+
+    /// Runs `attempt` (given its number, from 0, and its time limit) until it
+    /// succeeds, fails for good, or the attempts or the call's deadline run out: the
+    /// one retry policy of every routed call (see the [module](self) docs).
+    async fn routed<T, Fut>(&self, retry: Retry, attempt: impl Fn(u32, Limit) -> Fut) -> Result<T>
     where
         Fut: Future<Output = Result<T>>,
     {
-        match attempt().await {
-            Err(e) if e.is_routing() => {
-                self.refresh_after(&e).await?;
-                attempt().await
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.request_deadline;
+        let mut backoff = Backoff::new(config);
+        let mut hinted_once = false;
+        let mut attempts = 0;
+        loop {
+            let Some(limit) = Limit::until(config, deadline) else {
+                return Err(ClientError::Timeout(config.request_deadline));
+            };
+            let error = match attempt(attempts, limit).await {
+                Ok(answer) => return Ok(answer),
+                Err(error) => error,
+            };
+            attempts += 1;
+            let retriable = match retry {
+                Retry::Transient => error.is_transient(),
+                Retry::Unapplied => error.is_unapplied(),
+            };
+            if !retriable || attempts >= config.max_attempts {
+                if retriable {
+                    self.refresh_soon();
+                }
+                return Err(error);
             }
-            answer => answer,
+            let mut want = Want::default();
+            match &error {
+                ClientError::NotLeader {
+                    partition: Some(partition),
+                    leader_id,
+                    leader_addr,
+                } => {
+                    let hinted = (leader_id.is_some() || leader_addr.is_some())
+                        && self.learn_leader(*partition, *leader_id, leader_addr.as_deref());
+                    if hinted && !hinted_once {
+                        hinted_once = true;
+                        tracing::debug!(%error, attempts, "retrying at the hinted leader");
+                        continue;
+                    }
+                    want.partition = Some(*partition);
+                }
+                ClientError::WrongEpoch { epoch: Some(epoch) } => want.min_epoch = *epoch,
+                _ => {}
+            }
+            let pause = backoff.next_pause();
+            if Instant::now() + pause >= deadline {
+                // Out of time, but the next call must not go to the same dead end.
+                self.refresh_soon();
+                return Err(error);
+            }
+            tracing::debug!(%error, attempts, ?pause, "backing off, then refreshing the map");
+            tokio::time::sleep(pause).await;
+            let Some(limit) = Limit::until(config, deadline) else {
+                return Err(error);
+            };
+            if let Err(refresh) = self.refresh(want, limit).await {
+                tracing::debug!(error = %refresh, "cluster map refresh failed");
+            }
+        }
+    }
+
+    /// Refreshes the cached map in the background (after a call gave up on a transient
+    /// error, so that the next call does not go to the same dead end).
+    fn refresh_soon(&self) {
+        let client = self.clone();
+        tokio::spawn(async move {
+            let limit = Limit::request(&client.inner.config);
+            if let Err(e) = client.refresh(Want::default(), limit).await {
+                tracing::debug!(error = %e, "background cluster map refresh failed");
+            }
+        });
+    }
+
+    /// Sends an admin request to the nodes in turn (any node forwards it to the meta
+    /// leader), retrying transient failures with back-off within the attempt and time
+    /// budget; refreshes the cached map after a success.
+    async fn admin<Req, Resp, Fut>(
+        &self,
+        request: Req,
+        rpc: impl Fn(AdminClient<Channel>, Request<Req>) -> Fut,
+    ) -> Result<Resp>
+    where
+        Req: Clone,
+        Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.request_deadline;
+        let mut backoff = Backoff::new(config);
+        let mut attempts: u32 = 0;
+        loop {
+            let Some(limit) = Limit::until(config, deadline) else {
+                return Err(ClientError::Timeout(config.request_deadline));
+            };
+            let topology = self.topology();
+            let mut addrs: Vec<&str> = topology.map.nodes.iter().map(|n| n.addr.as_str()).collect();
+            addrs.extend(config.endpoints.iter().map(String::as_str));
+            let Some(&addr) = addrs.get(attempts as usize % addrs.len().max(1)) else {
+                return Err(ClientError::NoEndpoints);
+            };
+            let answer = match self.inner.pool.channel(addr) {
+                Ok(channel) => {
+                    let client = AdminClient::new(channel)
+                        .max_decoding_message_size(config.max_message_bytes)
+                        .max_encoding_message_size(config.max_message_bytes);
+                    bounded(limit, request.clone(), |r| rpc(client, r)).await
+                }
+                Err(message) => Err(ClientError::Connect {
+                    endpoint: addr.to_owned(),
+                    message,
+                }),
+            };
+            let error = match answer {
+                Ok(answer) => {
+                    if let Err(e) = self.cluster_map().await {
+                        tracing::debug!(error = %e, "map refresh after an admin call failed");
+                    }
+                    return Ok(answer);
+                }
+                Err(error) => error,
+            };
+            attempts += 1;
+            if !error.is_transient() || attempts >= config.max_attempts {
+                return Err(error);
+            }
+            let pause = backoff.next_pause();
+            if Instant::now() + pause >= deadline {
+                // Out of time, but the next call must not go to the same dead end.
+                self.refresh_soon();
+                return Err(error);
+            }
+            tracing::debug!(%addr, %error, attempts, "admin call failed; retrying");
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -569,8 +924,11 @@ impl Client {
         skip_value: bool,
     ) -> Result<v1::GetResponse> {
         let (consistency, max_staleness_ms) = options.consistency.to_wire();
-        self.keyed(
+        let to_replica = matches!(options.consistency, Consistency::Follower { .. });
+        self.keyed_to(
             key,
+            Retry::Transient,
+            to_replica,
             |key, route| v1::GetRequest {
                 key,
                 route: Some(route),
@@ -583,8 +941,15 @@ impl Client {
         .await
     }
 
-    /// One routing of a multi-get: keys grouped by leader node, one `MGet` per node.
-    async fn mget_once(&self, keys: &[Bytes], options: ReadOptions) -> Result<Vec<Option<Value>>> {
+    /// One routing of a multi-get: keys grouped by node (leaders, or for a FOLLOWER
+    /// read's first attempt, replicas), one `MGet` per node.
+    async fn mget_once(
+        &self,
+        keys: &[Bytes],
+        options: ReadOptions,
+        attempt: u32,
+        limit: Limit,
+    ) -> Result<Vec<Option<Value>>> {
         struct Batch {
             channel: Channel,
             /// Where each key of the batch sits in `keys`.
@@ -592,10 +957,15 @@ impl Client {
             refs: Vec<v1::KeyRef>,
         }
         let topology = self.topology();
-        let mut batches: BTreeMap<u64, Batch> = BTreeMap::new();
+        let pick = (matches!(options.consistency, Consistency::Follower { .. }) && attempt == 0)
+            .then(|| self.inner.follower_reads.fetch_add(1, Ordering::Relaxed));
+        let mut batches: BTreeMap<usize, Batch> = BTreeMap::new();
         for (position, key) in keys.iter().enumerate() {
-            let target = topology.target(key)?;
-            let batch = batches.entry(target.node_id).or_insert_with(|| Batch {
+            let target = match pick {
+                Some(pick) => topology.replica_target(key, pick)?,
+                None => topology.target(key)?,
+            };
+            let batch = batches.entry(target.node).or_insert_with(|| Batch {
                 channel: target.channel.clone(),
                 positions: Vec::new(),
                 refs: Vec::new(),
@@ -614,9 +984,13 @@ impl Client {
                 consistency: consistency as i32,
                 max_staleness_ms,
             };
-            let r = call(config, batch.channel, request, |mut c, r| async move {
-                c.m_get(r).await
-            })
+            let r = call(
+                config,
+                batch.channel,
+                request,
+                limit,
+                |mut c, r| async move { c.m_get(r).await },
+            )
             .await?;
             if r.values.len() != batch.positions.len() {
                 return Err(ClientError::InvalidResponse(format!(
@@ -638,8 +1012,125 @@ impl Client {
     }
 }
 
+/// Which failures a call retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Every transient failure ([`ClientError::is_transient`]): reads and the
+    /// writes that may be applied twice.
+    Transient,
+    /// Only failures that surely had no effect ([`ClientError::is_unapplied`]).
+    Unapplied,
+}
+
+/// What a map refresh looks for.
+#[derive(Debug, Clone, Copy, Default)]
+struct Want {
+    /// At least this epoch (a `WRONG_EPOCH` named it).
+    min_epoch: u64,
+    /// A live leader of this partition (a `NOT_LEADER` without a usable hint).
+    partition: Option<u32>,
+}
+
+impl Want {
+    fn observes_leader(&self, map: &ClusterMap) -> bool {
+        self.partition.is_none_or(|p| {
+            map.partition(p)
+                .is_some_and(|p| p.observed && p.leader.is_some())
+        })
+    }
+
+    fn is_met_by(&self, map: &ClusterMap) -> bool {
+        map.epoch >= self.min_epoch && self.observes_leader(map)
+    }
+
+    /// Better maps rank higher: newer, then observing the wanted leader.
+    fn rank(&self, map: &ClusterMap) -> (u64, bool) {
+        (map.epoch, self.observes_leader(map))
+    }
+}
+
+/// How long one attempt may take: `wait`, reported as `reported` when it runs out
+/// (the request timeout, or the call's deadline when that cuts the attempt short).
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    wait: Duration,
+    reported: Duration,
+}
+
+impl Limit {
+    /// The plain request timeout.
+    fn request(config: &ClientConfig) -> Limit {
+        Limit {
+            wait: config.request_timeout,
+            reported: config.request_timeout,
+        }
+    }
+
+    /// The request timeout, cut to what is left before `deadline`; `None` when
+    /// nothing is.
+    fn until(config: &ClientConfig, deadline: Instant) -> Option<Limit> {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        if left.is_zero() {
+            return None;
+        }
+        Some(if left < config.request_timeout {
+            Limit {
+                wait: left,
+                reported: config.request_deadline,
+            }
+        } else {
+            Limit::request(config)
+        })
+    }
+}
+
+/// Exponential back-off with full jitter.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(config: &ClientConfig) -> Backoff {
+        Backoff {
+            next: config.backoff_base,
+            max: config.backoff_max,
+        }
+    }
+
+    /// A pause drawn uniformly from zero to the current cap, which then doubles (up
+    /// to the maximum).
+    fn next_pause(&mut self) -> Duration {
+        let cap = self.next.min(self.max);
+        self.next = cap.saturating_mul(2);
+        let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rand::rng().random_range(0..=nanos))
+    }
+}
+
+/// Fills in the partition of a `NOT_LEADER` that did not name it.
+fn with_partition(error: ClientError, partition: u32) -> ClientError {
+    match error {
+        ClientError::NotLeader {
+            partition: None,
+            leader_id,
+            leader_addr,
+        } => ClientError::NotLeader {
+            partition: Some(partition),
+            leader_id,
+            leader_addr,
+        },
+        other => other,
+    }
+}
+
 /// Fetches and checks the cluster map of the node at `addr`.
-async fn fetch_map(config: &ClientConfig, pool: &Pool, addr: &str) -> Result<ClusterMap> {
+async fn fetch_map(
+    config: &ClientConfig,
+    pool: &Pool,
+    addr: &str,
+    limit: Limit,
+) -> Result<ClusterMap> {
     let channel = pool.channel(addr).map_err(|message| ClientError::Connect {
         endpoint: addr.to_owned(),
         message,
@@ -648,41 +1139,55 @@ async fn fetch_map(config: &ClientConfig, pool: &Pool, addr: &str) -> Result<Clu
         config,
         channel,
         v1::ClusterMapRequest {},
+        limit,
         |mut c, r| async move { c.cluster_map(r).await },
     )
     .await?;
     ClusterMap::try_from(map)
 }
 
-/// One RPC on `channel`, bounded by the request timeout twice over: as the gRPC
-/// deadline the node sees, and as a local timer that also covers connecting.
+/// One `Cache` RPC on `channel`, bounded by `limit` (see [`bounded`]).
 async fn call<Req, Resp, Fut>(
     config: &ClientConfig,
     channel: Channel,
     request: Req,
+    limit: Limit,
     rpc: impl FnOnce(CacheClient<Channel>, Request<Req>) -> Fut,
 ) -> Result<Resp>
 where
     Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
 {
-    let timeout = config.request_timeout;
-    let mut request = Request::new(request);
-    request.set_timeout(timeout);
     let client = CacheClient::new(channel)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let started = tokio::time::Instant::now();
-    match tokio::time::timeout(timeout, rpc(client, request)).await {
+    bounded(limit, request, |r| rpc(client, r)).await
+}
+
+/// One RPC, bounded by `limit` twice over: as the gRPC deadline the node sees, and
+/// as a local timer that also covers connecting.
+async fn bounded<Req, Resp, Fut>(
+    limit: Limit,
+    request: Req,
+    send: impl FnOnce(Request<Req>) -> Fut,
+) -> Result<Resp>
+where
+    Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
+{
+    let timeout = limit.wait;
+    let mut request = Request::new(request);
+    request.set_timeout(timeout);
+    let started = Instant::now();
+    match tokio::time::timeout(timeout, send(request)).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         // The node gave up at our deadline (tonic servers answer CANCELLED then).
         Ok(Err(status))
             if status.code() == Code::DeadlineExceeded
                 || (status.code() == Code::Cancelled && started.elapsed() >= timeout) =>
         {
-            Err(ClientError::Timeout(timeout))
+            Err(ClientError::Timeout(limit.reported))
         }
         Ok(Err(status)) => Err(ClientError::from_status(&status)),
-        Err(_elapsed) => Err(ClientError::Timeout(timeout)),
+        Err(_elapsed) => Err(ClientError::Timeout(limit.reported)),
     }
 }
 

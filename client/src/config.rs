@@ -1,4 +1,5 @@
-//! How a [`Client`](crate::Client) connects: seed endpoints, timeouts, message size.
+//! How a [`Client`](crate::Client) connects: seed endpoints, timeouts, retries,
+//! message size.
 
 use std::time::Duration;
 
@@ -13,9 +14,21 @@ pub struct ClientConfig {
     pub endpoints: Vec<String>,
     /// How long opening a TCP connection to a node may take.
     pub connect_timeout: Duration,
-    /// How long one request may take, connecting included; past it the call fails
-    /// with [`ClientError::Timeout`](crate::ClientError::Timeout).
+    /// How long one attempt of a request may take, connecting included; past it the
+    /// attempt fails with [`ClientError::Timeout`](crate::ClientError::Timeout) (and
+    /// may be retried, see [`ClientConfig::request_deadline`]).
     pub request_timeout: Duration,
+    /// How long a call may take in all, retries and back-off included. No attempt
+    /// starts or runs past it.
+    pub request_deadline: Duration,
+    /// The most attempts of one call (the first one included); at least 1.
+    pub max_attempts: u32,
+    /// The first back-off before a retry; each further retry doubles it up to
+    /// [`ClientConfig::backoff_max`], and the actual sleep is drawn uniformly below
+    /// it ("full jitter").
+    pub backoff_base: Duration,
+    /// The cap of the back-off.
+    pub backoff_max: Duration,
     /// The largest gRPC message sent or accepted, in bytes. Above the node's 16 MiB
     /// value limit so that the largest values (and multi-gets of them) pass.
     pub max_message_bytes: usize,
@@ -32,13 +45,18 @@ impl ClientConfig {
 }
 
 impl Default for ClientConfig {
-    /// [`DEFAULT_ENDPOINT`], a 2 s connect timeout, a 5 s request timeout and 64 MiB
+    /// [`DEFAULT_ENDPOINT`], a 2 s connect timeout, a 2 s timeout per attempt, a 5 s
+    /// deadline per call, 10 attempts, back-off from 10 ms doubling to 500 ms, and 64 MiB
     /// messages.
     fn default() -> Self {
         ClientConfig {
             endpoints: vec![DEFAULT_ENDPOINT.to_owned()],
             connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(2),
+            request_deadline: Duration::from_secs(5),
+            max_attempts: 10,
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(500),
             max_message_bytes: 64 << 20,
         }
     }

@@ -5,7 +5,7 @@
 //! limits the detail carries) into a variant with fields. Statuses without a detail
 //! come from the transport or from tonic itself and keep their gRPC code.
 
-use raftcache_proto::tonic::{Code, Status};
+use raftcache_proto::tonic::{Code, ConnectError, Status};
 use raftcache_proto::v1::{ErrorCode, ErrorDetail};
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
     /// The node that answered does not lead the key's partition (or no leader is
-    /// known yet). The client refreshes its cluster map and retries once by itself.
+    /// known yet). The client goes to the hinted leader, or refreshes its cluster map,
+    /// and retries by itself within its attempt and time budget.
     #[error("{}", not_leader_message(*partition, *leader_id, leader_addr.as_deref()))]
     NotLeader {
         /// The partition concerned, when known.
@@ -27,7 +28,8 @@ pub enum ClientError {
         leader_addr: Option<String>,
     },
     /// The request was routed with a cluster-map epoch the node does not accept.
-    /// The client refreshes its cluster map and retries once by itself.
+    /// The client refreshes its cluster map and retries by itself within its attempt
+    /// and time budget.
     #[error("{}", wrong_epoch_message(*epoch))]
     WrongEpoch {
         /// The node's current epoch, when it said.
@@ -73,9 +75,13 @@ pub enum ClientError {
     /// The node rejected the request as malformed; the message says why.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// The node is unreachable, shutting down or not ready yet.
+    /// The node is shutting down or not ready yet, or the connection broke while the
+    /// request was under way (so it may or may not have been applied).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// No connection to the node could be made: the request was never sent.
+    #[error("node unreachable: {0}")]
+    Unreachable(String),
     /// No answer came within the request timeout.
     #[error("request timed out after {}", humantime::format_duration(*.0))]
     Timeout(Duration),
@@ -118,6 +124,9 @@ impl ClientError {
         };
         let Some(detail) = ErrorDetail::from_status(status) else {
             return match status.code() {
+                Code::Unavailable if is_connect_failure(status) => {
+                    ClientError::Unreachable(message)
+                }
                 Code::Unavailable => ClientError::Unavailable(message),
                 _ => server(message),
             };
@@ -163,6 +172,33 @@ impl ClientError {
             ClientError::NotLeader { .. } | ClientError::WrongEpoch { .. }
         )
     }
+
+    /// Whether the request surely had no effect: a node refused it for routing
+    /// (`NOT_LEADER`, `WRONG_EPOCH`) or it was never sent (no connection). Such a
+    /// failure may be retried even for a write that must not apply twice.
+    pub fn is_unapplied(&self) -> bool {
+        self.is_routing() || matches!(self, ClientError::Unreachable(_))
+    }
+
+    /// Whether retrying the same request later (after a map refresh) may succeed:
+    /// [`ClientError::is_unapplied`] failures, an unavailable node, a timeout. The
+    /// request may have been applied when this is true but `is_unapplied` is not.
+    pub fn is_transient(&self) -> bool {
+        self.is_unapplied() || matches!(self, ClientError::Unavailable(_) | ClientError::Timeout(_))
+    }
+}
+
+/// Whether `status` comes from failing to connect (tonic's `ConnectError` is in its
+/// source chain), as opposed to a connection that broke under a request.
+fn is_connect_failure(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if cause.downcast_ref::<ConnectError>().is_some() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 impl From<Status> for ClientError {

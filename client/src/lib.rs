@@ -4,11 +4,13 @@
 //!
 //! # Layout
 //! - [`client`]: [`Client`], the typed API (get/mget/set/delete/incr/expire/ttl,
-//!   cluster map, stats) with its options and answers.
-//! - [`config`]: [`ClientConfig`], seed endpoints and timeouts.
+//!   cluster map and merged status, admin calls, stats) with its options, answers
+//!   and its one retry policy.
+//! - [`config`]: [`ClientConfig`], seed endpoints, timeouts, attempts and back-off.
 //! - [`error`]: [`ClientError`] and the one mapping from a gRPC status to it.
 //! - [`ring`]: the consistent-hash [`Ring`](ring::Ring) with hash tags.
-//! - [`routing`]: [`ClusterMap`] and the routing table built from it (private part).
+//! - [`routing`]: [`ClusterMap`], the merged [`ClusterStatus`], and the routing table
+//!   with its per-partition leader cache (private part).
 //! - `pool`: one lazily created gRPC channel per node address.
 //! - [`bench`](mod@bench): the load generator behind `raftcache bench`.
 //! - [`cli`]: the `raftcache` command line; `cli::dev` runs a local cluster.
@@ -54,4 +56,4 @@ pub use client::{
 };
 pub use config::{ClientConfig, DEFAULT_ENDPOINT};
 pub use error::{ClientError, Result};
-pub use routing::{ClusterMap, NodeInfo, PartitionInfo};
+pub use routing::{ClusterMap, ClusterStatus, NodeInfo, PartitionInfo, PartitionStatus};

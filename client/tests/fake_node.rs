@@ -3,12 +3,15 @@
 //! The fake serves `raftcache.v1.Cache` over real loopback gRPC with a plain map, and
 //! checks what a real node checks about routing: the partition must be the one the
 //! ring gives for the key, and the epoch must be its own. Tests can bump its epoch,
-//! slow it down, and count the calls it got.
+//! slow it down, make it answer NOT_LEADER or UNAVAILABLE, replace the map it serves,
+//! and count the calls it got.
 #![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
 use raftcache_client::ring::{Ring, DEFAULT_VNODES};
-use raftcache_client::{Client, ClientConfig, ClientError, Condition, SetOptions, Ttl};
+use raftcache_client::{
+    Client, ClientConfig, ClientError, Condition, Consistency, ReadOptions, SetOptions, Ttl,
+};
 use raftcache_proto::tonic::transport::server::TcpIncoming;
 use raftcache_proto::tonic::transport::Server;
 use raftcache_proto::tonic::{self, Request, Response, Status};
@@ -33,10 +36,20 @@ struct Counters {
     cluster_maps: AtomicU64,
     gets: AtomicU64,
     mgets: AtomicU64,
+    sets: AtomicU64,
+    incrs: AtomicU64,
 }
 
 struct Fake {
+    id: u64,
     addr: String,
+    /// When set, the map served instead of the one-node map.
+    map_override: Mutex<Option<ClusterMapResponse>>,
+    /// When set, keyed requests (but FOLLOWER reads) answer NOT_LEADER with this
+    /// hint (leader id, leader address).
+    not_leader: Mutex<Option<(u64, String)>>,
+    /// Sets and incrs to answer UNAVAILABLE (without applying them) before serving.
+    fail_writes: AtomicU64,
     ring: Ring,
     /// The epoch requests must carry.
     epoch: AtomicU64,
@@ -52,6 +65,30 @@ impl Fake {
     fn set_epoch(&self, epoch: u64) {
         self.map_epoch.store(epoch, Ordering::SeqCst);
         self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// Answers UNAVAILABLE while `fail_writes` lasts.
+    fn maybe_fail(&self) -> Result<(), Status> {
+        let failing = self
+            .fail_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(Status::unavailable("the fake is failing writes"));
+        }
+        Ok(())
+    }
+
+    fn check_leader(&self, key: &[u8], route: Option<Route>) -> Result<(), Status> {
+        self.check(key, route)?;
+        if let Some((id, addr)) = self.not_leader.lock().unwrap().clone() {
+            let mut d = ErrorDetail::of(ErrorCode::NotLeader);
+            d.partition = route.map(|r| r.partition);
+            d.leader_id = Some(id);
+            d.leader_addr = Some(addr);
+            return Err(d.into_status("not the leader"));
+        }
+        Ok(())
     }
 
     fn check(&self, key: &[u8], route: Option<Route>) -> Result<(), Status> {
@@ -100,24 +137,32 @@ impl Fake {
     }
 
     fn map(&self) -> ClusterMapResponse {
+        if let Some(mut map) = self.map_override.lock().unwrap().clone() {
+            map.node_id = self.id;
+            return map;
+        }
         ClusterMapResponse {
             epoch: self.map_epoch.load(Ordering::SeqCst),
             partition_count: PARTITIONS,
             vnodes: DEFAULT_VNODES,
             nodes: vec![NodeInfo {
-                id: 1,
+                id: self.id,
                 addr: self.addr.clone(),
+                state: "active".into(),
             }],
             partitions: (0..PARTITIONS)
                 .map(|id| PartitionInfo {
                     id,
-                    leader: 1,
-                    replicas: vec![1],
+                    leader: self.id,
+                    replicas: vec![self.id],
                     term: 0,
                     applied: 0,
+                    learners: vec![],
+                    observed: true,
                 })
                 .collect(),
-            node_id: 1,
+            node_id: self.id,
+            replication_factor: 1,
         }
     }
 }
@@ -138,7 +183,11 @@ impl Cache for Service {
     async fn get(&self, r: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         self.calls.gets.fetch_add(1, Ordering::SeqCst);
         let r = r.into_inner();
-        self.check(&r.key, r.route)?;
+        if r.consistency() == raftcache_proto::v1::Consistency::Follower {
+            self.check(&r.key, r.route)?;
+        } else {
+            self.check_leader(&r.key, r.route)?;
+        }
         if r.key == SLOW_KEY {
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
@@ -156,8 +205,10 @@ impl Cache for Service {
     }
 
     async fn set(&self, r: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+        self.calls.sets.fetch_add(1, Ordering::SeqCst);
         let r = r.into_inner();
-        self.check(&r.key, r.route)?;
+        self.check_leader(&r.key, r.route)?;
+        self.maybe_fail()?;
         let current = self.read(&r.key, true);
         let applies = match r.condition() {
             SetCondition::None => true,
@@ -195,8 +246,10 @@ impl Cache for Service {
     }
 
     async fn incr(&self, r: Request<IncrRequest>) -> Result<Response<IncrResponse>, Status> {
+        self.calls.incrs.fetch_add(1, Ordering::SeqCst);
         let r = r.into_inner();
-        self.check(&r.key, r.route)?;
+        self.check_leader(&r.key, r.route)?;
+        self.maybe_fail()?;
         let current = self.read(&r.key, false);
         let old: i64 = if current.found {
             std::str::from_utf8(&current.value)
@@ -241,7 +294,7 @@ impl Cache for Service {
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         Ok(Response::new(StatsResponse {
-            node_id: 1,
+            node_id: self.id,
             keys: self.data.lock().unwrap().len() as u64,
             eviction_policy: "noeviction".into(),
             partitions: PARTITIONS,
@@ -251,12 +304,21 @@ impl Cache for Service {
     }
 }
 
-/// Starts a fake node on a free loopback port; it serves until the test ends.
+/// Starts a fake node 1 on a free loopback port; it serves until the test ends.
 async fn start_fake() -> Arc<Fake> {
+    start_fake_with_id(1).await
+}
+
+/// Starts a fake node `id` on a free loopback port.
+async fn start_fake_with_id(id: u64) -> Arc<Fake> {
     let incoming = TcpIncoming::bind("127.0.0.1:0".parse::<SocketAddr>().unwrap()).unwrap();
     let addr = incoming.local_addr().unwrap().to_string();
     let fake = Arc::new(Fake {
+        id,
         addr,
+        map_override: Mutex::default(),
+        not_leader: Mutex::default(),
+        fail_writes: AtomicU64::new(0),
         ring: Ring::new(PARTITIONS, DEFAULT_VNODES),
         epoch: AtomicU64::new(1),
         map_epoch: AtomicU64::new(1),
@@ -417,11 +479,13 @@ async fn a_wrong_epoch_refreshes_the_map_and_retries_once() {
 }
 
 #[tokio::test]
-async fn retrying_is_bounded() {
+async fn retrying_is_bounded_by_attempts_and_by_the_deadline() {
     let fake = start_fake().await;
-    let client = connect(&fake).await;
+    let mut config = ClientConfig::new([fake.addr.as_str()]);
+    config.max_attempts = 4;
+    let client = Client::connect(config).await.unwrap();
     // The node moves to epoch 9 but keeps serving a map of epoch 1: a refresh never
-    // helps, and the client must give up after one retry.
+    // helps, and the client must give up after its attempts.
     fake.epoch.store(9, Ordering::SeqCst);
     let gets_before = fake.calls.gets.load(Ordering::SeqCst);
     let maps_before = fake.calls.cluster_maps.load(Ordering::SeqCst);
@@ -429,11 +493,142 @@ async fn retrying_is_bounded() {
         client.get("k").await.unwrap_err(),
         ClientError::WrongEpoch { epoch: Some(9) }
     );
-    assert_eq!(fake.calls.gets.load(Ordering::SeqCst) - gets_before, 2);
+    assert_eq!(fake.calls.gets.load(Ordering::SeqCst) - gets_before, 4);
     assert_eq!(
         fake.calls.cluster_maps.load(Ordering::SeqCst) - maps_before,
-        1
+        3
     );
+
+    // With attempts to spare, the deadline ends it, naming the last cause.
+    let mut config = ClientConfig::new([fake.addr.as_str()]);
+    config.max_attempts = u32::MAX;
+    config.request_deadline = Duration::from_millis(300);
+    let client = Client::connect(config).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(
+        client.get("k").await.unwrap_err(),
+        ClientError::WrongEpoch { epoch: Some(9) }
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(800), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_leader_hint_is_followed_at_once_and_remembered() {
+    let a = start_fake_with_id(1).await;
+    let b = start_fake_with_id(2).await;
+    // A claims every partition in its map but says B (which A's map does not even
+    // list) leads.
+    *a.not_leader.lock().unwrap() = Some((2, b.addr.clone()));
+    let client = connect(&a).await;
+    let maps_before = a.calls.cluster_maps.load(Ordering::SeqCst);
+
+    client.set("k", "v").await.unwrap();
+    assert_eq!(a.calls.sets.load(Ordering::SeqCst), 1);
+    assert_eq!(b.calls.sets.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        a.calls.cluster_maps.load(Ordering::SeqCst),
+        maps_before,
+        "a hint needs no map refresh"
+    );
+    // The partition's leader is now cached: the next call goes straight to B.
+    assert_eq!(client.get("k").await.unwrap().unwrap().value, "v");
+    assert_eq!(a.calls.gets.load(Ordering::SeqCst), 0);
+    assert_eq!(b.calls.gets.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn incr_is_not_retried_when_it_may_have_been_applied() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+
+    fake.fail_writes.store(2, Ordering::SeqCst);
+    assert!(matches!(
+        client.incr("n", 1).await.unwrap_err(),
+        ClientError::Unavailable(_)
+    ));
+    assert_eq!(fake.calls.incrs.load(Ordering::SeqCst), 1);
+
+    // A set is retried through the same failure.
+    client.set("k", "v").await.unwrap();
+    assert_eq!(fake.calls.sets.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_unreachable_leader_is_retried_even_for_incr() {
+    let fake = start_fake().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut map = fake.map();
+    map.nodes.push(NodeInfo {
+        id: 2,
+        addr: dead.clone(),
+        state: "active".into(),
+    });
+    for p in &mut map.partitions {
+        p.leader = 2;
+        p.replicas = vec![1, 2];
+        p.observed = false;
+    }
+    *fake.map_override.lock().unwrap() = Some(map);
+    let mut config = ClientConfig::new([fake.addr.as_str()]);
+    config.max_attempts = 3;
+    let client = Client::connect(config).await.unwrap();
+    let maps_before = fake.calls.cluster_maps.load(Ordering::SeqCst);
+    let err = client.incr("n", 1).await.unwrap_err();
+    assert!(matches!(err, ClientError::Unreachable(_)), "{err:?}");
+    assert_eq!(
+        fake.calls.cluster_maps.load(Ordering::SeqCst) - maps_before,
+        2,
+        "refreshed before each retry"
+    );
+    assert_eq!(fake.calls.incrs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn follower_reads_spread_over_the_replicas() {
+    let a = start_fake_with_id(1).await;
+    let b = start_fake_with_id(2).await;
+    let mut map = a.map();
+    map.nodes.push(NodeInfo {
+        id: 2,
+        addr: b.addr.clone(),
+        state: "active".into(),
+    });
+    for p in &mut map.partitions {
+        p.replicas = vec![1, 2];
+    }
+    *a.map_override.lock().unwrap() = Some(map.clone());
+    *b.map_override.lock().unwrap() = Some(map);
+    let client = connect(&a).await;
+    let follower = ReadOptions {
+        consistency: Consistency::Follower {
+            max_staleness: Duration::from_millis(100),
+        },
+    };
+    for _ in 0..10 {
+        assert_eq!(client.get_with("k", follower).await.unwrap(), None);
+    }
+    let (on_a, on_b) = (
+        a.calls.gets.load(Ordering::SeqCst),
+        b.calls.gets.load(Ordering::SeqCst),
+    );
+    assert_eq!(on_a + on_b, 10);
+    assert!(on_a > 0 && on_b > 0, "{on_a} on A, {on_b} on B");
+    // Leader reads stay on the leader.
+    client.get("k").await.unwrap();
+    assert_eq!(a.calls.gets.load(Ordering::SeqCst), on_a + 1);
+
+    // The merged status asks both nodes.
+    let status = client.cluster_status().await.unwrap();
+    assert_eq!(status.nodes.len(), 2);
+    assert!(status.unreachable.is_empty());
+    assert!(status
+        .partitions
+        .iter()
+        .all(|p| p.leader == Some(1) && p.replicas == [1, 2]));
 }
 
 #[tokio::test]
@@ -441,11 +636,25 @@ async fn a_slow_node_times_out() {
     let fake = start_fake().await;
     let mut config = ClientConfig::new([fake.addr.as_str()]);
     config.request_timeout = Duration::from_millis(200);
+    config.request_deadline = Duration::from_millis(200);
     let client = Client::connect(config).await.unwrap();
     let started = Instant::now();
     let err = client.get(SLOW_KEY).await.unwrap_err();
     assert_eq!(err, ClientError::Timeout(Duration::from_millis(200)));
     assert!(started.elapsed() < Duration::from_secs(2));
+
+    // A timed-out read is retried while the call's deadline allows; the last attempt
+    // is cut short by the deadline, which the error then names.
+    let mut config = ClientConfig::new([fake.addr.as_str()]);
+    config.request_timeout = Duration::from_millis(200);
+    config.request_deadline = Duration::from_millis(500);
+    let client = Client::connect(config).await.unwrap();
+    let gets_before = fake.calls.gets.load(Ordering::SeqCst);
+    let started = Instant::now();
+    let err = client.get(SLOW_KEY).await.unwrap_err();
+    assert_eq!(err, ClientError::Timeout(Duration::from_millis(500)));
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert!(fake.calls.gets.load(Ordering::SeqCst) - gets_before >= 2);
 }
 
 /// Runs the `raftcache` binary against `fake`.
@@ -505,7 +714,9 @@ async fn the_cli_speaks_in_exit_codes() {
     assert_eq!(out.lines().count(), 1);
     let map: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(map["epoch"], 1);
+    assert_eq!(map["replication_factor"], 1);
     assert_eq!(map["nodes"][0]["addr"], fake.addr.as_str());
+    assert_eq!(map["nodes"][0]["state"], "active");
     assert_eq!(
         map["partitions"].as_array().unwrap().len(),
         PARTITIONS as usize

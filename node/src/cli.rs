@@ -1,8 +1,10 @@
 //! The `raftcache-node` command line: flags over the config file, logging, signals.
 //!
-//! When the node serves, it prints exactly one JSON line on stdout,
+//! When the node serves as a cluster member, it prints exactly one JSON line on stdout,
 //! `{"event":"ready","node":1,"pid":…,"grpc":"127.0.0.1:…","metrics":"127.0.0.1:…"}`,
-//! which `raftcache dev` and the process tests wait for. Logs go to stderr.
+//! which `raftcache dev` and the process tests wait for: a founding node once its groups
+//! have leaders, a joining node once it has its node id, a standby node at once (with
+//! `"node":0`; it logs when it is added). Logs go to stderr.
 
 use crate::config::{Config, ConfigError};
 use crate::server::{self, Listeners};
@@ -21,9 +23,6 @@ pub struct Args {
     /// TOML config file (see node/etc/node.example.toml); flags override it.
     #[arg(long, env = "RAFTCACHE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// This node's id (>= 1).
-    #[arg(long, env = "RAFTCACHE_NODE_ID")]
-    pub node_id: Option<u64>,
     /// gRPC listen address (port 0: any free port).
     #[arg(long, env = "RAFTCACHE_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
@@ -36,9 +35,18 @@ pub struct Args {
     /// Directory for the node's files.
     #[arg(long, env = "RAFTCACHE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Number of partitions.
+    /// Number of partitions (when founding a cluster).
     #[arg(long, env = "RAFTCACHE_PARTITIONS")]
     pub partitions: Option<u32>,
+    /// Replicas per partition (when founding a cluster).
+    #[arg(long, env = "RAFTCACHE_REPLICAS")]
+    pub replicas: Option<u32>,
+    /// Join the cluster through this member (host:port); repeat or comma-separate.
+    #[arg(long, env = "RAFTCACHE_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Wait to be added with `raftcache admin add-node`.
+    #[arg(long, env = "RAFTCACHE_STANDBY")]
+    pub standby: bool,
     /// Memory limit, e.g. 512MiB ("0" = unlimited).
     #[arg(long, env = "RAFTCACHE_MAX_MEMORY")]
     pub max_memory: Option<ByteSize>,
@@ -64,7 +72,6 @@ impl Args {
             None => Config::default(),
         };
         let (s, st) = (&mut c.server, &mut c.storage);
-        set(&mut s.node_id, self.node_id);
         set(&mut s.grpc_addr, self.grpc_addr);
         if let Some(a) = &self.advertise_addr {
             s.advertise_addr = Some(a.clone());
@@ -76,6 +83,13 @@ impl Args {
         set(&mut st.eviction_policy, self.eviction_policy);
         set(&mut st.max_key_size, self.max_key_size);
         set(&mut st.max_value_size, self.max_value_size);
+        set(&mut c.cluster.replicas, self.replicas);
+        if !self.join.is_empty() {
+            c.cluster.join = self.join.clone();
+        }
+        if self.standby {
+            c.cluster.standby = true;
+        }
         c.validate()
     }
 }
@@ -104,10 +118,9 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let node_id = config.server.node_id;
     let result = runtime.block_on(async move {
         let listeners = Listeners::bind(&config).await?;
-        server::run(config, listeners, shutdown_signal(), |bound| {
+        server::run(config, listeners, shutdown_signal(), |node_id, bound| {
             let line = serde_json::json!({
                 "event": "ready",
                 "node": node_id,
@@ -132,7 +145,7 @@ pub fn main() -> ExitCode {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     // A second init (the binary is also driven from tests) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

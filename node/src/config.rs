@@ -54,14 +54,43 @@ pub struct Config {
     pub server: ServerConfig,
     /// The in-memory store: partitions, limits, eviction, expiry.
     pub storage: StorageSection,
+    /// How the node becomes part of a cluster.
+    pub cluster: ClusterSection,
 }
 
-/// `[server]`: identity, listeners and lifecycle.
+/// `[cluster]`: founding or joining a cluster.
+///
+/// With neither `join` nor `standby` the node founds a new cluster (it becomes node 1,
+/// with `storage.partitions` partitions and replication factor `replicas`). With `join`
+/// it asks those nodes to add it and gets a fresh node id; with `standby` it waits for
+/// `raftcache admin add-node`. A restarted memory-only node must join (it forgot its
+/// replicas; it comes back as a new node).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterSection {
+    /// R: replicas per partition aimed for when founding (fewer while nodes are missing).
+    pub replicas: u32,
+    /// Addresses (host:port) of cluster members to join through.
+    pub join: Vec<String>,
+    /// Wait to be added by an administrator instead of founding or joining.
+    pub standby: bool,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            replicas: 3,
+            join: Vec::new(),
+            standby: false,
+        }
+    }
+}
+
+/// `[server]`: listeners and lifecycle. (The node id is not configured: the cluster
+/// gives it, and never gives the same id twice.)
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServerConfig {
-    /// This node's id in the cluster map (>= 1).
-    pub node_id: u64,
     /// Where the gRPC `Cache` service listens (port 0 picks a free port).
     pub grpc_addr: SocketAddr,
     /// The address published to clients in the cluster map; defaults to the bound
@@ -80,7 +109,6 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            node_id: 1,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7001)),
             advertise_addr: None,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 7101)),
@@ -170,8 +198,23 @@ impl Config {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let invalid = |option, message: String| Err(ConfigError::Invalid { option, message });
         let s = &self.storage;
-        if self.server.node_id == 0 {
-            return invalid("server.node-id", "must be at least 1".into());
+        if !(1..=7).contains(&self.cluster.replicas) {
+            return invalid(
+                "cluster.replicas",
+                format!("{} is outside 1..=7", self.cluster.replicas),
+            );
+        }
+        if self.cluster.standby && !self.cluster.join.is_empty() {
+            return invalid(
+                "cluster.standby",
+                "a node either joins through `join` or waits in standby, not both".into(),
+            );
+        }
+        if let Some(bad) = self.cluster.join.iter().find(|a| !a.contains(':')) {
+            return invalid(
+                "cluster.join",
+                format!("{bad:?} is not a host:port address"),
+            );
         }
         if !(1..=4096).contains(&s.partitions) {
             return invalid(

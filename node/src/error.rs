@@ -19,6 +19,21 @@ pub enum NodeError {
         /// This node's epoch.
         current: u64,
     },
+    /// This node does not lead the partition (or the meta group) and cannot serve the
+    /// request here.
+    #[error("{}", not_leader_message(*partition, leader.as_ref()))]
+    NotLeader {
+        /// The partition; `None` for the meta group.
+        partition: Option<u32>,
+        /// The leader's node id and address, when known.
+        leader: Option<(u64, String)>,
+        /// This node's cluster-map epoch.
+        epoch: u64,
+    },
+    /// The request cannot be served now (no quorum, election in progress, not yet part
+    /// of a cluster); retrying later may work.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// A malformed request (missing route, unknown enum value, ...).
     #[error("{0}")]
     InvalidArgument(String),
@@ -32,3 +47,14 @@ pub enum NodeError {
 
 /// Result of the node's request path.
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+fn not_leader_message(partition: Option<u32>, leader: Option<&(u64, String)>) -> String {
+    let what = match partition {
+        Some(p) => format!("partition {p}"),
+        None => "the meta group".to_string(),
+    };
+    match leader {
+        Some((node, addr)) => format!("this node does not lead {what}; node {node} at {addr} does"),
+        None => format!("this node does not lead {what}; the leader is not known yet"),
+    }
+}

@@ -8,6 +8,7 @@
 //! The HTTP endpoint is served with hyper on a listener the caller bound, rather than
 //! by the exporter's own listener, so that tests can bind port 0 and learn the port.
 
+use crate::cluster::ClusterNode;
 use crate::storage::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -113,11 +114,28 @@ pub fn refresh_storage(engine: &Engine) {
     counter!("raftcache_expirations_total").absolute(s.expirations);
 }
 
+/// Copies the node's cluster gauges (leaderships, transport batching) into the recorder.
+pub fn refresh_cluster(node: &ClusterNode) {
+    let map = node.cluster_map();
+    let me = node.node_id();
+    let led = map
+        .partitions
+        .iter()
+        .filter(|p| p.observed && p.leader == me)
+        .count();
+    gauge!("raftcache_partitions_led").set(led as f64);
+    gauge!("raftcache_partitions_hosted").set(f64::from(node.partitions_hosted()));
+    gauge!("raftcache_cluster_epoch").set(map.epoch as f64);
+    let (batches, messages) = node.transport().counters();
+    counter!("raftcache_raft_batches_total").absolute(batches);
+    counter!("raftcache_raft_messages_total").absolute(messages);
+}
+
 /// Serves `GET /metrics` on `listener` until `cancel` fires.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
-    engine: Arc<Engine>,
+    node: Arc<ClusterNode>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -133,10 +151,13 @@ pub async fn serve(
             },
         };
         let handle = handle.clone();
-        let engine = engine.clone();
+        let node = node.clone();
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let response = if req.uri().path() == "/metrics" {
-                refresh_storage(&engine);
+                if let Some(engine) = node.engine() {
+                    refresh_storage(engine);
+                }
+                refresh_cluster(&node);
                 text_response(StatusCode::OK, handle.render())
             } else {
                 text_response(StatusCode::NOT_FOUND, "try /metrics\n".to_owned())

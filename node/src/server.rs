@@ -6,14 +6,17 @@
 //! (reclaim, metrics). The cache is memory-only in this version, so there is nothing
 //! to flush.
 
+use crate::cluster::{ClusterNode, NodeSettings};
 use crate::config::Config;
 use crate::metrics;
-use crate::service::{CacheService, NodeInfo};
-use crate::storage::{Engine, SystemClock};
+use crate::service::{CacheService, RaftService};
+use crate::storage::SystemClock;
 use anyhow::Context;
 use raftcache_proto::tonic::transport::server::TcpIncoming;
 use raftcache_proto::tonic::transport::Server;
+use raftcache_proto::v1::admin_server::AdminServer;
 use raftcache_proto::v1::cache_server::CacheServer;
+use raftcache_proto::v1::raft_transport_server::RaftTransportServer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,16 +75,17 @@ async fn bind_one(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<Tc
 }
 
 /// Runs a node until `shutdown` completes, then shuts down gracefully.
-/// `on_ready` is called once the node serves, with the bound addresses.
+/// `on_ready` is called once the node serves as a cluster member (founded, joined), or
+/// at once with node id 0 for a standby node, with the bound addresses.
 ///
 /// # Errors
 /// When the data directory cannot be created, the metrics recorder cannot be
-/// installed, or the gRPC server fails.
+/// installed, the cluster cannot be founded, or the gRPC server fails.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-    on_ready: impl FnOnce(BoundAddrs),
+    on_ready: impl FnOnce(u64, BoundAddrs),
 ) -> anyhow::Result<()> {
     let bound = listeners.addrs()?;
     std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
@@ -91,26 +95,31 @@ pub async fn run(
         )
     })?;
     let handle = metrics::install()?;
-    let engine = Arc::new(Engine::new(config.storage_config(), Arc::new(SystemClock)));
-    let node = NodeInfo {
-        id: config.server.node_id,
-        advertise_addr: config
+    let cancel = CancellationToken::new();
+    let settings = NodeSettings {
+        advertise: config
             .server
             .advertise_addr
             .clone()
             .unwrap_or_else(|| bound.grpc.to_string()),
-        epoch: 1,
+        storage: config.storage_config(),
         vnodes: config.storage.vnodes,
+        replication_factor: config.cluster.replicas,
     };
+    let node = ClusterNode::new(settings, Arc::new(SystemClock), cancel.clone())?;
     let max_msg = config.max_message_bytes();
-    let service = CacheServer::new(CacheService::new(engine.clone(), node))
+    let cache = CacheServer::new(CacheService::new(node.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
+    let raft = RaftService::new(node.clone());
+    let transport = RaftTransportServer::new(raft.clone())
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let admin = AdminServer::new(raft);
 
-    let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(reclaim_loop(
-        engine.clone(),
+        node.clone(),
         config.storage.reclaim_interval,
         config.storage.reclaim_batch,
         cancel.clone(),
@@ -118,30 +127,66 @@ pub async fn run(
     tasks.spawn(metrics::serve(
         listeners.metrics,
         handle,
-        engine.clone(),
+        node.clone(),
         cancel.clone(),
     ));
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let grpc_stop = cancel.clone();
     let mut grpc = tokio::spawn(
         Server::builder()
-            .add_service(service)
+            .add_service(cache)
+            .add_service(transport)
+            .add_service(admin)
             .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned()),
     );
-    info!(
-        node = config.server.node_id,
-        grpc = %bound.grpc,
-        metrics = %bound.metrics,
-        partitions = config.storage.partitions,
-        max_memory = %config.storage.max_memory,
-        policy = %config.storage.eviction_policy,
-        "node ready"
-    );
-    on_ready(bound);
 
-    let early_exit = tokio::select! {
-        _ = shutdown => None,
-        res = &mut grpc => Some(res),
+    // Become a member: found, join, or wait in standby.
+    let cluster = &config.cluster;
+    let membership = async {
+        if cluster.standby {
+            info!(grpc = %bound.grpc, "standby: waiting for `raftcache admin add-node`");
+            Ok(0)
+        } else if !cluster.join.is_empty() {
+            node.join(&cluster.join).await
+        } else {
+            node.bootstrap().await.map(|()| node.node_id())
+        }
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
+    let joined = tokio::select! {
+        joined = membership => Some(joined),
+        _ = &mut shutdown => None,
+        res = &mut grpc => {
+            res.context("gRPC server task failed")?
+                .context("gRPC server failed")?;
+            anyhow::bail!("gRPC server stopped unexpectedly");
+        }
+    };
+    let node_id = match joined {
+        Some(Ok(id)) => Some(id),
+        Some(Err(e)) => {
+            cancel.cancel();
+            node.shutdown_groups().await;
+            return Err(e.context("cannot become a cluster member"));
+        }
+        None => None,
+    };
+    let early_exit = if let Some(node_id) = node_id {
+        info!(
+            node = node_id,
+            grpc = %bound.grpc,
+            metrics = %bound.metrics,
+            max_memory = %config.storage.max_memory,
+            policy = %config.storage.eviction_policy,
+            "node ready"
+        );
+        on_ready(node_id, bound);
+        tokio::select! {
+            _ = &mut shutdown => None,
+            res = &mut grpc => Some(res),
+        }
+    } else {
+        None
     };
     cancel.cancel();
     tasks.close();
@@ -158,6 +203,7 @@ pub async fn run(
             .context("gRPC server failed")?,
         Err(_) => warn!(?timeout, "in-flight requests did not finish in time"),
     }
+    node.shutdown_groups().await;
     if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {
         warn!("background tasks did not stop in time");
     }
@@ -165,12 +211,12 @@ pub async fn run(
     Ok(())
 }
 
-/// Active expiry: every `interval`, reclaims expired keys (at most `batch` per
-/// partition per round); while rounds keep finding due keys it goes again at once, a
-/// bounded number of times, so a mass expiry is caught up quickly without starving
-/// requests. Partitions with nothing due are skipped without applying anything.
+/// Active expiry: every `interval`, the leader of each partition with due deadlines
+/// proposes a `Reclaim` (at most `batch` keys); while rounds keep finding due keys it
+/// goes again at once, a bounded number of times, so a mass expiry is caught up quickly
+/// without starving requests. Followers apply the same ops; they never reclaim alone.
 async fn reclaim_loop(
-    engine: Arc<Engine>,
+    node: Arc<ClusterNode>,
     interval: Duration,
     batch: usize,
     cancel: CancellationToken,
@@ -184,7 +230,7 @@ async fn reclaim_loop(
             _ = tick.tick() => {}
         }
         for _ in 0..MAX_ROUNDS_PER_TICK {
-            if engine.reclaim_expired(batch) == 0 {
+            if node.reclaim_expired(batch).await == 0 {
                 break;
             }
             tokio::task::yield_now().await;

@@ -60,6 +60,8 @@ pub struct NodeProc {
     pub metrics: SocketAddr,
     /// The process id.
     pub pid: u32,
+    /// The node id from the ready line (0 for a standby node).
+    pub node_id: u64,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -72,26 +74,30 @@ impl NodeProc {
     /// When the node exits or does not print its ready line within [`READY_TIMEOUT`]
     /// (the error includes the node's log).
     pub fn start(bins: &Bins, extra: &[&str]) -> Result<NodeProc> {
+        Self::start_at(bins, "127.0.0.1:0", extra)
+    }
+
+    /// [`start`](Self::start) with the gRPC listener on `grpc` (e.g. the address of a
+    /// node that was killed, to restart it in place).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_at(bins: &Bins, grpc: &str, extra: &[&str]) -> Result<NodeProc> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("node.log");
         let data = dir.path().join("data");
         let mut cmd = Command::new(&bins.node);
-        cmd.args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .args(extra)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or("info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log)?);
+        cmd.args(["--grpc-addr", grpc, "--metrics-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info,openraft=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawn {:?}", bins.node))?;
@@ -105,6 +111,7 @@ impl NodeProc {
                         .with_context(|| format!("bad {k} in {v}"))
                 };
                 Ok(NodeProc {
+                    node_id: v["node"].as_u64().unwrap_or(0),
                     grpc: addr("grpc")?,
                     metrics: addr("metrics")?,
                     pid: child.id(),
@@ -134,6 +141,14 @@ impl NodeProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the process to exit.
     ///
     /// # Errors
@@ -155,7 +170,11 @@ impl Drop for NodeProc {
         }
         if std::thread::panicking() {
             let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let lines = std::env::var("RAFTCACHE_TEST_LOG_LINES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(40);
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
             eprintln!("--- last lines of node {} log ---", self.pid);
             for l in tail.iter().rev() {
                 eprintln!("{l}");
@@ -308,4 +327,87 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a test runtime")
+}
+
+/// A cluster of node processes on loopback: node 1 founds it, the others join through it.
+pub struct Cluster {
+    /// The nodes, in start order (restarted nodes are appended).
+    pub nodes: Vec<NodeProc>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with `extra` flags (`--partitions`/`--replicas` go to the first).
+    ///
+    /// # Errors
+    /// When a node does not become ready.
+    pub fn start(bins: &Bins, n: usize, extra: &[&str]) -> Result<Cluster> {
+        let first = NodeProc::start(bins, extra)?;
+        let seed = first.endpoint();
+        let mut nodes = vec![first];
+        for _ in 1..n {
+            nodes.push(Self::join(bins, &seed, extra)?);
+        }
+        Ok(Cluster { nodes })
+    }
+
+    /// Starts one more node that joins through `seed`.
+    ///
+    /// # Errors
+    /// When it does not become ready.
+    pub fn join(bins: &Bins, seed: &str, extra: &[&str]) -> Result<NodeProc> {
+        Self::join_at(bins, "127.0.0.1:0", seed, extra)
+    }
+
+    /// [`join`](Self::join) with the gRPC listener on `grpc`: a killed node restarted
+    /// in place (same address, new incarnation, new node id).
+    ///
+    /// # Errors
+    /// When it does not become ready.
+    pub fn join_at(bins: &Bins, grpc: &str, seed: &str, extra: &[&str]) -> Result<NodeProc> {
+        let mut args = vec!["--join", seed];
+        args.extend(extra.iter().filter(|a| !a.starts_with("--partitions")));
+        NodeProc::start_at(bins, grpc, &args)
+    }
+
+    /// Every node's endpoint.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(NodeProc::endpoint).collect()
+    }
+
+    /// The running node with this id.
+    pub fn by_id(&mut self, id: u64) -> Option<&mut NodeProc> {
+        self.nodes.iter_mut().find(|n| n.node_id == id)
+    }
+}
+
+/// Polls the merged cluster status until `ok` holds for it, for at most `timeout`.
+///
+/// # Errors
+/// On timeout, with the last status seen.
+pub async fn wait_status(
+    client: &raftcache_client::Client,
+    timeout: Duration,
+    what: &str,
+    ok: impl Fn(&raftcache_client::ClusterStatus) -> bool,
+) -> Result<raftcache_client::ClusterStatus> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        match client.cluster_status().await {
+            Ok(s) if ok(&s) => return Ok(s),
+            Ok(s) => last = Some(format!("{s:?}")),
+            Err(e) => last = Some(format!("error: {e}")),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("cluster not {what} within {timeout:?}; last status: {last:?}")
+}
+
+/// Whether every one of `partitions` partitions has a leader, exactly `voters` voters
+/// and no learners.
+pub fn settled(s: &raftcache_client::ClusterStatus, partitions: usize, voters: usize) -> bool {
+    s.partitions.len() == partitions
+        && s.partitions
+            .iter()
+            .all(|p| p.leader.is_some() && p.replicas.len() == voters && p.learners.is_empty())
 }

@@ -109,7 +109,12 @@ fn allkeys_lru_stays_under_the_limit_while_500mib_are_written() {
             "every written key is either held or was evicted"
         );
         // The accounted limit bounds the process: RSS stays within a small multiple.
-        assert!(rss < 2 * LIMIT, "RSS {} MiB is not bounded", rss >> 20);
+        // (Unreplicated, this ran at 86-90 MiB; with every write going through a Raft
+        // group it peaks at 133-140 MiB in a debug build: a fixed ~27 MiB of runtime and
+        // groups, the log window, and allocator slack. 2.5x leaves room for noise while
+        // still failing on anything that grows with the data written, which is 8x the
+        // limit here.)
+        assert!(rss < 5 * LIMIT / 2, "RSS {} MiB is not bounded", rss >> 20);
 
         // The most recent keys are (mostly) present and never wrong.
         let recent: Vec<String> = (total_writes - 1000..total_writes)

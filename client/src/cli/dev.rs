@@ -1,11 +1,15 @@
 //! `raftcache dev`: a local cluster of `raftcache-node` children in the foreground.
 //!
 //! Each node is started with its own ports and data directory and announces itself
-//! with a JSON ready line on its stdout. `dev` relays one line per node,
-//! `{"node":1,"pid":…,"grpc":"…","metrics":"…"}`, then `ready`. On SIGTERM or
+//! with a JSON ready line on its stdout. Node 1 bootstraps the cluster (with
+//! `--partitions` and `--replicas`); once it is ready the others start with `--join
+//! <node 1>` and get their ids from the cluster. When every node is ready and every
+//! partition has min(R, N) voting replicas and a leader, `dev` prints one line per
+//! node, `{"node":1,"pid":…,"grpc":"…","metrics":"…"}`, then `ready`. On SIGTERM or
 //! ctrl-c it stops the nodes (SIGTERM, up to 10 s, then SIGKILL) and exits 0; if a
 //! node dies on its own, it stops the others and exits 1.
 
+use crate::{Client, ClientConfig, ClusterStatus};
 use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -19,6 +23,11 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// How long a node may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the cluster may take, after the last ready line, until every partition
+/// has its replicas and a leader.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often `dev` looks at the cluster while it settles.
+const SETTLE_POLL: Duration = Duration::from_millis(200);
 /// How long nodes may take to exit after SIGTERM before they get SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long reaping a node may take after SIGKILL.
@@ -34,6 +43,8 @@ pub(crate) struct DevConfig {
     pub(crate) base_port: u16,
     pub(crate) data_dir: PathBuf,
     pub(crate) partitions: u32,
+    /// Replicas per partition (the cluster places min(replicas, nodes)).
+    pub(crate) replicas: u32,
     pub(crate) max_memory: Option<String>,
     pub(crate) eviction_policy: Option<String>,
 }
@@ -49,20 +60,19 @@ struct Ready {
 
 /// A running node.
 struct DevNode {
-    id: u32,
+    /// The id the node announced; its 1-based start position until then.
+    id: u64,
     child: Child,
 }
 
 /// Runs the cluster until a signal (exit 0) or the death of a node (exit 1).
 ///
 /// # Errors
-/// More than one node asked for, no node binary, or a node that fails to start.
+/// Bad arguments, no node binary, a node that fails to start, or a cluster that does
+/// not settle in time.
 pub(crate) async fn run(config: DevConfig) -> anyhow::Result<ExitCode> {
     ensure!(config.nodes >= 1, "--nodes must be at least 1");
-    ensure!(
-        config.nodes == 1,
-        "this build runs a single node only (--nodes 1); replicated clusters arrive with multi-raft"
-    );
+    ensure!(config.replicas >= 1, "--replicas must be at least 1");
     let binary = find_node_binary(
         std::env::var_os("RAFTCACHE_NODE_BIN"),
         &std::env::current_exe().context("cannot locate the raftcache executable")?,
@@ -101,20 +111,23 @@ pub(crate) async fn run(config: DevConfig) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
-/// Starts the nodes one after the other, each once the previous one is ready,
-/// printing each node's line. Started nodes are pushed to `nodes` at once, so that
-/// the caller stops them whatever happens.
+/// Starts the nodes one after the other, each once the previous one is ready (node
+/// 1 bootstraps, the others join it), waits until the cluster has settled, then
+/// prints each node's line. Started nodes are pushed to `nodes` at once, so that the
+/// caller stops them whatever happens.
 async fn start_all(
     config: &DevConfig,
     binary: &Path,
     nodes: &mut Vec<DevNode>,
 ) -> anyhow::Result<()> {
-    for id in 1..=config.nodes {
-        let dir = config.data_dir.join(format!("node-{id}"));
+    let mut readies: Vec<Ready> = Vec::new();
+    for index in 1..=config.nodes {
+        let dir = config.data_dir.join(format!("node-{index}"));
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        let seed = readies.first().map(|r| r.grpc.as_str());
         let mut child = Command::new(binary)
-            .args(node_args(config, id)?)
+            .args(node_args(config, index, seed)?)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -122,19 +135,102 @@ async fn start_all(
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let stdout = child.stdout.take().context("node stdout is not piped")?;
-        nodes.push(DevNode { id, child });
+        nodes.push(DevNode {
+            id: u64::from(index),
+            child,
+        });
         let node = nodes.last_mut().context("the node was just pushed")?;
         let ready = tokio::time::timeout(READY_TIMEOUT, wait_ready(node, stdout))
             .await
             .map_err(|_| {
                 anyhow::anyhow!(
-                    "node {id} printed no ready line within {}",
+                    "node #{index} printed no ready line within {}",
                     humantime::format_duration(READY_TIMEOUT)
                 )
             })??;
-        print_line(&serde_json::to_string(&ready)?)?;
+        node.id = ready.node;
+        readies.push(ready);
+    }
+    let voters = config.replicas.min(config.nodes);
+    wait_settled(config, voters, &readies, nodes).await?;
+    for ready in &readies {
+        print_line(&serde_json::to_string(ready)?)?;
     }
     Ok(())
+}
+
+/// Waits until the merged cluster status lists every node and shows every partition
+/// with `voters` voting replicas and a leader, for at most [`SETTLE_TIMEOUT`].
+///
+/// # Errors
+/// When a node exits meanwhile, or time runs out (the error says what is missing).
+async fn wait_settled(
+    config: &DevConfig,
+    voters: u32,
+    readies: &[Ready],
+    nodes: &mut [DevNode],
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+    let client_config = ClientConfig {
+        endpoints: readies.iter().map(|r| r.grpc.clone()).collect(),
+        request_timeout: Duration::from_secs(2),
+        request_deadline: Duration::from_secs(2),
+        ..ClientConfig::default()
+    };
+    let mut client: Option<Client> = None;
+    let mut last = "no node answered yet".to_owned();
+    loop {
+        for node in nodes.iter_mut() {
+            if let Some(status) = node.child.try_wait().context("checking on a node")? {
+                bail!(
+                    "node {} exited ({status}) while the cluster was forming",
+                    node.id
+                );
+            }
+        }
+        if client.is_none() {
+            match Client::connect(client_config.clone()).await {
+                Ok(c) => client = Some(c),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if let Some(client) = &client {
+            match client.cluster_status().await {
+                Ok(status) => match unsettled(&status, config, voters) {
+                    None => return Ok(()),
+                    Some(why) => last = why,
+                },
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if tokio::time::Instant::now() + SETTLE_POLL >= deadline {
+            bail!(
+                "the cluster did not settle within {}: {last}",
+                humantime::format_duration(SETTLE_TIMEOUT)
+            );
+        }
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
+}
+
+/// What the cluster still lacks, or `None` when it has settled.
+fn unsettled(status: &ClusterStatus, config: &DevConfig, voters: u32) -> Option<String> {
+    let active = status.nodes.iter().filter(|n| !n.is_draining()).count();
+    if active != config.nodes as usize {
+        return Some(format!("{active} of {} nodes are members", config.nodes));
+    }
+    if status.is_settled(config.partitions as usize, voters as usize) {
+        return None;
+    }
+    let done = status
+        .partitions
+        .iter()
+        .filter(|p| p.leader.is_some() && p.replicas.len() >= voters as usize)
+        .count();
+    Some(format!(
+        "{done} of {} partitions have {voters} replicas and a leader",
+        config.partitions
+    ))
 }
 
 /// Reads `node`'s stdout until its ready line, then keeps draining it in the
@@ -144,14 +240,13 @@ async fn wait_ready(node: &mut DevNode, stdout: ChildStdout) -> anyhow::Result<R
     loop {
         let Some(line) = lines.next_line().await.context("reading node stdout")? else {
             let status = node.child.wait().await.context("waiting for the node")?;
-            bail!("node {} exited before it was ready ({status})", node.id);
+            bail!("node #{} exited before it was ready ({status})", node.id);
         };
         if let Some(ready) = parse_ready(&line)? {
             ensure!(
-                ready.node == u64::from(node.id),
-                "node {} announced itself as node {}",
-                node.id,
-                ready.node
+                ready.node != 0,
+                "node #{} announced itself without a node id",
+                node.id
             );
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
             return Ok(ready);
@@ -173,8 +268,10 @@ fn parse_ready(line: &str) -> anyhow::Result<Option<Ready>> {
     Ok(Some(ready))
 }
 
-/// The command line of node `id` (1-based).
-fn node_args(config: &DevConfig, id: u32) -> anyhow::Result<Vec<OsString>> {
+/// The command line of the node started `index`-th (1-based): the first bootstraps
+/// the cluster, the others join it through `seed` (the first node's gRPC address).
+fn node_args(config: &DevConfig, index: u32, seed: Option<&str>) -> anyhow::Result<Vec<OsString>> {
+    let id = index;
     let port = |offset: u32| -> anyhow::Result<u16> {
         if config.base_port == 0 {
             return Ok(0);
@@ -188,17 +285,22 @@ fn node_args(config: &DevConfig, id: u32) -> anyhow::Result<Vec<OsString>> {
         })
     };
     let mut args: Vec<OsString> = vec![
-        "--node-id".into(),
-        id.to_string().into(),
         "--grpc-addr".into(),
         format!("127.0.0.1:{}", port(0)?).into(),
         "--metrics-addr".into(),
         format!("127.0.0.1:{}", port(METRICS_PORT_OFFSET)?).into(),
         "--data-dir".into(),
         config.data_dir.join(format!("node-{id}")).into(),
-        "--partitions".into(),
-        config.partitions.to_string().into(),
     ];
+    match seed {
+        None => args.extend([
+            "--partitions".into(),
+            config.partitions.to_string().into(),
+            "--replicas".into(),
+            config.replicas.to_string().into(),
+        ]),
+        Some(seed) => args.extend(["--join".into(), seed.into()]),
+    }
     if let Some(max_memory) = &config.max_memory {
         args.extend(["--max-memory".into(), max_memory.into()]);
     }
@@ -224,7 +326,7 @@ fn find_node_binary(from_env: Option<OsString>, exe: &Path) -> anyhow::Result<Pa
 }
 
 /// Waits for the first node to exit on its own.
-async fn first_exit(nodes: &mut [DevNode]) -> (u32, std::io::Result<ExitStatus>) {
+async fn first_exit(nodes: &mut [DevNode]) -> (u64, std::io::Result<ExitStatus>) {
     if nodes.is_empty() {
         return std::future::pending().await;
     }
@@ -325,6 +427,7 @@ mod tests {
             base_port,
             data_dir: PathBuf::from("/tmp/rc"),
             partitions: 16,
+            replicas: 3,
             max_memory: None,
             eviction_policy: None,
         }
@@ -358,13 +461,11 @@ mod tests {
 
     #[test]
     fn node_ports_follow_the_base_port() {
-        let args = node_args(&config(7001), 1).unwrap();
+        let args = node_args(&config(7001), 1, None).unwrap();
         let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
             args,
             [
-                "--node-id",
-                "1",
                 "--grpc-addr",
                 "127.0.0.1:7001",
                 "--metrics-addr",
@@ -372,17 +473,31 @@ mod tests {
                 "--data-dir",
                 "/tmp/rc/node-1",
                 "--partitions",
-                "16"
+                "16",
+                "--replicas",
+                "3"
             ]
         );
-        let third = node_args(&config(7001), 3).unwrap();
-        assert!(third.contains(&"127.0.0.1:7003".into()));
-        assert!(third.contains(&"127.0.0.1:7103".into()));
+        let third = node_args(&config(7001), 3, Some("127.0.0.1:7001")).unwrap();
+        let third: Vec<&str> = third.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            third,
+            [
+                "--grpc-addr",
+                "127.0.0.1:7003",
+                "--metrics-addr",
+                "127.0.0.1:7103",
+                "--data-dir",
+                "/tmp/rc/node-3",
+                "--join",
+                "127.0.0.1:7001"
+            ]
+        );
 
         let mut c = config(0);
         c.max_memory = Some("64MiB".into());
         c.eviction_policy = Some("allkeys-lru".into());
-        let args = node_args(&c, 1).unwrap();
+        let args = node_args(&c, 1, None).unwrap();
         assert!(args.contains(&"127.0.0.1:0".into()));
         assert!(!args.iter().any(|a| a.to_str().unwrap().ends_with(":100")));
         assert!(args.ends_with(&[
@@ -393,7 +508,7 @@ mod tests {
         ]));
 
         assert!(
-            node_args(&config(65500), 1).is_err(),
+            node_args(&config(65500), 1, None).is_err(),
             "metrics port past 65535"
         );
     }
@@ -417,11 +532,65 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn more_than_one_node_is_refused() {
+    async fn bad_counts_are_refused() {
         let mut c = config(7001);
-        c.nodes = 3;
+        c.nodes = 0;
         let err = run(c).await.unwrap_err().to_string();
-        assert!(err.contains("--nodes 1"), "{err}");
+        assert!(err.contains("--nodes"), "{err}");
+        let mut c = config(7001);
+        c.replicas = 0;
+        let err = run(c).await.unwrap_err().to_string();
+        assert!(err.contains("--replicas"), "{err}");
+    }
+
+    #[test]
+    fn settling_needs_every_node_and_every_partition_led() {
+        use crate::{NodeInfo, PartitionStatus};
+        let mut c = config(0);
+        c.nodes = 2;
+        c.partitions = 2;
+        let node = |id: u64| NodeInfo {
+            id,
+            addr: format!("127.0.0.1:{id}"),
+            state: "active".into(),
+        };
+        let partition = |id: u32, leader: Option<u64>, replicas: Vec<u64>| PartitionStatus {
+            id,
+            leader,
+            replicas,
+            learners: vec![],
+            term: 1,
+            applied: 1,
+        };
+        let mut status = ClusterStatus {
+            epoch: 2,
+            replication_factor: 2,
+            nodes: vec![node(1)],
+            partitions: vec![
+                partition(0, Some(1), vec![1]),
+                partition(1, Some(1), vec![1]),
+            ],
+            unreachable: vec![],
+        };
+        assert_eq!(
+            unsettled(&status, &c, 2).as_deref(),
+            Some("1 of 2 nodes are members")
+        );
+        status.nodes.push(node(2));
+        assert_eq!(
+            unsettled(&status, &c, 2).as_deref(),
+            Some("0 of 2 partitions have 2 replicas and a leader")
+        );
+        status.partitions = vec![
+            partition(0, Some(1), vec![1, 2]),
+            partition(1, None, vec![2, 1]),
+        ];
+        assert_eq!(
+            unsettled(&status, &c, 2).as_deref(),
+            Some("1 of 2 partitions have 2 replicas and a leader")
+        );
+        status.partitions[1].leader = Some(2);
+        assert_eq!(unsettled(&status, &c, 2), None);
     }
 
     #[tokio::test]
@@ -436,6 +605,21 @@ mod tests {
         let stdout = node.child.stdout.take().unwrap();
         let err = wait_ready(&mut node, stdout).await.unwrap_err().to_string();
         assert!(err.contains("exited before it was ready"), "{err}");
+
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                r#"echo '{"event":"ready","node":0,"pid":1,"grpc":"g","metrics":"m"}'; exec sleep 30"#,
+            ])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut node = DevNode { id: 2, child };
+        let stdout = node.child.stdout.take().unwrap();
+        let err = wait_ready(&mut node, stdout).await.unwrap_err().to_string();
+        assert!(err.contains("without a node id"), "{err}");
+        stop(std::slice::from_mut(&mut node)).await;
 
         let child = Command::new("sh")
             .args([

@@ -16,7 +16,9 @@
 //! [`PartitionStateMachine`] per partition, hand them to `openraft::Raft::new` (in the
 //! partition group, next), and read the data through [`PartitionStateMachine::with_state`].
 
+mod group;
 mod log_store;
+pub mod network;
 pub mod snapshot;
 mod state_machine;
 mod types;
@@ -26,10 +28,13 @@ mod state_machine_test;
 #[cfg(test)]
 mod suite_test;
 
+pub use group::{raft_config, Group, RaftHandle, WriteError, HEARTBEAT};
 pub use log_store::MemLogStore;
+pub use network::{decode, encode, GroupId, Transport, META_GROUP};
+pub use openraft::{ChangeMembers, ReadPolicy, ServerState};
 pub use snapshot::{DecodedSnapshot, SnapshotError};
-pub use state_machine::PartitionStateMachine;
+pub use state_machine::{PartitionStateMachine, Tickets};
 pub use types::{
-    CommittedLeaderId, Entry, EntryPayload, LogId, Membership, ReplicaId, ReplicaNode, Response,
-    Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+    CommittedLeaderId, Entry, EntryPayload, LogId, Membership, Proposal, ReplicaId, ReplicaNode,
+    Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };

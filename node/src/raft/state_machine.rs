@@ -1,7 +1,9 @@
 //! [`PartitionStateMachine`]: openraft's state machine for one partition, wrapping the
 //! deterministic [`PartitionState`].
 
+use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{Stream, StreamExt};
@@ -13,46 +15,110 @@ use super::types::{
     Entry, EntryPayload, LogId, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership,
     TypeConfig,
 };
-use crate::storage::{PartitionId, PartitionState};
+use crate::storage::{Engine, PartitionId, PartitionState, StorageConfig, SystemClock};
+
+/// Memory reservations this node made for ops it proposed, by ticket.
+///
+/// The leader reserves an op's growth before proposing it (so that concurrent writers
+/// never push the accounted total past `max-memory`), and its own apply of that op takes
+/// the reservation back here, so the op is counted once. Other replicas find nothing and
+/// apply the op unreserved.
+#[derive(Debug, Default)]
+pub struct Tickets {
+    node: AtomicU64,
+    next: AtomicU64,
+    reserved: Mutex<HashMap<u64, u64>>,
+}
+
+impl Tickets {
+    /// Sets this node's id (the `origin` of its proposals).
+    pub fn set_node(&self, node: u64) {
+        self.node.store(node, Ordering::Relaxed);
+    }
+
+    /// This node's id as set by [`set_node`](Self::set_node).
+    pub fn node(&self) -> u64 {
+        self.node.load(Ordering::Relaxed)
+    }
+
+    /// Records a reservation of `bytes` and returns its ticket (0 when nothing is reserved).
+    pub fn issue(&self, bytes: u64) -> u64 {
+        if bytes == 0 {
+            return 0;
+        }
+        let ticket = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.lock().insert(ticket, bytes);
+        ticket
+    }
+
+    /// Takes the reservation of `ticket` if this node issued it (0 otherwise or if gone).
+    pub fn take(&self, origin: u64, ticket: u64) -> u64 {
+        if ticket == 0 || origin != self.node() {
+            return 0;
+        }
+        self.lock().remove(&ticket).unwrap_or(0)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, u64>> {
+        self.reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// The state machine of one partition's Raft group.
 ///
-/// A normal entry's [`Op`] is applied with the entry's log index as the index, so versions
-/// are log indexes and identical on every replica. Blank and membership entries advance the
-/// last applied log id without touching the data.
+/// The data lives in the node's [`Engine`] (partition `partition`), which keeps the
+/// node-wide memory accounting; this type adds what openraft needs around it: the last
+/// applied log id, the last membership and the snapshot metadata. A normal entry's op is
+/// applied with the entry's log index as the index, so versions are log indexes and
+/// identical on every replica. Blank and membership entries advance the last applied log
+/// id without touching the data.
 ///
-/// A cheap `Clone` handle: clones share the state, so the snapshot builder is a clone, and
-/// the read path (later: the partition group) reads through [`with_state`](Self::with_state).
+/// A cheap `Clone` handle: clones share everything, so the snapshot builder is a clone.
 #[derive(Debug, Clone)]
 pub struct PartitionStateMachine {
     partition: PartitionId,
+    engine: Arc<Engine>,
+    tickets: Arc<Tickets>,
     inner: Arc<Mutex<SmInner>>,
 }
 
 #[derive(Debug)]
 struct SmInner {
-    /// The data.
-    state: PartitionState,
     /// The log id of the last applied entry of any kind.
     last_applied: Option<LogId>,
     /// The last applied membership config.
     last_membership: StoredMembership,
-    /// The last built or installed snapshot.
-    current_snapshot: Option<Snapshot>,
+    /// Metadata of the last built or installed snapshot. The encoded data is not kept
+    /// (it would double the memory of the partition); a snapshot asked for later is built
+    /// afresh from the current state, which is at least as new.
+    snapshot_meta: Option<SnapshotMeta>,
 }
 
 impl PartitionStateMachine {
-    /// An empty state machine for `partition`: nothing applied, no snapshot.
-    pub fn new(partition: PartitionId) -> Self {
+    /// The state machine of `partition`, whose data lives in `engine`.
+    pub fn with_engine(partition: PartitionId, engine: Arc<Engine>, tickets: Arc<Tickets>) -> Self {
         Self {
             partition,
+            engine,
+            tickets,
             inner: Arc::new(Mutex::new(SmInner {
-                state: PartitionState::new(partition),
                 last_applied: None,
                 last_membership: StoredMembership::default(),
-                current_snapshot: None,
+                snapshot_meta: None,
             })),
         }
+    }
+
+    /// A standalone state machine for `partition` over its own unlimited engine (tests).
+    pub fn new(partition: PartitionId) -> Self {
+        let config = StorageConfig {
+            partitions: partition.0 + 1,
+            ..StorageConfig::default()
+        };
+        let engine = Arc::new(Engine::new(config, Arc::new(SystemClock)));
+        Self::with_engine(partition, engine, Arc::new(Tickets::default()))
     }
 
     /// The partition this state machine holds.
@@ -60,14 +126,23 @@ impl PartitionStateMachine {
         self.partition
     }
 
-    /// Runs `f` on the partition's data under the state machine's lock (reads take `&mut`
-    /// because they update node-local access metadata). Keep `f` short: applying waits.
+    /// The engine holding the data.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Runs `f` on a copy of the partition's replicated state (tests and snapshots).
     ///
     /// # Errors
     ///
-    /// If the lock is poisoned (a panic while applying).
+    /// If the partition does not exist in the engine.
     pub fn with_state<T>(&self, f: impl FnOnce(&mut PartitionState) -> T) -> io::Result<T> {
-        Ok(f(&mut self.lock()?.state))
+        let snap = self
+            .engine
+            .snapshot(self.partition)
+            .ok_or_else(|| io::Error::other("no such partition in the engine"))?;
+        let mut state = PartitionState::restore(self.partition, snap);
+        Ok(f(&mut state))
     }
 
     /// The index of the last applied log entry of any kind (0 before the first).
@@ -104,17 +179,22 @@ impl PartitionStateMachine {
         }
         let response = match payload {
             EntryPayload::Blank => None,
-            EntryPayload::Normal(op) => {
-                // Guaranteed by the check above unless a snapshot said otherwise; an error
-                // (fatal for this group) rather than PartitionState's debug assertion.
-                if log_id.index <= inner.state.applied_index() {
+            EntryPayload::Normal(proposal) => {
+                // Versions are log indexes: the engine's partition must be behind this
+                // entry (a stale partition would be a bug in replica start-up).
+                let engine_applied = self.engine.partition_applied(self.partition).unwrap_or(0);
+                if engine_applied >= log_id.index {
                     return Err(invalid_data(format!(
-                        "partition {}: entry {log_id} is not after applied index {}",
-                        self.partition,
-                        inner.state.applied_index()
+                        "partition {}: entry {log_id} is not after the stored index {engine_applied}",
+                        self.partition
                     )));
                 }
-                Some(inner.state.apply(log_id.index, &op))
+                let reserved = self.tickets.take(proposal.origin, proposal.ticket);
+                let outcome = self
+                    .engine
+                    .apply_at(self.partition, log_id.index, &proposal.op, reserved)
+                    .map_err(|e| invalid_data(e.to_string()))?;
+                Some(outcome)
             }
             EntryPayload::Membership(membership) => {
                 inner.last_membership = StoredMembership::new(Some(log_id), membership);
@@ -123,6 +203,27 @@ impl PartitionStateMachine {
         };
         inner.last_applied = Some(log_id);
         Ok(response)
+    }
+
+    /// Encodes the current state as a snapshot.
+    fn build(&self) -> io::Result<Snapshot> {
+        let (meta, state) = {
+            let inner = self.lock()?;
+            let meta = SnapshotMeta {
+                last_log_id: inner.last_applied,
+                last_membership: inner.last_membership.clone(),
+            };
+            // Taken under the state machine's lock, so no entry is applied in between.
+            let state = self
+                .engine
+                .snapshot(self.partition)
+                .ok_or_else(|| io::Error::other("no such partition in the engine"))?;
+            (meta, state)
+        };
+        Ok(Snapshot {
+            snapshot: snapshot::encode(self.partition, &meta, &state),
+            meta,
+        })
     }
 }
 
@@ -133,28 +234,32 @@ fn invalid_data(msg: String) -> io::Error {
 impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
     type SnapshotData = SnapshotData;
 
-    /// Copies the state (reference counts only) under the lock, encodes outside it, and
-    /// keeps the result as the current snapshot unless a newer one was installed meanwhile.
+    /// Marks a snapshot point: openraft only keeps the metadata of a built snapshot (and
+    /// purges the log up to it), and asks [`get_current_snapshot`] for data when a
+    /// follower needs it, which encodes the then-current state. So building is cheap
+    /// here: the returned data is empty and never sent anywhere. (Encoding a whole
+    /// partition every few hundred writes cost more CPU than the writes, and the
+    /// transient buffers kept RSS well above the data under a memory limit.)
+    ///
+    /// [`get_current_snapshot`]: RaftStateMachine::get_current_snapshot
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (meta, state) = {
+        let snapshot = {
             let inner = self.lock()?;
-            let meta = SnapshotMeta {
-                last_log_id: inner.last_applied,
-                last_membership: inner.last_membership.clone(),
-            };
-            (meta, inner.state.snapshot())
-        };
-        let snapshot = Snapshot {
-            snapshot: snapshot::encode(self.partition, &meta, &state),
-            meta,
+            Snapshot {
+                meta: SnapshotMeta {
+                    last_log_id: inner.last_applied,
+                    last_membership: inner.last_membership.clone(),
+                },
+                snapshot: SnapshotData::new(),
+            }
         };
         let mut inner = self.lock()?;
         let newer_exists = inner
-            .current_snapshot
+            .snapshot_meta
             .as_ref()
-            .is_some_and(|cur| cur.meta.last_log_id > snapshot.meta.last_log_id);
+            .is_some_and(|cur| cur.last_log_id > snapshot.meta.last_log_id);
         if !newer_exists {
-            inner.current_snapshot = Some(snapshot.clone());
+            inner.snapshot_meta = Some(snapshot.meta.clone());
         }
         Ok(snapshot)
     }
@@ -188,7 +293,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     }
 
     /// Decodes and checks the snapshot (partition, metadata), rebuilds the state outside the
-    /// lock, then swaps it in and keeps the snapshot as the current one.
+    /// lock, then swaps it in.
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
@@ -209,17 +314,21 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         }
         let state = PartitionState::restore(self.partition, decoded.state);
         let mut inner = self.lock()?;
-        inner.state = state;
+        self.engine
+            .restore(self.partition, state)
+            .map_err(|e| invalid_data(e.to_string()))?;
         inner.last_applied = meta.last_log_id;
         inner.last_membership = meta.last_membership.clone();
-        inner.current_snapshot = Some(Snapshot {
-            meta: meta.clone(),
-            snapshot,
-        });
+        inner.snapshot_meta = Some(meta.clone());
         Ok(())
     }
 
+    /// A fresh snapshot of the current state once any snapshot was built or installed
+    /// (its log id is at least that one's), `None` before.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(self.lock()?.current_snapshot.clone())
+        if self.lock()?.snapshot_meta.is_none() {
+            return Ok(None);
+        }
+        self.build().map(Some)
     }
 }

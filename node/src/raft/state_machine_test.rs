@@ -26,7 +26,7 @@ fn log_id(term: u64, index: u64) -> LogId {
 fn normal(index: u64, op: Op) -> Entry {
     Entry {
         log_id: log_id(1, index),
-        payload: EntryPayload::Normal(op),
+        payload: EntryPayload::Normal(op.into()),
     }
 }
 
@@ -130,7 +130,7 @@ fn outcomes_and_versions_match_a_bare_partition_state_at_log_indexes() {
     for entry in entries(&ops()) {
         let index = entry.log_id.index;
         let expected = match &entry.payload {
-            EntryPayload::Normal(op) => Some(bare.apply(index, op)),
+            EntryPayload::Normal(p) => Some(bare.apply(index, &p.op)),
             _ => None,
         };
         let got = sm.apply_entry(entry.clone()).unwrap();
@@ -140,9 +140,10 @@ fn outcomes_and_versions_match_a_bare_partition_state_at_log_indexes() {
                 applied: true,
                 version,
             }),
-            EntryPayload::Normal(op),
+            EntryPayload::Normal(proposal),
         ) = (&got, &entry.payload)
         {
+            let op = &proposal.op;
             assert_eq!(*version, index, "a write's version is its log index");
             let key = op.cmd.key().unwrap();
             let view = sm.with_state(|s| s.get(key, op.now_ms)).unwrap().unwrap();
@@ -192,16 +193,21 @@ fn applying_an_old_entry_is_an_error_not_a_panic() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
 }
 
-/// A state machine that applied [`ops`] and the snapshot it built of them.
+/// A state machine that applied [`ops`] and the snapshot it sends of them: building
+/// only marks the point (empty data, metadata as of the last apply); the data is encoded
+/// when a snapshot is asked for.
 async fn leader_with_snapshot() -> (PartitionStateMachine, Snapshot) {
     let mut leader = PartitionStateMachine::new(P);
     apply_all(&mut leader, entries(&ops())).await;
-    let snap = leader
+    let marked = leader
         .get_snapshot_builder()
         .await
         .build_snapshot()
         .await
         .unwrap();
+    assert!(marked.snapshot.is_empty(), "building encodes nothing");
+    let snap = leader.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(snap.meta, marked.meta);
     (leader, snap)
 }
 
@@ -287,7 +293,10 @@ fn encoded() -> Bytes {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap();
-            rt.block_on(sm.build_snapshot()).unwrap().snapshot
+            rt.block_on(async {
+                sm.build_snapshot().await.unwrap();
+                sm.get_current_snapshot().await.unwrap().unwrap().snapshot
+            })
         })
         .clone()
 }

@@ -11,6 +11,31 @@ use openraft::type_config::alias;
 
 use crate::storage::{Command, Op, Outcome};
 
+/// A log entry's application data: the prepared [`Op`] plus who proposed it.
+///
+/// `origin` and `ticket` never influence what `apply` does (replicas stay deterministic);
+/// they let the proposing node find the memory it reserved for this op when it applies
+/// the op itself ([`Tickets`](super::Tickets)), so the op is never accounted twice.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Proposal {
+    /// The op to apply.
+    pub op: Op,
+    /// The node id of the proposer (0: none).
+    pub origin: u64,
+    /// The proposer's reservation ticket (0: nothing reserved).
+    pub ticket: u64,
+}
+
+impl From<Op> for Proposal {
+    fn from(op: Op) -> Self {
+        Proposal {
+            op,
+            origin: 0,
+            ticket: 0,
+        }
+    }
+}
+
 openraft::declare_raft_types!(
     /// Type configuration of one partition's Raft group.
     ///
@@ -32,7 +57,7 @@ openraft::declare_raft_types!(
     /// The snapshot type is not here: in 0.10 it belongs to the state machine, see
     /// [`SnapshotData`].
     pub TypeConfig:
-        D = Op,
+        D = Proposal,
         R = Response,
         NodeId = ReplicaId,
         Node = ReplicaNode,
@@ -74,6 +99,12 @@ pub type Snapshot = alias::SnapshotOf<TypeConfig, SnapshotData>;
 
 /// openraft requires `Display` of its app data (for logs). This prints the command kind and
 /// sizes, never key or value bytes (which may be large or sensitive).
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.op, f)
+    }
+}
+
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.cmd {

@@ -1,61 +1,48 @@
-//! The `raftcache.v1.Cache` service over the storage engine.
+//! The `raftcache.v1.Cache` service over the replicated node.
 //!
-//! Every handler does the same four steps: check the route (epoch, partition),
-//! translate the request into an engine call, map the outcome to the reply, and
-//! record `raftcache_ops_total{op,result}` and the latency histogram.
+//! Every handler does the same steps: check the route (partition), translate the request
+//! into a [`ClusterNode`] call (writes go through the partition's Raft group; reads wait
+//! for the requested consistency), map the outcome to the reply, and record
+//! `raftcache_ops_total{op,result}` and the latency histogram.
+//!
+//! The route's epoch is informational: the partition count never changes, so a request
+//! with an old map still names the right partition, and the leader check decides where it
+//! is served. A request routed with a *newer* epoch than this node knows is answered with
+//! `WRONG_EPOCH` only if this node cannot serve it (so the client retries elsewhere).
 
+use crate::cluster::ClusterNode;
 use crate::error::{NodeError, Result};
 use crate::metrics;
 use crate::service::status::{error_code, to_status};
-use crate::storage::{Condition, Engine, Outcome, PartitionId, WriteRequest};
+use crate::storage::{Condition, Outcome, PartitionId, ReadView, WriteRequest};
 use bytes::Bytes;
 use raftcache_proto::tonic::{self, Request, Response, Status};
 use raftcache_proto::v1::cache_server::Cache;
 use raftcache_proto::v1::{
     ClusterMapRequest, ClusterMapResponse, Consistency, DeleteRequest, DeleteResponse,
     ExpireRequest, ExpireResponse, GetRequest, GetResponse, IncrRequest, IncrResponse, MGetRequest,
-    MGetResponse, NodeInfo as PbNodeInfo, PartitionInfo, Route, SetCondition, SetRequest,
-    SetResponse, StatsRequest, StatsResponse,
+    MGetResponse, Route, SetCondition, SetRequest, SetResponse, StatsRequest, StatsResponse,
 };
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Most keys one `MGet` may ask for; bounds the work and the reply of one request.
 pub const MAX_MGET_KEYS: usize = 10_000;
 
-/// Who this node is, as published in the cluster map.
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    /// The node id.
-    pub id: u64,
-    /// The address clients reach this node's gRPC service at.
-    pub advertise_addr: String,
-    /// The cluster-map epoch. A single unreplicated node is always at epoch 1.
-    pub epoch: u64,
-    /// Virtual nodes per partition on the clients' ring.
-    pub vnodes: u32,
-}
-
 /// The gRPC `Cache` service. Cheap to clone; all state is shared.
 #[derive(Clone)]
 pub struct CacheService {
-    engine: Arc<Engine>,
-    node: Arc<NodeInfo>,
-    started: Instant,
+    node: Arc<ClusterNode>,
 }
 
 impl CacheService {
-    /// A service answering from `engine` as node `node`.
-    pub fn new(engine: Arc<Engine>, node: NodeInfo) -> Self {
-        CacheService {
-            engine,
-            node: Arc::new(node),
-            started: Instant::now(),
-        }
+    /// A service answering for `node`.
+    pub fn new(node: Arc<ClusterNode>) -> Self {
+        CacheService { node }
     }
 
-    /// Checks the epoch and returns the partition a keyed request was routed to
-    /// (the engine checks that it is in range).
+    /// The partition a keyed request was routed to (range checked by the node).
     fn route(&self, route: Option<&Route>) -> Result<PartitionId> {
         let route = route.ok_or_else(|| {
             NodeError::InvalidArgument(
@@ -63,51 +50,76 @@ impl CacheService {
                     .into(),
             )
         })?;
-        if route.epoch != 0 && route.epoch != self.node.epoch {
-            return Err(NodeError::WrongEpoch {
-                got: route.epoch,
-                current: self.node.epoch,
-            });
-        }
         Ok(PartitionId(route.partition))
     }
 
-    fn read(&self, key: &[u8], route: Option<&Route>, skip_value: bool) -> Result<GetResponse> {
-        let p = self.route(route)?;
-        Ok(match self.engine.get(p, key)? {
-            Some(v) => GetResponse {
-                found: true,
-                value: if skip_value { Bytes::new() } else { v.value },
-                version: v.version,
-                ttl_remaining_ms: v.ttl_remaining_ms,
-            },
-            None => GetResponse::default(),
-        })
+    /// Turns `NotLeader` into `WrongEpoch` when the client's map is newer than ours.
+    fn epoch_aware(&self, route: Option<&Route>, e: NodeError) -> NodeError {
+        let current = self.node.epoch();
+        match (&e, route) {
+            (NodeError::NotLeader { leader: None, .. }, Some(r)) if r.epoch > current => {
+                NodeError::WrongEpoch {
+                    got: r.epoch,
+                    current,
+                }
+            }
+            _ => e,
+        }
     }
 
-    fn do_get(&self, r: GetRequest) -> Result<GetResponse> {
-        check_consistency(r.consistency)?;
-        self.read(&r.key, r.route.as_ref(), r.skip_value)
+    async fn do_get(&self, r: GetRequest) -> Result<GetResponse> {
+        let consistency = consistency(r.consistency)?;
+        let p = self.route(r.route.as_ref())?;
+        let view = self
+            .node
+            .read(
+                p,
+                &r.key,
+                consistency,
+                Duration::from_millis(r.max_staleness_ms),
+            )
+            .await
+            .map_err(|e| self.epoch_aware(r.route.as_ref(), e))?;
+        Ok(to_response(view, r.skip_value))
     }
 
-    fn do_mget(&self, r: MGetRequest) -> Result<MGetResponse> {
-        check_consistency(r.consistency)?;
+    async fn do_mget(&self, r: MGetRequest) -> Result<MGetResponse> {
+        let consistency = consistency(r.consistency)?;
         if r.keys.len() > MAX_MGET_KEYS {
             return Err(NodeError::InvalidArgument(format!(
                 "MGet of {} keys is over the limit of {MAX_MGET_KEYS}; split it",
                 r.keys.len()
             )));
         }
+        let staleness = Duration::from_millis(r.max_staleness_ms);
+        let mut partitions = BTreeSet::new();
+        for k in &r.keys {
+            partitions.insert(self.route(k.route.as_ref())?);
+        }
+        // One readiness check per partition, not per key.
+        for p in partitions {
+            self.node.read_ready(p, consistency, staleness).await?;
+        }
         let values = r
             .keys
             .iter()
-            .map(|k| self.read(&k.key, k.route.as_ref(), false))
+            .map(|k| {
+                let p = self.route(k.route.as_ref())?;
+                Ok(to_response(self.node.read_local(p, &k.key)?, false))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(MGetResponse { values })
     }
 
-    fn do_set(&self, r: SetRequest) -> Result<SetResponse> {
-        let p = self.route(r.route.as_ref())?;
+    async fn write(&self, route: Option<&Route>, req: WriteRequest) -> Result<Outcome> {
+        let p = self.route(route)?;
+        self.node
+            .write(p, req)
+            .await
+            .map_err(|e| self.epoch_aware(route, e))
+    }
+
+    async fn do_set(&self, r: SetRequest) -> Result<SetResponse> {
         let condition = match SetCondition::try_from(r.condition) {
             Ok(SetCondition::None) => Condition::Always,
             Ok(SetCondition::IfAbsent) => Condition::IfAbsent,
@@ -131,79 +143,56 @@ impl CacheService {
             ));
         }
         let req = WriteRequest::Set {
-            key: r.key,
-            value: r.value,
+            key: exact(&r.key),
+            value: exact(&r.value),
             ttl_ms: nonzero(r.ttl_ms),
             keep_ttl: r.keep_ttl,
             condition,
         };
-        match self.engine.write(p, req)? {
+        match self.write(r.route.as_ref(), req).await? {
             Outcome::Set { applied, version } => Ok(SetResponse { applied, version }),
             other => Err(unexpected("set", &other)),
         }
     }
 
-    fn do_delete(&self, r: DeleteRequest) -> Result<DeleteResponse> {
-        let p = self.route(r.route.as_ref())?;
-        match self.engine.write(p, WriteRequest::Delete { key: r.key })? {
+    async fn do_delete(&self, r: DeleteRequest) -> Result<DeleteResponse> {
+        let req = WriteRequest::Delete { key: exact(&r.key) };
+        match self.write(r.route.as_ref(), req).await? {
             Outcome::Deleted(deleted) => Ok(DeleteResponse { deleted }),
             other => Err(unexpected("delete", &other)),
         }
     }
 
-    fn do_incr(&self, r: IncrRequest) -> Result<IncrResponse> {
-        let p = self.route(r.route.as_ref())?;
+    async fn do_incr(&self, r: IncrRequest) -> Result<IncrResponse> {
         let req = WriteRequest::Incr {
-            key: r.key,
+            key: exact(&r.key),
             delta: r.delta,
         };
-        match self.engine.write(p, req)? {
-            // `Engine::write` returns INCR failures as errors, so only success is left.
+        match self.write(r.route.as_ref(), req).await? {
+            // The node returns INCR failures as errors, so only success is left.
             Outcome::Incr(Ok((value, version))) => Ok(IncrResponse { value, version }),
             other => Err(unexpected("incr", &other)),
         }
     }
 
-    fn do_expire(&self, r: ExpireRequest) -> Result<ExpireResponse> {
-        let p = self.route(r.route.as_ref())?;
+    async fn do_expire(&self, r: ExpireRequest) -> Result<ExpireResponse> {
         let req = WriteRequest::Expire {
-            key: r.key,
+            key: exact(&r.key),
             ttl_ms: nonzero(r.ttl_ms),
         };
-        match self.engine.write(p, req)? {
+        match self.write(r.route.as_ref(), req).await? {
             Outcome::Expire(updated) => Ok(ExpireResponse { updated }),
             other => Err(unexpected("expire", &other)),
         }
     }
 
-    fn cluster_map(&self) -> ClusterMapResponse {
-        let id = self.node.id;
-        let count = self.engine.config().partitions;
-        ClusterMapResponse {
-            epoch: self.node.epoch,
-            partition_count: count,
-            vnodes: self.node.vnodes,
-            nodes: vec![PbNodeInfo {
-                id,
-                addr: self.node.advertise_addr.clone(),
-            }],
-            partitions: (0..count)
-                .map(|p| PartitionInfo {
-                    id: p,
-                    leader: id,
-                    replicas: vec![id],
-                    term: 0,
-                    applied: self.engine.partition_applied(PartitionId(p)).unwrap_or(0),
-                })
-                .collect(),
-            node_id: id,
-        }
-    }
-
-    fn stats(&self) -> StatsResponse {
-        let s = self.engine.stats();
-        StatsResponse {
-            node_id: self.node.id,
+    fn stats(&self) -> Result<StatsResponse> {
+        let engine = self.node.engine().ok_or_else(|| {
+            NodeError::Unavailable("this node is not part of a cluster yet".into())
+        })?;
+        let s = engine.stats();
+        Ok(StatsResponse {
+            node_id: self.node.node_id(),
             keys: s.keys,
             memory_used_bytes: s.memory_used,
             memory_limit_bytes: s.memory_limit,
@@ -212,17 +201,35 @@ impl CacheService {
             misses: s.misses,
             evictions: s.evictions,
             expirations: s.expirations,
-            uptime_seconds: self.started.elapsed().as_secs(),
-            partitions: self.engine.config().partitions,
+            uptime_seconds: self.node.started().elapsed().as_secs(),
+            partitions: engine.config().partitions,
             version: env!("CARGO_PKG_VERSION").to_owned(),
-        }
+        })
     }
 }
 
-/// Only the levels the API defines are accepted; on a single node every level is
-/// served from the node's own state, which is always the latest.
-fn check_consistency(level: i32) -> Result<()> {
-    Consistency::try_from(level).map(|_| ()).map_err(|_| {
+/// An exact-size copy: the request's bytes are slices of the HTTP/2 frame they arrived
+/// in, and a Raft log entry keeps its op until the log is purged; a slice would pin the
+/// whole frame that long.
+fn exact(b: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(b)
+}
+
+fn to_response(view: Option<ReadView>, skip_value: bool) -> GetResponse {
+    match view {
+        Some(v) => GetResponse {
+            found: true,
+            value: if skip_value { Bytes::new() } else { v.value },
+            version: v.version,
+            ttl_remaining_ms: v.ttl_remaining_ms,
+        },
+        None => GetResponse::default(),
+    }
+}
+
+/// Only the levels the API defines are accepted; unspecified means LEASE.
+fn consistency(level: i32) -> Result<Consistency> {
+    Consistency::try_from(level).map_err(|_| {
         NodeError::InvalidArgument(format!(
             "unknown consistency level {level}: use LINEARIZABLE, LEASE or FOLLOWER"
         ))
@@ -252,32 +259,32 @@ fn reply<T>(op: &'static str, started: Instant, res: Result<T>) -> tonic::Result
 impl Cache for CacheService {
     async fn get(&self, req: Request<GetRequest>) -> tonic::Result<Response<GetResponse>> {
         let t = Instant::now();
-        reply("get", t, self.do_get(req.into_inner()))
+        reply("get", t, self.do_get(req.into_inner()).await)
     }
 
     async fn m_get(&self, req: Request<MGetRequest>) -> tonic::Result<Response<MGetResponse>> {
         let t = Instant::now();
-        reply("mget", t, self.do_mget(req.into_inner()))
+        reply("mget", t, self.do_mget(req.into_inner()).await)
     }
 
     async fn set(&self, req: Request<SetRequest>) -> tonic::Result<Response<SetResponse>> {
         let t = Instant::now();
-        reply("set", t, self.do_set(req.into_inner()))
+        reply("set", t, self.do_set(req.into_inner()).await)
     }
 
     async fn delete(&self, req: Request<DeleteRequest>) -> tonic::Result<Response<DeleteResponse>> {
         let t = Instant::now();
-        reply("delete", t, self.do_delete(req.into_inner()))
+        reply("delete", t, self.do_delete(req.into_inner()).await)
     }
 
     async fn incr(&self, req: Request<IncrRequest>) -> tonic::Result<Response<IncrResponse>> {
         let t = Instant::now();
-        reply("incr", t, self.do_incr(req.into_inner()))
+        reply("incr", t, self.do_incr(req.into_inner()).await)
     }
 
     async fn expire(&self, req: Request<ExpireRequest>) -> tonic::Result<Response<ExpireResponse>> {
         let t = Instant::now();
-        reply("expire", t, self.do_expire(req.into_inner()))
+        reply("expire", t, self.do_expire(req.into_inner()).await)
     }
 
     async fn cluster_map(
@@ -285,12 +292,12 @@ impl Cache for CacheService {
         _req: Request<ClusterMapRequest>,
     ) -> tonic::Result<Response<ClusterMapResponse>> {
         let t = Instant::now();
-        reply("cluster_map", t, Ok(CacheService::cluster_map(self)))
+        reply("cluster_map", t, Ok(self.node.cluster_map()))
     }
 
     async fn stats(&self, _req: Request<StatsRequest>) -> tonic::Result<Response<StatsResponse>> {
         let t = Instant::now();
-        reply("stats", t, Ok(CacheService::stats(self)))
+        reply("stats", t, CacheService::stats(self))
     }
 }
 

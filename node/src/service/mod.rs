@@ -8,6 +8,8 @@
 //! ```
 
 pub mod kv;
+pub mod raft;
 pub mod status;
 
-pub use kv::{CacheService, NodeInfo};
+pub use kv::CacheService;
+pub use raft::RaftService;

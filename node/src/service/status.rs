@@ -19,6 +19,8 @@ pub fn error_code(err: &NodeError) -> ErrorCode {
             StorageError::IncrOverflow => ErrorCode::IncrOverflow,
         },
         NodeError::WrongEpoch { .. } => ErrorCode::WrongEpoch,
+        NodeError::NotLeader { .. } => ErrorCode::NotLeader,
+        NodeError::Unavailable(_) => ErrorCode::Unavailable,
         NodeError::InvalidArgument(_) => ErrorCode::InvalidArgument,
         NodeError::ShuttingDown => ErrorCode::Unavailable,
         NodeError::Internal(_) => ErrorCode::Internal,
@@ -47,6 +49,18 @@ pub fn to_status(err: &NodeError) -> Status {
             detail.limit = Some(u64::from(*count));
         }
         NodeError::WrongEpoch { current, .. } => detail.epoch = Some(*current),
+        NodeError::NotLeader {
+            partition,
+            leader,
+            epoch,
+        } => {
+            detail.partition = *partition;
+            if let Some((node, addr)) = leader {
+                detail.leader_id = Some(*node);
+                detail.leader_addr = Some(addr.clone());
+            }
+            detail.epoch = Some(*epoch);
+        }
         _ => {}
     }
     detail.into_status(err.to_string())

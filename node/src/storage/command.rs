@@ -7,7 +7,7 @@
 use bytes::Bytes;
 
 /// One replicated write: a [`Command`] stamped with the proposer's clock.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Op {
     /// Wall-clock ms chosen by the proposer (later: the Raft leader). Entries whose deadline
     /// is `<= now_ms` count as absent while this op is applied.
@@ -17,7 +17,7 @@ pub struct Op {
 }
 
 /// A write to one partition's state machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Command {
     /// Store `value` under `key` if `condition` holds.
     Set {
@@ -82,7 +82,7 @@ impl Command {
 }
 
 /// The precondition of a [`Command::Set`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Condition {
     /// Always store.
     #[default]
@@ -96,7 +96,7 @@ pub enum Condition {
 }
 
 /// What applying an [`Op`] did. One variant per [`Command`] variant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {
     /// Result of [`Command::Set`]. When `applied`, `version` is the new version (the op's
     /// index); otherwise it is the version of the live entry, or 0 when the key is absent.
@@ -120,7 +120,9 @@ pub enum Outcome {
 }
 
 /// Why an [`Command::Incr`] left the key unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize,
+)]
 pub enum IncrError {
     /// The stored value is not a base-10 signed 64-bit integer.
     #[error("value is not an integer or out of range")]

@@ -390,6 +390,201 @@ impl Engine {
         }
     }
 
+    // ---- The replicated write path -------------------------------------------------
+    //
+    // With Raft the proposer (the partition leader) and the appliers (every replica) are
+    // separate steps: the leader reserves memory for an op before proposing it
+    // ([`reserve_for`](Self::reserve_for)), every replica applies the committed op at its
+    // log index ([`apply_at`](Self::apply_at)), and the leader's apply consumes the
+    // reservation so that the accounted total never counts the op twice. Eviction victims
+    // are chosen by [`pick_victims`](Self::pick_victims) and proposed as `Evict` ops.
+
+    /// Tries to reserve the memory `op` needs in partition `p`. `Ok(reserved)` (possibly 0)
+    /// or `Err(needed)` when the reservation would exceed `max_memory`.
+    ///
+    /// # Errors
+    ///
+    /// `PartitionOutOfRange`; `OutOfMemory` when the entry alone is larger than the limit.
+    pub fn reserve_for(&self, p: PartitionId, op: &Op) -> Result<Result<u64, u64>, StorageError> {
+        let partition = self.partition(p)?;
+        let limit = self.config.max_memory;
+        if limit == 0 {
+            return Ok(Ok(0));
+        }
+        if let Command::Set {
+            key,
+            value,
+            expire_at_ms,
+            ..
+        } = &op.cmd
+        {
+            let size = entry_cost(key.len(), value.len(), expire_at_ms.is_some());
+            if size > limit {
+                return Err(StorageError::OutOfMemory {
+                    used: self.used.load(Ordering::Acquire),
+                    needed: size,
+                    limit,
+                });
+            }
+        }
+        let needed = u64::try_from(lock(&partition.state).growth(op)).unwrap_or(0);
+        Ok(if self.try_reserve(needed) {
+            Ok(needed)
+        } else {
+            Err(needed)
+        })
+    }
+
+    /// Gives back a reservation that no apply consumed (the proposal failed).
+    pub fn release(&self, reserved: u64) {
+        if reserved > 0 {
+            self.used.fetch_sub(reserved, Ordering::AcqRel);
+        }
+    }
+
+    /// The `OutOfMemory` error for a write that needs `needed` bytes.
+    pub fn out_of_memory(&self, needed: u64) -> StorageError {
+        StorageError::OutOfMemory {
+            used: self.used.load(Ordering::Acquire),
+            needed,
+            limit: self.config.max_memory,
+        }
+    }
+
+    /// How many bytes must be freed before `needed` more fit (0 when they fit).
+    pub fn shortfall(&self, needed: u64) -> u64 {
+        let limit = self.config.max_memory;
+        if limit == 0 {
+            return 0;
+        }
+        (self.used.load(Ordering::Acquire) + needed).saturating_sub(limit)
+    }
+
+    /// Applies a committed op at log index `index` to partition `p` and settles the memory
+    /// counter; `reserved` is what this node reserved for the op when it proposed it (0 on
+    /// other replicas, which apply whatever was committed). The op's bytes must be
+    /// exact-size allocations (see [`PartitionState::apply_shared`]); they are kept, not
+    /// copied.
+    ///
+    /// # Errors
+    ///
+    /// `PartitionOutOfRange`.
+    pub fn apply_at(
+        &self,
+        p: PartitionId,
+        index: u64,
+        op: &Op,
+        reserved: u64,
+    ) -> Result<Outcome, StorageError> {
+        let partition = self.partition(p)?;
+        let mut state = lock(&partition.state);
+        let reserved = (reserved > 0).then_some(reserved);
+        Ok(self.apply_locked_at(partition, &mut state, index, op, reserved, true))
+    }
+
+    /// Chooses up to about `to_free` bytes of eviction victims among the partitions for
+    /// which `allowed` is true (those this node leads), by the configured policy. Returns
+    /// `(partition, key)` pairs; nothing is removed here.
+    pub fn pick_victims(
+        &self,
+        to_free: u64,
+        now_ms: u64,
+        writing: Option<(PartitionId, &[u8])>,
+        allowed: &dyn Fn(PartitionId) -> bool,
+    ) -> Vec<(PartitionId, Bytes)> {
+        let mut rng = rand::rng();
+        let samples = self.config.eviction_samples.max(1);
+        let mut out: Vec<(PartitionId, Bytes)> = Vec::new();
+        let mut freed = 0u64;
+        let mut fruitless = 0usize;
+        let mut sampled = Vec::with_capacity(samples);
+        while freed < to_free && fruitless <= 2 * ROUNDS_BEFORE_SELF_EVICTION {
+            let exclude = writing.filter(|_| fruitless < ROUNDS_BEFORE_SELF_EVICTION);
+            sampled.clear();
+            self.sample(&mut rng, samples, now_ms, exclude, &mut sampled);
+            sampled.retain(|c| {
+                allowed(c.partition)
+                    && !out
+                        .iter()
+                        .any(|(p, k)| *p == c.partition && k.as_ref() == c.key.as_ref())
+            });
+            let victim = {
+                let mut pool = lock(&self.pool);
+                for candidate in sampled.drain(..) {
+                    pool.offer(candidate);
+                }
+                loop {
+                    match pool.pop_best_except(exclude) {
+                        Some(c) if !allowed(c.partition) => continue,
+                        other => break other,
+                    }
+                }
+            };
+            let Some(Candidate { partition, key, .. }) = victim else {
+                fruitless += 1;
+                continue;
+            };
+            let Ok(part) = self.partition(partition) else {
+                continue;
+            };
+            let size = {
+                let state = lock(&part.state);
+                state.entry_cost(&key)
+            };
+            let Some(size) = size else { continue };
+            if out.iter().any(|(p, k)| *p == partition && *k == key) {
+                continue;
+            }
+            freed += size;
+            out.push((partition, key));
+        }
+        out
+    }
+
+    /// Replaces partition `p`'s state (a snapshot was installed) and settles the counters.
+    ///
+    /// # Errors
+    ///
+    /// `PartitionOutOfRange`.
+    pub fn restore(&self, p: PartitionId, state: PartitionState) -> Result<(), StorageError> {
+        let partition = self.partition(p)?;
+        let mut current = lock(&partition.state);
+        let before = current.memory_used();
+        *current = state;
+        let after = current.memory_used();
+        partition.len.store(current.len(), Ordering::Relaxed);
+        if after >= before {
+            self.used.fetch_add(after - before, Ordering::AcqRel);
+        } else {
+            self.used.fetch_sub(before - after, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Empties partition `p` (its replica left this node, or a new replica starts from
+    /// nothing) and gives its memory back.
+    ///
+    /// # Errors
+    ///
+    /// `PartitionOutOfRange`.
+    pub fn clear(&self, p: PartitionId) -> Result<(), StorageError> {
+        self.restore(p, PartitionState::new(p))
+    }
+
+    /// Partitions with an expired entry due for reclaim at `now_ms`.
+    pub fn due_for_reclaim(&self, now_ms: u64) -> Vec<PartitionId> {
+        self.partitions
+            .iter()
+            .filter(|p| lock(&p.state).next_deadline().is_some_and(|d| d <= now_ms))
+            .map(|p| p.id)
+            .collect()
+    }
+
+    /// The number of partitions.
+    pub fn partition_count(&self) -> u32 {
+        self.config.partitions
+    }
+
     /// Adds `bytes` to `used` if that keeps it within the limit (always when unlimited).
     fn try_reserve(&self, bytes: u64) -> bool {
         if bytes == 0 {
@@ -414,10 +609,27 @@ impl Engine {
         op: &Op,
         reserved: Option<u64>,
     ) -> Outcome {
+        let index = state.applied_index() + 1;
+        self.apply_locked_at(partition, state, index, op, reserved, false)
+    }
+
+    /// [`apply_locked`](Self::apply_locked) at a given index (a Raft log index).
+    fn apply_locked_at(
+        &self,
+        partition: &Partition,
+        state: &mut PartitionState,
+        index: u64,
+        op: &Op,
+        reserved: Option<u64>,
+        shared: bool,
+    ) -> Outcome {
         let memory_before = state.memory_used();
         let expired_before = state.expired_removed();
-        let index = state.applied_index() + 1;
-        let outcome = state.apply(index, op);
+        let outcome = if shared {
+            state.apply_shared(index, op)
+        } else {
+            state.apply(index, op)
+        };
         let memory_after = state.memory_used();
         let expired = state.expired_removed() - expired_before;
         partition.len.store(state.len(), Ordering::Relaxed);

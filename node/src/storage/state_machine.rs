@@ -35,6 +35,9 @@ pub struct PartitionState {
     /// touched while expired, or evicted while expired). Derived from replicated state,
     /// but kept for statistics only: not part of snapshots.
     expired_removed: u64,
+    /// Set only during [`apply_shared`](Self::apply_shared): keep the op's bytes as they
+    /// are instead of copying them.
+    share_bytes: bool,
 }
 
 /// A live entry as seen by a read.
@@ -104,6 +107,7 @@ impl PartitionState {
             applied_index: 0,
             memory_used: 0,
             expired_removed: 0,
+            share_bytes: false,
         }
     }
 
@@ -143,6 +147,20 @@ impl PartitionState {
                 self.execute(key, index, now, plan)
             }
         }
+    }
+
+    /// [`apply`](Self::apply) for ops whose keys and values are already exact-size
+    /// allocations of their own: the state keeps them as they are instead of copying, so
+    /// a Raft log entry and the state share one buffer while the entry is in the log
+    /// (two copies would double the memory of every recent write).
+    ///
+    /// The Raft path guarantees it: the gRPC service copies request bytes to exact size
+    /// before proposing, and followers decode entries into fresh allocations.
+    pub fn apply_shared(&mut self, index: u64, op: &Op) -> Outcome {
+        self.share_bytes = true;
+        let outcome = self.apply(index, op);
+        self.share_bytes = false;
+        outcome
     }
 
     /// The exact change of [`memory_used`](Self::memory_used) that applying `op` now would
@@ -295,6 +313,11 @@ impl PartitionState {
         }
         let memory: u64 = self.entries.iter().map(|(k, e)| cost_of(k, e)).sum();
         assert_eq!(self.memory_used, memory, "memory_used");
+    }
+
+    /// The accounted size of `key`'s entry (live or expired), if present.
+    pub fn entry_cost(&self, key: &[u8]) -> Option<u64> {
+        self.entries.get_key_value(key).map(|(k, e)| cost_of(k, e))
     }
 
     /// Samples up to `samples` random entries as eviction candidates, skipping `exclude`.
@@ -509,7 +532,7 @@ impl PartitionState {
         expire_at_ms: Option<u64>,
         now: u64,
     ) {
-        let (key, value) = (exact(&key), exact(&value));
+        let (key, value) = (self.keep(&key), self.keep(&value));
         self.memory_used += entry_cost(key.len(), value.len(), expire_at_ms.is_some());
         if let Some(deadline) = expire_at_ms {
             self.ttl.insert(deadline, key.clone());
@@ -523,6 +546,15 @@ impl PartitionState {
         // Callers only insert keys that are not held (checked by `plan`, or distinct in a
         // snapshot), so this never replaces an entry.
         self.entries.insert(key, entry);
+    }
+
+    /// The bytes to store: a copy, unless the op's bytes are known to be exact.
+    fn keep(&self, b: &Bytes) -> Bytes {
+        if self.share_bytes {
+            b.clone()
+        } else {
+            exact(b)
+        }
     }
 
     fn replace_at(
@@ -546,7 +578,11 @@ impl PartitionState {
                 self.ttl.insert(deadline, key.clone());
             }
         }
-        entry.value = exact(&value);
+        entry.value = if self.share_bytes {
+            value
+        } else {
+            exact(&value)
+        };
         entry.version = version;
         entry.expire_at_ms = expire_at_ms;
         entry.access.on_write(now);

@@ -1,0 +1,279 @@
+//! One Raft group hosted on this node: a partition's (or the meta group's) replica.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use openraft::rt::WatchReceiver;
+use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
+
+use super::network::{GroupId, GroupNetwork, Transport, META_GROUP};
+use super::state_machine::{PartitionStateMachine, Tickets};
+use super::types::{Proposal, ReplicaId, ReplicaNode, Response, TypeConfig, Vote};
+use super::MemLogStore;
+use crate::storage::{Engine, PartitionId};
+
+/// The openraft handle of one group.
+pub type RaftHandle = openraft::Raft<TypeConfig, PartitionStateMachine>;
+
+/// Timing of every group. Heartbeats are sent by the node's ticker for all groups at
+/// once (see [`crate::raft::network`]), every [`HEARTBEAT`].
+///
+/// Failover takes up to about two election timeouts: a follower whose timer fires while
+/// the other follower still honours the dead leader's lease (`ELECTION_MAX_MS`, openraft's
+/// leader lease) is refused once, and the next timer wins. With 250..500 ms that is
+/// 0.5..1 s. openraft's own `heartbeat_interval` only sets its internal tick (13/64 of
+/// it) and timeouts of heartbeats it would send itself, so it is larger than ours to
+/// keep idle groups cheap.
+pub const HEARTBEAT: Duration = Duration::from_millis(50);
+const OPENRAFT_HEARTBEAT_MS: u64 = 150;
+const ELECTION_MIN_MS: u64 = 250;
+const ELECTION_MAX_MS: u64 = 500;
+/// Log entries after which a snapshot is built and the log before it purged. Small, so
+/// that a memory-only log never holds much beyond the data itself.
+const SNAPSHOT_EVERY: u64 = 300;
+const LOGS_KEPT: u64 = 50;
+
+/// The openraft config shared by all groups.
+///
+/// # Errors
+///
+/// If openraft rejects the values (a bug).
+pub fn raft_config() -> Result<Arc<Config>, String> {
+    let config = Config {
+        cluster_name: "raftcache".into(),
+        heartbeat_interval: OPENRAFT_HEARTBEAT_MS,
+        election_timeout_min: ELECTION_MIN_MS,
+        election_timeout_max: ELECTION_MAX_MS,
+        enable_heartbeat: false,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+        max_in_snapshot_log_to_keep: LOGS_KEPT,
+        install_snapshot_timeout: 10_000,
+        api_batch_capacity: 64,
+        ..Default::default()
+    };
+    config
+        .validate()
+        .map(Arc::new)
+        .map_err(|e| format!("invalid raft config: {e}"))
+}
+
+/// What a follower knows about its freshness: when it last accepted an append from its
+/// leader, and the leader's commit index carried by it.
+#[derive(Debug, Clone)]
+struct Freshness {
+    at: Instant,
+    leader_commit: u64,
+    /// The leader's vote carried by the append; the record only counts while this
+    /// replica's vote is still that one (not after it led, voted or saw a newer term).
+    vote: Vote,
+}
+
+/// One group's replica on this node.
+pub struct Group {
+    /// The group.
+    pub id: GroupId,
+    /// This node's replica id in the group.
+    pub replica: ReplicaId,
+    /// The openraft handle.
+    pub raft: RaftHandle,
+    /// The state machine (data in the engine).
+    pub sm: PartitionStateMachine,
+    fresh: Mutex<Option<Freshness>>,
+    /// When this replica was first seen missing from the desired placement.
+    pub(crate) unwanted_since: Mutex<Option<Instant>>,
+    /// When this node last asked for a leadership transfer in this group.
+    pub(crate) last_transfer: Mutex<Option<Instant>>,
+    /// When this node last proposed a membership step in this group.
+    pub(crate) last_change: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("id", &self.id)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failed write: not the leader (with the leader's replica id and address when known),
+/// or the group cannot take writes now.
+#[derive(Debug)]
+pub enum WriteError {
+    /// Another replica leads (or none is known).
+    NotLeader(Option<(ReplicaId, String)>),
+    /// The group is shutting down or failed.
+    Unavailable(String),
+}
+
+impl Group {
+    /// Starts a replica of `id` with an empty log (it learns everything from the leader,
+    /// or from [`initialize`](Self::initialize) when it founds the group).
+    ///
+    /// # Errors
+    ///
+    /// When openraft cannot start the group.
+    pub async fn start(
+        id: GroupId,
+        replica: ReplicaId,
+        config: Arc<Config>,
+        transport: Transport,
+        engine: Arc<Engine>,
+        tickets: Arc<Tickets>,
+    ) -> Result<Arc<Group>, String> {
+        let partition = if id == META_GROUP {
+            PartitionId(0)
+        } else {
+            PartitionId(id)
+        };
+        let sm = PartitionStateMachine::with_engine(partition, engine, tickets);
+        let raft = openraft::Raft::new(
+            replica,
+            config,
+            GroupNetwork::new(transport, id),
+            MemLogStore::new(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| format!("cannot start raft group {id}: {e}"))?;
+        Ok(Arc::new(Group {
+            id,
+            replica,
+            raft,
+            sm,
+            fresh: Mutex::new(None),
+            unwanted_since: Mutex::new(None),
+            last_transfer: Mutex::new(None),
+            last_change: Mutex::new(None),
+        }))
+    }
+
+    /// Founds the group with these voters.
+    ///
+    /// # Errors
+    ///
+    /// When openraft refuses (already initialized).
+    pub async fn initialize(&self, voters: BTreeMap<ReplicaId, ReplicaNode>) -> Result<(), String> {
+        self.raft
+            .initialize(voters)
+            .await
+            .map_err(|e| format!("cannot initialize group {}: {e}", self.id))
+    }
+
+    /// Whether this replica leads the group now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    /// The current leader's replica id and address, if known.
+    pub fn leader(&self) -> Option<(ReplicaId, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let leader = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
+        Some((leader, addr))
+    }
+
+    /// Proposes `proposal` and waits until it is applied here.
+    ///
+    /// # Errors
+    ///
+    /// [`WriteError`].
+    pub async fn write(&self, proposal: Proposal) -> Result<Response, WriteError> {
+        match self.raft.client_write(proposal).await {
+            Ok(resp) => Ok(resp.response().clone()),
+            Err(e) => Err(write_error(e)),
+        }
+    }
+
+    /// Waits until a read at `policy` is linearizable here (the state machine has applied
+    /// everything committed before the read began, and this replica still leads).
+    ///
+    /// # Errors
+    ///
+    /// [`WriteError`] (not the leader, or unavailable).
+    pub async fn ensure_linearizable(&self, policy: ReadPolicy) -> Result<(), WriteError> {
+        match self.raft.ensure_linearizable(policy).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader(f.leader_id.map(|id| {
+                    (id, f.leader_node.map(|n| n.addr).unwrap_or_default())
+                })))
+            }
+            Err(e) => Err(WriteError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Handles an append from the leader and remembers how fresh it makes this replica:
+    /// as fresh as the moment the leader sent it (`sent_at_ms`, the sender's wall clock),
+    /// never the moment it arrived.
+    ///
+    /// # Errors
+    ///
+    /// openraft's error (fatal: the group stopped).
+    pub async fn append_entries(
+        &self,
+        req: AppendEntriesRequest<TypeConfig>,
+        sent_at_ms: u64,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, String> {
+        let leader_commit = req.leader_commit.map_or(0, |id| id.index);
+        let vote = req.vote;
+        let resp = self
+            .raft
+            .append_entries(req)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(
+            group = self.id,
+            leader_commit,
+            success = resp.is_success(),
+            sent_at_ms,
+            "append"
+        );
+        if resp.is_success() {
+            let age = Duration::from_millis(super::network::wall_ms().saturating_sub(sent_at_ms));
+            let now = Instant::now();
+            *self.fresh.lock().unwrap_or_else(PoisonError::into_inner) = Some(Freshness {
+                at: now.checked_sub(age).unwrap_or(now),
+                leader_commit,
+                vote,
+            });
+        }
+        Ok(resp)
+    }
+
+    /// How stale this follower's applied state may be: the time since the last append
+    /// from the leader whose commit index it has applied; `None` when it never heard from
+    /// a leader or has not applied what the last append said was committed.
+    pub fn staleness(&self) -> Option<Duration> {
+        let fresh = self
+            .fresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        let current_vote = self.raft.metrics().borrow_watched().vote;
+        if current_vote != fresh.vote {
+            return None;
+        }
+        let applied = self.sm.last_applied_index().ok()?;
+        (applied >= fresh.leader_commit).then(|| fresh.at.elapsed())
+    }
+}
+
+fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> WriteError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteError::NotLeader(
+            f.leader_id
+                .map(|id| (id, f.leader_node.map(|n| n.addr).unwrap_or_default())),
+        ),
+        other => WriteError::Unavailable(other.to_string()),
+    }
+}
