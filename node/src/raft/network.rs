@@ -50,7 +50,7 @@ pub const META_GROUP: GroupId = u32::MAX;
 /// Most messages in one batch.
 pub const MAX_BATCH: usize = 512;
 /// Batches in flight to one peer at once.
-pub const IN_FLIGHT: usize = 4;
+pub const IN_FLIGHT: usize = 16;
 /// How long one batch RPC may take before its messages fail as unreachable.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting to a peer may take.
