@@ -27,7 +27,7 @@ pub type RaftHandle = openraft::Raft<TypeConfig, PartitionStateMachine>;
 /// 0.4..0.8 s plus the election round trip. openraft's own `heartbeat_interval` only sets its internal tick (13/64 of
 /// it) and timeouts of heartbeats it would send itself, so it is larger than ours to
 /// keep idle groups cheap.
-pub const HEARTBEAT: Duration = Duration::from_millis(50);
+pub const HEARTBEAT: Duration = Duration::from_millis(100);
 const OPENRAFT_HEARTBEAT_MS: u64 = 190;
 const ELECTION_MIN_MS: u64 = 200;
 const ELECTION_MAX_MS: u64 = 400;
