@@ -920,6 +920,10 @@ impl ClusterNode {
     /// The `NotLeader` error for partition `p`, with the leader's node and address when
     /// known (from the group, else the placement's preferred leader).
     fn not_leader(&self, p: PartitionId, hint: Option<(ReplicaId, String)>) -> NodeError {
+        // A hint naming this very replica (openraft may still report itself as the
+        // leader while it steps down or hands over) would send the client back here.
+        let own = self.group(p.0).map(|g| g.replica);
+        let hint = hint.filter(|(r, _)| Some(*r) != own);
         let meta = self.meta();
         let leader = match (hint, &meta) {
             (Some((r, addr)), Some(m)) => m.owner(r).map(|n| {
