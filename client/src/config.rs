@@ -46,7 +46,7 @@ impl ClientConfig {
 
 impl Default for ClientConfig {
     /// [`DEFAULT_ENDPOINT`], a 2 s connect timeout, a 2 s timeout per attempt, a 5 s
-    /// deadline per call, 10 attempts, back-off from 10 ms doubling to 500 ms, and 64 MiB
+    /// deadline per call, 16 attempts, back-off from 10 ms doubling to 500 ms, and 64 MiB
     /// messages.
     fn default() -> Self {
         ClientConfig {
@@ -54,7 +54,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(2),
             request_deadline: Duration::from_secs(5),
-            max_attempts: 10,
+            max_attempts: 16,
             backoff_base: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
             max_message_bytes: 64 << 20,

@@ -128,6 +128,9 @@ impl ClientError {
                     ClientError::Unreachable(message)
                 }
                 Code::Unavailable => ClientError::Unavailable(message),
+                // A connection that broke under the request (reset by a node that died):
+                // tonic reports it as `Unknown`. The node may or may not have applied it.
+                Code::Unknown if is_transport_failure(status) => ClientError::Unavailable(message),
                 _ => server(message),
             };
         };
@@ -186,6 +189,22 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         self.is_unapplied() || matches!(self, ClientError::Unavailable(_) | ClientError::Timeout(_))
     }
+}
+
+/// Whether `status` is tonic's report of a broken connection rather than an answer
+/// from a node (a transport error in its source chain, or its message says so).
+fn is_transport_failure(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<raftcache_proto::tonic::transport::Error>()
+            .is_some()
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    status.message().starts_with("transport error")
 }
 
 /// Whether `status` comes from failing to connect (tonic's `ConnectError` is in its
@@ -269,6 +288,19 @@ fn wrong_epoch_message(epoch: Option<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broken_connection_is_transient_but_not_surely_unapplied() {
+        let e = ClientError::from_status(&Status::unknown(
+            "transport error: connection error: connection reset",
+        ));
+        assert!(matches!(e, ClientError::Unavailable(_)), "{e:?}");
+        assert!(e.is_transient() && !e.is_unapplied());
+        // Any other `Unknown` from a node stays a server error.
+        let e = ClientError::from_status(&Status::unknown("boom"));
+        assert!(matches!(e, ClientError::Server { .. }), "{e:?}");
+        assert!(!e.is_transient());
+    }
 
     fn status_with(detail: ErrorDetail, message: &str) -> Status {
         detail.into_status(message)

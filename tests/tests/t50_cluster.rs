@@ -329,10 +329,15 @@ fn kill_9_of_the_busiest_leader_loses_no_acknowledged_write() {
         );
     }
     eprintln!(
-        "kill -9: {} writes acknowledged, {} errors, slowest request {:?}",
+        "kill -9: {} writes acknowledged, {} errors, slowest request {:?}; first errors: {:?}",
         log.acked.len(),
         log.errors.len(),
-        log.slowest
+        log.slowest,
+        log.errors
+            .iter()
+            .take(3)
+            .map(|(_, e)| e)
+            .collect::<Vec<_>>()
     );
     let survivors: Vec<String> = cluster
         .nodes
@@ -533,6 +538,10 @@ fn a_paused_replica_serves_no_stale_read_and_catches_up() {
             }
             assert!(Instant::now() < deadline, "no new leader for partition {p}");
         }
+        // Bounded staleness allows the old value for `max_staleness` after the new one
+        // was acknowledged; wait past the bound used below, so that from here on the old
+        // value is wrong at every level.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         signal(f_pid, libc::SIGCONT);
         // Right after it wakes up, F must not answer with the old value at any level.
         let (lease, lin, fol) = tokio::join!(
@@ -559,10 +568,11 @@ fn a_paused_replica_serves_no_stale_read_and_catches_up() {
                 }
             }
         }
-        // It catches up: a fresh FOLLOWER read there returns the new value.
+        // It catches up: a FOLLOWER read there (100 ms bound, long past the write)
+        // returns the new value, never the old one.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(Some(v)) = raw_get(&f_addr, &key, p, WireConsistency::Follower, 1_000).await {
+            if let Ok(Some(v)) = raw_get(&f_addr, &key, p, WireConsistency::Follower, 100).await {
                 assert_eq!(v, &b"new"[..]);
                 break;
             }

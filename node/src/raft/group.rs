@@ -226,28 +226,39 @@ impl Group {
         req: AppendEntriesRequest<TypeConfig>,
         sent_at_ms: u64,
     ) -> Result<AppendEntriesResponse<TypeConfig>, String> {
-        let leader_commit = req.leader_commit.map_or(0, |id| id.index);
+        let leader_commit = req.leader_commit.map(|id| id.index);
         let vote = req.vote;
         let resp = self
             .raft
             .append_entries(req)
             .await
             .map_err(|e| e.to_string())?;
-        tracing::debug!(
+        tracing::trace!(
             group = self.id,
-            leader_commit,
+            ?leader_commit,
             success = resp.is_success(),
             sent_at_ms,
             "append"
         );
-        if resp.is_success() {
+        // Only a message that tells the leader's commit index can date freshness: one
+        // without it (a new leader's first heartbeats) says nothing about what this
+        // replica misses, and under one vote the commit index only grows, so a message
+        // carrying less than already seen is older news.
+        if let (true, Some(commit)) = (resp.is_success(), leader_commit) {
             let age = Duration::from_millis(super::network::wall_ms().saturating_sub(sent_at_ms));
             let now = Instant::now();
-            *self.fresh.lock().unwrap_or_else(PoisonError::into_inner) = Some(Freshness {
-                at: now.checked_sub(age).unwrap_or(now),
-                leader_commit,
-                vote,
-            });
+            let mut fresh = self.fresh.lock().unwrap_or_else(PoisonError::into_inner);
+            let known = fresh
+                .as_ref()
+                .filter(|f| f.vote == vote)
+                .map_or(0, |f| f.leader_commit);
+            if commit >= known {
+                *fresh = Some(Freshness {
+                    at: now.checked_sub(age).unwrap_or(now),
+                    leader_commit: commit,
+                    vote,
+                });
+            }
         }
         Ok(resp)
     }
