@@ -40,8 +40,8 @@ use tracing::{debug, info, warn};
 
 use crate::error::{NodeError, Result};
 use crate::raft::{
-    raft_config, ChangeMembers, Group, GroupId, Proposal, ReadPolicy, ReplicaId, ReplicaNode,
-    Tickets, Transport, WriteError, HEARTBEAT, META_GROUP,
+    raft_config, ChangeMembers, Group, GroupId, Proposal, RaftConfig, ReadPolicy, ReplicaId,
+    ReplicaNode, Tickets, Transport, WriteError, HEARTBEAT, META_GROUP,
 };
 use crate::storage::{
     Clock, Command, Condition, Engine, EvictionPolicy, Op, Outcome, PartitionId, ReadView,
@@ -84,7 +84,7 @@ pub struct ClusterNode {
     clock: Arc<dyn Clock>,
     transport: Transport,
     tickets: Arc<Tickets>,
-    raft_config: Arc<openraft::Config>,
+    raft_config: RaftConfig,
     node_id: AtomicU64,
     engine: OnceLock<Arc<Engine>>,
     meta_engine: Arc<Engine>,
@@ -509,34 +509,37 @@ impl ClusterNode {
     // ---- Background loops ----------------------------------------------------------
 
     fn spawn_loops(self: Arc<Self>) {
-        let node = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = node.shutdown.cancelled() => return,
-                }
-                // One heartbeat for every led group at the same instant: the transport
-                // coalesces them into one batch per peer.
-                for g in node.all_groups() {
-                    if g.is_leader() {
-                        let _ = g.raft.trigger().heartbeat().await;
-                    }
+        // One heartbeat for every led group at the same instant: the transport coalesces
+        // them into one batch per peer.
+        self.every(HEARTBEAT, |node| async move {
+            for g in node.all_groups() {
+                if g.is_leader() {
+                    let _ = g.raft.trigger().heartbeat().await;
                 }
             }
         });
+        self.every(
+            RECONCILE_EVERY,
+            |node| async move { node.reconcile().await },
+        );
+    }
+
+    /// Runs `f` every `period` (skipping missed ticks) until the node shuts down.
+    fn every<F, Fut>(self: &Arc<Self>, period: Duration, f: F)
+    where
+        F: Fn(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let node = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RECONCILE_EVERY);
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     () = node.shutdown.cancelled() => return,
                 }
-                node.reconcile().await;
+                f(node.clone()).await;
             }
         });
     }
@@ -573,14 +576,7 @@ impl ClusterNode {
                 }
                 *since.get_or_insert_with(Instant::now)
             };
-            let counted = {
-                let m = g.raft.metrics();
-                let m = openraft::rt::WatchReceiver::borrow_watched(&m);
-                m.membership_config
-                    .membership()
-                    .get_node(&g.replica)
-                    .is_some()
-            };
+            let counted = g.view().counts(g.replica);
             // The group's leader knows best whether it still needs this replica (a
             // removed replica may never see the configuration that removed it).
             let released = !counted
@@ -638,25 +634,16 @@ impl ClusterNode {
         if voters.is_empty() {
             return;
         }
-        let (membership, matched, last_index) = {
-            let m = g.raft.metrics();
-            let m = openraft::rt::WatchReceiver::borrow_watched(&m);
-            (
-                m.membership_config.membership().clone(),
-                m.replication.clone().unwrap_or_default(),
-                m.last_log_index.unwrap_or(0),
-            )
-        };
+        let view = g.view();
         let caught_up = |r: &ReplicaId| {
             *r == g.replica
-                || matched
+                || view
+                    .matched
                     .get(r)
-                    .and_then(|l| l.as_ref())
-                    .is_some_and(|l| l.index + CAUGHT_UP_LAG >= last_index)
+                    .is_some_and(|&index| index + CAUGHT_UP_LAG >= view.last_index)
         };
-        let current_voters: BTreeSet<ReplicaId> = membership.voter_ids().collect();
-        let present: BTreeSet<ReplicaId> = membership.nodes().map(|(id, _)| *id).collect();
-        let joint = membership.get_joint_config().len() > 1;
+        let current_voters = &view.voters;
+        let joint = view.joint;
 
         // Leaving: hand the leadership to a staying voter first.
         if !voters.contains_key(&g.replica) {
@@ -678,21 +665,22 @@ impl ClusterNode {
             .collect();
         let missing: BTreeMap<ReplicaId, ReplicaNode> = want_all
             .iter()
-            .filter(|(r, _)| !present.contains(r))
+            .filter(|(r, _)| !view.counts(**r))
             .map(|(k, v)| (*k, v.clone()))
             .collect();
         let want_voters: BTreeSet<ReplicaId> = voters.keys().copied().collect();
         let change = if !missing.is_empty() {
             Some(ChangeMembers::AddNodes(missing))
-        } else if joint || current_voters != want_voters {
+        } else if joint || *current_voters != want_voters {
             if want_voters.iter().all(caught_up) {
                 Some(ChangeMembers::ReplaceAllVoters(want_voters))
             } else {
                 None
             }
         } else {
-            let stray: BTreeSet<ReplicaId> = present
+            let stray: BTreeSet<ReplicaId> = current_voters
                 .iter()
+                .chain(&view.learners)
                 .filter(|r| !want_all.contains_key(r))
                 .copied()
                 .collect();
@@ -1167,17 +1155,15 @@ impl ClusterNode {
                 let placed: Vec<u64> = placement.replicas.iter().map(|r| r.node).collect();
                 match self.group(p) {
                     Some(g) => {
-                        let m = g.raft.metrics();
-                        let m = openraft::rt::WatchReceiver::borrow_watched(&m);
+                        let view = g.view();
                         let owner = |r: &ReplicaId| meta.owner(*r).unwrap_or(0);
-                        let membership = m.membership_config.membership();
                         PartitionInfo {
                             id: p,
-                            leader: m.current_leader.as_ref().map_or(0, owner),
-                            replicas: membership.voter_ids().map(|r| owner(&r)).collect(),
-                            term: m.current_term,
-                            applied: m.last_applied.map_or(0, |l| l.index),
-                            learners: membership.learner_ids().map(|r| owner(&r)).collect(),
+                            leader: view.leader.as_ref().map_or(0, owner),
+                            replicas: view.voters.iter().map(owner).collect(),
+                            term: view.term,
+                            applied: view.applied,
+                            learners: view.learners.iter().map(owner).collect(),
                             observed: true,
                         }
                     }

@@ -1,6 +1,6 @@
 //! One Raft group hosted on this node: a partition's (or the meta group's) replica.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,10 @@ use super::network::{GroupId, GroupNetwork, Transport, META_GROUP};
 use super::state_machine::{PartitionStateMachine, Tickets};
 use super::types::{Proposal, ReplicaId, ReplicaNode, Response, TypeConfig, Vote};
 use super::MemLogStore;
-use crate::storage::{Engine, PartitionId};
+use crate::storage::{Clock, Engine, PartitionId, SystemClock};
+
+/// The openraft settings shared by every group.
+pub type RaftConfig = Arc<Config>;
 
 /// The openraft handle of one group.
 pub type RaftHandle = openraft::Raft<TypeConfig, PartitionStateMachine>;
@@ -41,7 +44,7 @@ const LOGS_KEPT: u64 = 50;
 /// # Errors
 ///
 /// If openraft rejects the values (a bug).
-pub fn raft_config() -> Result<Arc<Config>, String> {
+pub fn raft_config() -> Result<RaftConfig, String> {
     let config = Config {
         cluster_name: "raftcache".into(),
         heartbeat_interval: OPENRAFT_HEARTBEAT_MS,
@@ -101,6 +104,34 @@ impl std::fmt::Debug for Group {
     }
 }
 
+/// What one replica knows of its group, read from openraft's metrics in one go.
+#[derive(Debug, Clone, Default)]
+pub struct GroupView {
+    /// The current leader, if known.
+    pub leader: Option<ReplicaId>,
+    /// The current term.
+    pub term: u64,
+    /// The index of the last applied entry (0 before any).
+    pub applied: u64,
+    /// The index of the last log entry (0 before any).
+    pub last_index: u64,
+    /// The voters of the effective membership.
+    pub voters: BTreeSet<ReplicaId>,
+    /// The learners of the effective membership.
+    pub learners: BTreeSet<ReplicaId>,
+    /// Whether the membership is a joint configuration (a change in progress).
+    pub joint: bool,
+    /// On the leader: the index of the last entry each follower is known to hold.
+    pub matched: BTreeMap<ReplicaId, u64>,
+}
+
+impl GroupView {
+    /// Whether `replica` is a member (voter or learner).
+    pub fn counts(&self, replica: ReplicaId) -> bool {
+        self.voters.contains(&replica) || self.learners.contains(&replica)
+    }
+}
+
 /// A failed write: not the leader (with the leader's replica id and address when known),
 /// or the group cannot take writes now.
 #[derive(Debug)]
@@ -121,7 +152,7 @@ impl Group {
     pub async fn start(
         id: GroupId,
         replica: ReplicaId,
-        config: Arc<Config>,
+        config: RaftConfig,
         transport: Transport,
         engine: Arc<Engine>,
         tickets: Arc<Tickets>,
@@ -163,6 +194,28 @@ impl Group {
             .initialize(voters)
             .await
             .map_err(|e| format!("cannot initialize group {}: {e}", self.id))
+    }
+
+    /// A consistent view of the group as this replica sees it.
+    pub fn view(&self) -> GroupView {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let membership = m.membership_config.membership();
+        GroupView {
+            leader: m.current_leader,
+            term: m.current_term,
+            applied: m.last_applied.map_or(0, |l| l.index),
+            last_index: m.last_log_index.unwrap_or(0),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            joint: membership.get_joint_config().len() > 1,
+            matched: m
+                .replication
+                .iter()
+                .flatten()
+                .filter_map(|(r, l)| Some((*r, l.as_ref()?.index)))
+                .collect(),
+        }
     }
 
     /// Whether this replica leads the group now.
@@ -245,7 +298,7 @@ impl Group {
         // replica misses, and under one vote the commit index only grows, so a message
         // carrying less than already seen is older news.
         if let (true, Some(commit)) = (resp.is_success(), leader_commit) {
-            let age = Duration::from_millis(super::network::wall_ms().saturating_sub(sent_at_ms));
+            let age = Duration::from_millis(SystemClock.now_ms().saturating_sub(sent_at_ms));
             let now = Instant::now();
             let mut fresh = self.fresh.lock().unwrap_or_else(PoisonError::into_inner);
             let known = fresh

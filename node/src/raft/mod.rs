@@ -28,7 +28,7 @@ mod state_machine_test;
 #[cfg(test)]
 mod suite_test;
 
-pub use group::{raft_config, Group, RaftHandle, WriteError, HEARTBEAT};
+pub use group::{raft_config, Group, GroupView, RaftConfig, RaftHandle, WriteError, HEARTBEAT};
 pub use log_store::MemLogStore;
 pub use network::{decode, encode, GroupId, Transport, META_GROUP};
 pub use openraft::{ChangeMembers, ReadPolicy, ServerState};

@@ -40,6 +40,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::types::{ReplicaId, ReplicaNode, Snapshot, TypeConfig, Vote};
+use crate::storage::{Clock, SystemClock};
 
 /// A Raft group id: a partition id, or [`META_GROUP`].
 pub type GroupId = u32;
@@ -244,7 +245,7 @@ impl Transport {
                 payload,
             },
             reply: tx,
-            created_at_ms: wall_ms(),
+            created_at_ms: SystemClock.now_ms(),
         };
         if peer.queue.send(pending).is_err() {
             return Err(RPCError::Unreachable(Unreachable::from_string(
@@ -354,7 +355,7 @@ async fn run_batcher(
             .iter()
             .map(|p| p.created_at_ms)
             .min()
-            .unwrap_or_else(wall_ms);
+            .unwrap_or_else(|| SystemClock.now_ms());
         inner.batches.fetch_add(1, Ordering::Relaxed);
         inner
             .messages
@@ -486,11 +487,4 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
         self.transport.learn_replica(target, &node.addr);
         GroupNetworkAdapter::new(self.transport.clone(), target, self.group)
     }
-}
-
-/// Wall-clock ms since the Unix epoch (0 if the clock is before it).
-pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

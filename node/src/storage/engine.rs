@@ -666,45 +666,32 @@ impl Engine {
     /// Evicts keys until about `to_free` accounted bytes are released. Prefers not to evict
     /// `writing` (the key being written). Returns false when nothing could be evicted.
     fn evict(&self, to_free: u64, now_ms: u64, writing: Option<(PartitionId, &[u8])>) -> bool {
-        let mut rng = rand::rng();
-        let samples = self.config.eviction_samples.max(1);
         let mut freed = 0u64;
-        let mut fruitless = 0usize;
-        let mut sampled = Vec::with_capacity(samples);
         while freed < to_free {
-            let exclude = writing.filter(|_| fruitless < ROUNDS_BEFORE_SELF_EVICTION);
-            sampled.clear();
-            self.sample(&mut rng, samples, now_ms, exclude, &mut sampled);
-            let victim = {
-                let mut pool = lock(&self.pool);
-                for candidate in sampled.drain(..) {
-                    pool.offer(candidate);
-                }
-                pool.pop_best_except(exclude)
-            };
-            let Some(Candidate { partition, key, .. }) = victim else {
-                fruitless += 1;
-                if fruitless > 2 * ROUNDS_BEFORE_SELF_EVICTION {
-                    return freed > 0;
-                }
-                continue;
-            };
-            let Ok(partition) = self.partition(partition) else {
-                continue;
-            };
-            let mut state = lock(&partition.state);
-            // Pool entries can be stale; do not spend an op (a log entry, later) on a key
-            // that is gone.
-            if !state.contains_key(&key) {
-                continue;
+            let victims = self.pick_victims(to_free - freed, now_ms, writing, &|_| true);
+            if victims.is_empty() {
+                return freed > 0;
             }
-            let op = Op {
-                now_ms,
-                cmd: Command::Evict { keys: vec![key] },
-            };
-            let before = state.memory_used();
-            self.apply_locked(partition, &mut state, &op, None);
-            freed += before.saturating_sub(state.memory_used());
+            let mut by_partition: Vec<(PartitionId, Vec<Bytes>)> = Vec::new();
+            for (p, key) in victims {
+                match by_partition.iter_mut().find(|(q, _)| *q == p) {
+                    Some((_, keys)) => keys.push(key),
+                    None => by_partition.push((p, vec![key])),
+                }
+            }
+            for (p, keys) in by_partition {
+                let Ok(partition) = self.partition(p) else {
+                    continue;
+                };
+                let mut state = lock(&partition.state);
+                let op = Op {
+                    now_ms,
+                    cmd: Command::Evict { keys },
+                };
+                let before = state.memory_used();
+                self.apply_locked(partition, &mut state, &op, None);
+                freed += before.saturating_sub(state.memory_used());
+            }
         }
         true
     }
