@@ -18,7 +18,9 @@ use raftcache_proto::v1::cache_client::CacheClient;
 use raftcache_proto::v1::{
     Consistency as WireConsistency, ErrorCode, ErrorDetail, GetRequest, Route,
 };
-use raftcache_tests::{bins, run_cli, runtime, settled, signal, wait_status, Cluster, NodeProc};
+use raftcache_tests::{
+    bins, run_cli, runtime, settled, signal, wait_status, Bins, Cluster, NodeProc,
+};
 
 const PARTITIONS: usize = 16;
 const SETTLE: Duration = Duration::from_secs(60);
@@ -151,6 +153,21 @@ async fn raw_get(
     Ok(r.found.then_some(r.value))
 }
 
+/// Three nodes, every partition with 3 voters and a leader, and a client of them.
+fn settled_cluster(bins: &Bins, rt: &tokio::runtime::Runtime) -> (Cluster, Client) {
+    let cluster = Cluster::start(bins, 3, &[]).unwrap();
+    let client = rt.block_on(async {
+        let client = Client::connect(ClientConfig::new(cluster.endpoints()))
+            .await
+            .unwrap();
+        wait_status(&client, SETTLE, "settled", |s| settled(s, PARTITIONS, 3))
+            .await
+            .unwrap();
+        client
+    });
+    (cluster, client)
+}
+
 #[test]
 fn three_nodes_replicate_every_partition_and_any_node_takes_writes() {
     let bins = bins!();
@@ -279,17 +296,8 @@ fn three_nodes_replicate_every_partition_and_any_node_takes_writes() {
 #[test]
 fn kill_9_of_the_busiest_leader_loses_no_acknowledged_write() {
     let bins = bins!();
-    let mut cluster = Cluster::start(&bins, 3, &[]).unwrap();
     let rt = runtime();
-    let client = rt.block_on(async {
-        let client = Client::connect(ClientConfig::new(cluster.endpoints()))
-            .await
-            .unwrap();
-        wait_status(&client, SETTLE, "settled", |s| settled(s, PARTITIONS, 3))
-            .await
-            .unwrap();
-        client
-    });
+    let (mut cluster, client) = settled_cluster(&bins, &rt);
     let stop = Arc::new(AtomicBool::new(false));
     let handles = workload(
         &rt,
@@ -393,17 +401,8 @@ fn kill_9_of_the_busiest_leader_loses_no_acknowledged_write() {
 #[test]
 fn add_rebalance_and_drain_under_load_lose_nothing() {
     let bins = bins!();
-    let mut cluster = Cluster::start(&bins, 3, &[]).unwrap();
     let rt = runtime();
-    let client = rt.block_on(async {
-        let client = Client::connect(ClientConfig::new(cluster.endpoints()))
-            .await
-            .unwrap();
-        wait_status(&client, SETTLE, "settled", |s| settled(s, PARTITIONS, 3))
-            .await
-            .unwrap();
-        client
-    });
+    let (mut cluster, client) = settled_cluster(&bins, &rt);
     let stop = Arc::new(AtomicBool::new(false));
     let handles = workload(
         &rt,
