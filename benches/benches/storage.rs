@@ -46,6 +46,7 @@ fn set(key: Bytes, value: Bytes) -> WriteRequest {
         ttl_ms: None,
         keep_ttl: false,
         condition: Condition::Always,
+        source_lsn: 0,
     }
 }
 

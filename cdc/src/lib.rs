@@ -12,3 +12,14 @@
 
 /// Re-exported so the dependency arrow `client <- cdc` is real from the start.
 pub use raftcache_client as client;
+
+pub mod apply;
+pub mod cli;
+pub mod config;
+pub mod lease;
+pub mod lsn;
+pub mod mapping;
+pub mod metrics;
+pub mod pgoutput;
+pub mod walsender;
+pub mod worker;

@@ -12,7 +12,7 @@ mod dev;
 
 use crate::bench::{self, BenchConfig, BenchReport, Ratio};
 use crate::{
-    Client, ClientConfig, ClusterStatus, Condition, Consistency, NodeStats, ReadOptions,
+    Client, ClientConfig, ClusterStatus, Condition, Consistency, Lsn, NodeStats, ReadOptions,
     SetOptions, Ttl, DEFAULT_ENDPOINT,
 };
 use anyhow::Context;
@@ -69,8 +69,13 @@ enum ClientCommand {
         /// For `--consistency follower`: how stale the answer may be.
         #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
         max_staleness: Duration,
+        /// Read-your-writes with Postgres: answer only once CDC has applied every commit
+        /// before this LSN (as `pg_current_wal_lsn()` prints it, e.g. `0/16B3748`).
+        #[arg(long, value_name = "LSN")]
+        min_lsn: Option<Lsn>,
     },
-    /// Write a key (exit 1 when the condition did not hold).
+    /// Write a key (exit 1 when the condition did not hold, 3 when a `--source-lsn`
+    /// fill was refused as stale).
     Set {
         /// The key.
         key: String,
@@ -92,6 +97,10 @@ enum ClientCommand {
         /// Keep the key's current TTL.
         #[arg(long)]
         keep_ttl: bool,
+        /// A cache-aside fill of a row read from Postgres at this LSN: refused (exit 3)
+        /// when CDC invalidated or rewrote the key at or after it.
+        #[arg(long, value_name = "LSN")]
+        source_lsn: Option<Lsn>,
         /// Print `{"applied":…,"version":…}`.
         #[arg(long)]
         json: bool,
@@ -324,13 +333,18 @@ async fn run_client(
             json,
             consistency,
             max_staleness,
+            min_lsn,
         } => {
             let consistency = match consistency {
                 ConsistencyArg::Linearizable => Consistency::Linearizable,
                 ConsistencyArg::Lease => Consistency::Lease,
                 ConsistencyArg::Follower => Consistency::Follower { max_staleness },
             };
-            let value = client.get_with(&key, ReadOptions { consistency }).await?;
+            let options = ReadOptions {
+                consistency,
+                min_lsn,
+            };
+            let value = client.get_with(&key, options).await?;
             let found = value.is_some();
             if json {
                 let line = GetJson {
@@ -341,6 +355,10 @@ async fn run_client(
                         .map(|v| String::from_utf8_lossy(&v.value).into_owned()),
                     version: value.as_ref().map(|v| v.version),
                     ttl_ms: value.as_ref().and_then(|v| v.ttl).map(millis),
+                    source_lsn: value
+                        .as_ref()
+                        .map(|v| v.source_lsn)
+                        .filter(|l| *l != Lsn::ZERO),
                 };
                 writeln!(out, "{}", serde_json::to_string(&line)?)?;
                 write_stdout(out.as_bytes())?;
@@ -358,6 +376,7 @@ async fn run_client(
             xx,
             if_version,
             keep_ttl,
+            source_lsn,
             json,
         } => {
             let condition = match (nx, xx, if_version) {
@@ -370,15 +389,26 @@ async fn run_client(
                 ttl,
                 condition,
                 keep_ttl,
+                source_lsn,
             };
             let outcome = client.set_with(&key, value, options).await?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&outcome)?)?;
+            } else if let Some(newer) = outcome.refused_by {
+                writeln!(
+                    out,
+                    "NOT SET: stale fill, the key was invalidated or updated by CDC at {newer}, not before {}",
+                    source_lsn.unwrap_or_default()
+                )?;
             } else {
                 out.push_str(if outcome.applied { "OK\n" } else { "NOT SET\n" });
             }
             write_stdout(out.as_bytes())?;
-            negative_unless(outcome.applied)
+            if outcome.refused_by.is_some() {
+                ExitCode::from(3)
+            } else {
+                negative_unless(outcome.applied)
+            }
         }
         ClientCommand::Del { key } => print_flag(client.delete(&key).await?)?,
         ClientCommand::Incr { key, by } => {
@@ -507,6 +537,8 @@ struct GetJson<'a> {
     value: Option<String>,
     version: Option<u64>,
     ttl_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_lsn: Option<Lsn>,
 }
 
 fn millis(d: Duration) -> u64 {

@@ -24,6 +24,7 @@
 
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
+use crate::lsn::Lsn;
 use crate::pool::Pool;
 use crate::routing::{ClusterMap, ClusterStatus, Topology};
 use bytes::Bytes;
@@ -72,6 +73,9 @@ pub struct Value {
     pub version: u64,
     /// The time left before the key expires; `None` when it has no TTL.
     pub ttl: Option<Duration>,
+    /// The Postgres position the value comes from (a fill's `source_lsn`, or the commit
+    /// of a CDC update); [`Lsn::ZERO`] when it did not come from Postgres.
+    pub source_lsn: Lsn,
 }
 
 impl From<v1::GetResponse> for Value {
@@ -80,6 +84,7 @@ impl From<v1::GetResponse> for Value {
             value: r.value,
             version: r.version,
             ttl: r.ttl_remaining_ms.map(Duration::from_millis),
+            source_lsn: Lsn(r.source_lsn),
         }
     }
 }
@@ -118,6 +123,9 @@ impl Consistency {
 pub struct ReadOptions {
     /// How fresh the answer must be.
     pub consistency: Consistency,
+    /// Read-your-writes with Postgres: answer only once CDC has applied every commit
+    /// before this position to the key's partition (see [`Client::get_with_min_lsn`]).
+    pub min_lsn: Option<Lsn>,
 }
 
 /// When a write applies.
@@ -144,6 +152,10 @@ pub struct SetOptions {
     pub condition: Condition,
     /// Keep the key's current TTL instead of applying `ttl` (Redis `KEEPTTL`).
     pub keep_ttl: bool,
+    /// Makes the write a cache-aside fill of a row read from Postgres at this position:
+    /// it is refused when CDC already invalidated or rewrote the key at or after it
+    /// (see [`Client::set_if_newer`]).
+    pub source_lsn: Option<Lsn>,
 }
 
 /// The outcome of [`Client::set_with`].
@@ -153,6 +165,9 @@ pub struct SetOutcome {
     pub applied: bool,
     /// When applied, the new version; otherwise the key's current one (0 if absent).
     pub version: u64,
+    /// For a fill ([`SetOptions::source_lsn`]) refused as stale: the LSN of the newer
+    /// invalidation or update that refused it. `None` otherwise.
+    pub refused_by: Option<Lsn>,
 }
 
 /// The time to live of a key, as [`Client::ttl`] reports it.
@@ -381,6 +396,7 @@ impl Client {
                     condition: condition as i32,
                     expected_version,
                     keep_ttl: options.keep_ttl,
+                    source_lsn: options.source_lsn.map_or(0, |l| l.0),
                 },
                 |mut c, r| async move { c.set(r).await },
             )
@@ -388,7 +404,82 @@ impl Client {
         Ok(SetOutcome {
             applied: r.applied,
             version: r.version,
+            refused_by: r.stale.then_some(Lsn(r.newer_lsn)),
         })
+    }
+
+    /// Cache-aside fill of a row read from Postgres: writes `key` only if CDC has not
+    /// invalidated or rewritten it at or after `source_lsn`. Take `source_lsn` from
+    /// `SELECT pg_current_wal_lsn()` *before* reading the row, so that any commit the
+    /// read may have missed has a later LSN and wins.
+    ///
+    /// A refused fill is not an error: [`SetOutcome::refused_by`] says which newer
+    /// change refused it (the app just serves the row it read without caching it).
+    ///
+    /// # Errors
+    /// As [`Client::set_with`].
+    pub async fn set_if_newer(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        source_lsn: Lsn,
+        ttl: Option<Duration>,
+    ) -> Result<SetOutcome> {
+        let options = SetOptions {
+            ttl,
+            source_lsn: Some(source_lsn),
+            ..SetOptions::default()
+        };
+        self.set_with(key, value, options).await
+    }
+
+    /// Reads `key` once CDC has applied every Postgres commit before `min_lsn` to its
+    /// partition: after committing a change, take `pg_current_wal_lsn()` and read with it
+    /// to see the cache reflect that change (read-your-writes).
+    ///
+    /// # Errors
+    /// [`ClientError::LsnNotReached`] when CDC did not get there within the deadline;
+    /// otherwise as [`Client::get_with`].
+    pub async fn get_with_min_lsn(
+        &self,
+        key: impl AsRef<[u8]>,
+        min_lsn: Lsn,
+    ) -> Result<Option<Value>> {
+        let options = ReadOptions {
+            min_lsn: Some(min_lsn),
+            ..ReadOptions::default()
+        };
+        self.get_with(key, options).await
+    }
+
+    /// Applies one batch of CDC changes to the leader of `partition` (what
+    /// `raftcache-cdc` sends; every key of the batch must hash to `partition`).
+    /// Retried on transient failures: a batch is idempotent (per-key LSN compare).
+    ///
+    /// # Errors
+    /// [`ClientError::Fenced`] when a newer worker holds the CDC lease; otherwise any
+    /// [`ClientError`].
+    pub async fn apply_changes(
+        &self,
+        partition: u32,
+        request: v1::ApplyChangesRequest,
+    ) -> Result<v1::ApplyChangesResponse> {
+        let request = &request;
+        self.routed(Retry::Transient, |_, limit| async move {
+            let target = self.topology().partition_target(partition)?;
+            let mut request = request.clone();
+            request.route = Some(target.route);
+            call(
+                &self.inner.config,
+                target.channel,
+                request,
+                limit,
+                |mut c, r| async move { c.apply_changes(r).await },
+            )
+            .await
+            .map_err(|e| with_partition(e, partition))
+        })
+        .await
     }
 
     /// Removes `key`; true when a live key was removed.
@@ -935,6 +1026,7 @@ impl Client {
                 consistency: consistency as i32,
                 max_staleness_ms,
                 skip_value,
+                min_lsn: options.min_lsn.map_or(0, |l| l.0),
             },
             |mut c, r| async move { c.get(r).await },
         )
@@ -983,6 +1075,7 @@ impl Client {
                 keys: batch.refs,
                 consistency: consistency as i32,
                 max_staleness_ms,
+                min_lsn: options.min_lsn.map_or(0, |l| l.0),
             };
             let r = call(
                 config,
@@ -1238,10 +1331,12 @@ mod tests {
             value: Bytes::from_static(b"v"),
             version: 3,
             ttl_remaining_ms: Some(1500),
+            source_lsn: 0x16_0000_0010,
         });
         assert_eq!(v.value, "v");
         assert_eq!(v.version, 3);
         assert_eq!(v.ttl, Some(Duration::from_millis(1500)));
+        assert_eq!(v.source_lsn.to_string(), "16/10");
     }
 
     #[tokio::test]

@@ -72,6 +72,22 @@ pub enum ClientError {
         /// The longest TTL the node accepts, in milliseconds.
         limit_ms: u64,
     },
+    /// A `min_lsn` read: CDC had not applied Postgres up to that position on the
+    /// key's partition within the deadline (is `raftcache-cdc` running?).
+    #[error("{}", lsn_not_reached_message(*partition, *watermark))]
+    LsnNotReached {
+        /// The partition concerned, when known.
+        partition: Option<u32>,
+        /// The partition's CDC watermark when the node gave up, when it said.
+        watermark: Option<crate::Lsn>,
+    },
+    /// A CDC batch carried a fencing token older than one the partition already
+    /// accepted: another `raftcache-cdc` worker took over the lease.
+    #[error("fenced: a newer CDC worker holds the lease (partition token {current})")]
+    Fenced {
+        /// The partition's current fencing token.
+        current: u64,
+    },
     /// The node rejected the request as malformed; the message says why.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -161,6 +177,13 @@ impl ClientError {
             ErrorCode::TtlOutOfRange => match detail.limit {
                 Some(limit_ms) => ClientError::TtlOutOfRange { limit_ms },
                 None => server(message),
+            },
+            ErrorCode::LsnNotReached => ClientError::LsnNotReached {
+                partition: detail.partition,
+                watermark: detail.actual.map(crate::Lsn),
+            },
+            ErrorCode::Fenced => ClientError::Fenced {
+                current: detail.limit.unwrap_or(0),
             },
             ErrorCode::InvalidArgument => ClientError::InvalidArgument(message),
             ErrorCode::Unavailable => ClientError::Unavailable(message),
@@ -258,6 +281,18 @@ fn with_sources(mut line: String, mut source: Option<&dyn std::error::Error>) ->
         source = cause.source();
     }
     line
+}
+
+fn lsn_not_reached_message(partition: Option<u32>, watermark: Option<crate::Lsn>) -> String {
+    let mut m = match partition {
+        Some(p) => format!("CDC has not reached the requested LSN on partition {p}"),
+        None => "CDC has not reached the requested LSN".to_owned(),
+    };
+    if let Some(w) = watermark {
+        m.push_str(&format!(" (it is at {w})"));
+    }
+    m.push_str("; is raftcache-cdc running?");
+    m
 }
 
 fn not_leader_message(

@@ -47,6 +47,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod lsn;
 mod pool;
 pub mod ring;
 pub mod routing;
@@ -56,4 +57,5 @@ pub use client::{
 };
 pub use config::{ClientConfig, DEFAULT_ENDPOINT};
 pub use error::{ClientError, Result};
+pub use lsn::Lsn;
 pub use routing::{ClusterMap, ClusterStatus, NodeInfo, PartitionInfo, PartitionStatus};

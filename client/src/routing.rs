@@ -401,7 +401,14 @@ impl Topology {
     /// [`ClientError::NotLeader`] when the map names no (known) leader for the key's
     /// partition; a fresher map may.
     pub(crate) fn target(&self, key: &[u8]) -> Result<Target> {
-        let partition = self.ring.partition_of(key);
+        self.partition_target(self.ring.partition_of(key))
+    }
+
+    /// Where a request for `partition` goes: its leader.
+    ///
+    /// # Errors
+    /// As [`Topology::target`]; also for a partition the map does not have.
+    pub(crate) fn partition_target(&self, partition: u32) -> Result<Target> {
         let leader = self.leaders.get(partition as usize).copied().flatten();
         let Some(index) = leader else {
             return Err(ClientError::NotLeader {
@@ -478,6 +485,7 @@ mod tests {
                     applied: u64::from(id),
                     learners: vec![],
                     observed: true,
+                    cdc_lsn: 0,
                 })
                 .collect(),
             node_id: 1,
@@ -505,6 +513,7 @@ mod tests {
                         term,
                         applied,
                         observed,
+                        cdc_lsn: 0,
                     },
                 )
                 .collect(),

@@ -130,6 +130,7 @@ impl Fake {
                     version: *version,
                     ttl_remaining_ms: deadline
                         .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+                    source_lsn: 0,
                 }
             }
             _ => GetResponse::default(),
@@ -159,6 +160,7 @@ impl Fake {
                     applied: 0,
                     learners: vec![],
                     observed: true,
+                    cdc_lsn: 0,
                 })
                 .collect(),
             node_id: self.id,
@@ -223,6 +225,7 @@ impl Cache for Service {
             return Ok(Response::new(SetResponse {
                 applied: false,
                 version: current.version,
+                ..Default::default()
             }));
         }
         let version = self.next_version.fetch_add(1, Ordering::SeqCst) + 1;
@@ -234,6 +237,7 @@ impl Cache for Service {
         Ok(Response::new(SetResponse {
             applied: true,
             version,
+            ..Default::default()
         }))
     }
 
@@ -290,6 +294,13 @@ impl Cache for Service {
     ) -> Result<Response<ClusterMapResponse>, Status> {
         self.calls.cluster_maps.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(self.map()))
+    }
+
+    async fn apply_changes(
+        &self,
+        _: Request<ApplyChangesRequest>,
+    ) -> Result<Response<ApplyChangesResponse>, Status> {
+        Err(Status::unimplemented("the fake node has no CDC"))
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
@@ -607,6 +618,7 @@ async fn follower_reads_spread_over_the_replicas() {
         consistency: Consistency::Follower {
             max_staleness: Duration::from_millis(100),
         },
+        ..ReadOptions::default()
     };
     for _ in 0..10 {
         assert_eq!(client.get_with("k", follower).await.unwrap(), None);

@@ -141,6 +141,10 @@ pub struct StorageSection {
     pub reclaim_interval: Duration,
     /// At most this many expired keys are reclaimed per partition per round.
     pub reclaim_batch: usize,
+    /// How long a CDC tombstone (a key changed in Postgres) refuses older cache-aside fills
+    /// by itself before it is folded into the partition's tombstone floor.
+    #[serde(with = "humantime_serde")]
+    pub cdc_tombstone_ttl: Duration,
 }
 
 impl Default for StorageSection {
@@ -158,6 +162,7 @@ impl Default for StorageSection {
             max_value_size: ByteSize(s.max_value_bytes as u64),
             reclaim_interval: Duration::from_millis(100),
             reclaim_batch: 1000,
+            cdc_tombstone_ttl: Duration::from_millis(s.cdc_tombstone_ttl_ms),
         }
     }
 }
@@ -252,6 +257,9 @@ impl Config {
         if s.reclaim_batch == 0 {
             return invalid("storage.reclaim-batch", "must be at least 1".into());
         }
+        if s.cdc_tombstone_ttl.as_millis() == 0 {
+            return invalid("storage.cdc-tombstone-ttl", "must be at least 1ms".into());
+        }
         Ok(self)
     }
 
@@ -265,6 +273,8 @@ impl Config {
             eviction_samples: s.eviction_samples,
             max_key_bytes: usize::try_from(s.max_key_size.0).unwrap_or(usize::MAX),
             max_value_bytes: usize::try_from(s.max_value_size.0).unwrap_or(usize::MAX),
+            cdc_tombstone_ttl_ms: u64::try_from(s.cdc_tombstone_ttl.as_millis())
+                .unwrap_or(u64::MAX),
         }
     }
 
@@ -292,9 +302,11 @@ mod tests {
     #[test]
     fn human_units_parse() {
         let c = Config::from_toml(
-            "[storage]\nmax-memory = \"64MiB\"\nreclaim-interval = \"250ms\"\neviction-policy = \"allkeys-lfu\"\n",
+            "[storage]\nmax-memory = \"64MiB\"\nreclaim-interval = \"250ms\"\neviction-policy = \"allkeys-lfu\"\ncdc-tombstone-ttl = \"2m\"\n",
         )
         .unwrap();
+        assert_eq!(c.storage.cdc_tombstone_ttl, Duration::from_secs(120));
+        assert_eq!(c.storage_config().cdc_tombstone_ttl_ms, 120_000);
         assert_eq!(c.storage.max_memory.0, 64 << 20);
         assert_eq!(c.storage.reclaim_interval, Duration::from_millis(250));
         assert_eq!(c.storage.eviction_policy, EvictionPolicy::AllKeysLfu);
@@ -318,5 +330,9 @@ mod tests {
         c.storage.partitions = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("storage.partitions"), "{e}");
+        let mut c = Config::default();
+        c.storage.cdc_tombstone_ttl = Duration::from_micros(500);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("storage.cdc-tombstone-ttl"), "{e}");
     }
 }

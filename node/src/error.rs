@@ -34,6 +34,27 @@ pub enum NodeError {
     /// of a cluster); retrying later may work.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A `min_lsn` read gave up: CDC had not applied Postgres up to `wanted` on the
+    /// partition within the request's deadline.
+    #[error("CDC has not reached LSN {} on partition {partition} (it is at {}); is raftcache-cdc running?", fmt_lsn(*wanted), fmt_lsn(*watermark))]
+    LsnNotReached {
+        /// The partition.
+        partition: u32,
+        /// The LSN asked for.
+        wanted: u64,
+        /// The partition's CDC watermark.
+        watermark: u64,
+    },
+    /// A CDC batch with a fencing token older than one the partition accepted.
+    #[error("fenced: partition {partition} accepted CDC token {current}, this batch has {got}; a newer worker holds the lease")]
+    Fenced {
+        /// The partition.
+        partition: u32,
+        /// The batch's token.
+        got: u64,
+        /// The partition's token.
+        current: u64,
+    },
     /// A malformed request (missing route, unknown enum value, ...).
     #[error("{0}")]
     InvalidArgument(String),
@@ -47,6 +68,11 @@ pub enum NodeError {
 
 /// Result of the node's request path.
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+/// An LSN as Postgres prints it (`16/B374D848`).
+pub fn fmt_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
 
 fn not_leader_message(partition: Option<u32>, leader: Option<&(u64, String)>) -> String {
     let what = match partition {

@@ -21,6 +21,8 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::TtlOutOfRange
         | ErrorCode::InvalidArgument => Code::InvalidArgument,
         ErrorCode::OutOfMemory => Code::ResourceExhausted,
+        ErrorCode::LsnNotReached => Code::FailedPrecondition,
+        ErrorCode::Fenced => Code::FailedPrecondition,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Internal | ErrorCode::Unspecified => Code::Internal,
     }

@@ -20,6 +20,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod cdc;
+pub mod pg;
+
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -35,6 +38,8 @@ pub struct Bins {
     pub node: PathBuf,
     /// `raftcache` CLI (as `test-cli`).
     pub cli: PathBuf,
+    /// `raftcache-cdc` (as `test-cdc`).
+    pub cdc: PathBuf,
 }
 
 /// The binaries of this package, as seen from an integration test.
@@ -44,6 +49,7 @@ macro_rules! bins {
         $crate::Bins {
             node: env!("CARGO_BIN_EXE_test-node").into(),
             cli: env!("CARGO_BIN_EXE_test-cli").into(),
+            cdc: env!("CARGO_BIN_EXE_test-cdc").into(),
         }
     };
 }

@@ -102,6 +102,7 @@ async fn collect(handles: Vec<tokio::task::JoinHandle<WorkerLog>>) -> WorkerLog 
 async fn check_acked(client: &Client, acked: &[(String, String)]) {
     let opts = ReadOptions {
         consistency: Consistency::Linearizable,
+        ..ReadOptions::default()
     };
     for chunk in acked.chunks(200) {
         let keys: Vec<&[u8]> = chunk.iter().map(|(k, _)| k.as_bytes()).collect();
@@ -147,6 +148,7 @@ async fn raw_get(
             consistency: consistency as i32,
             max_staleness_ms,
             skip_value: false,
+            min_lsn: 0,
         })
         .await?
         .into_inner();

@@ -355,7 +355,10 @@ async fn reads_on(cli: &Cli, cluster: &Cluster) -> anyhow::Result<String> {
     for (name, consistency) in levels {
         eprintln!("reads: {name}: {} s of GETs", cli.secs);
         let c = client.clone();
-        let options = ReadOptions { consistency };
+        let options = ReadOptions {
+            consistency,
+            ..ReadOptions::default()
+        };
         let l = load(cli.concurrency, cli.secs, move |k| {
             let c = c.clone();
             async move { c.get_with(key(k), options).await.map(|v| v.is_some()) }

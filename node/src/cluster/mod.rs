@@ -252,6 +252,7 @@ impl ClusterNode {
                 expire_at_ms: None,
                 keep_ttl: false,
                 condition: Condition::IfAbsent,
+                source_lsn: 0,
             },
         };
         meta_group
@@ -791,6 +792,7 @@ impl ClusterNode {
                 expire_at_ms: None,
                 keep_ttl: false,
                 condition: Condition::IfVersion(version),
+                source_lsn: 0,
             },
         };
         match group.write(Proposal::from(op)).await {
@@ -1069,6 +1071,41 @@ impl ClusterNode {
         Ok(self.data_engine()?.get(p, key)?)
     }
 
+    /// Waits until the local replica of `p` has applied CDC up to `min_lsn` (its
+    /// watermark), for at most `wait`. `min_lsn = 0` never waits.
+    ///
+    /// # Errors
+    ///
+    /// `LsnNotReached` with the watermark when `wait` passes first; `Unavailable`.
+    pub async fn wait_cdc(&self, p: PartitionId, min_lsn: u64, wait: Duration) -> Result<()> {
+        if min_lsn == 0 {
+            return Ok(());
+        }
+        let engine = self.data_engine()?;
+        let deadline = tokio::time::Instant::now() + wait;
+        // Polling with a short, growing pause: waits are rare and short (about one CDC
+        // round), and applies then need no notification hook.
+        let mut pause = Duration::from_micros(500);
+        loop {
+            let at = engine.cdc_watermark(p).ok_or_else(|| {
+                NodeError::InvalidArgument(format!("partition {} does not exist", p.0))
+            })?;
+            if at >= min_lsn {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(NodeError::LsnNotReached {
+                    partition: p.0,
+                    wanted: min_lsn,
+                    watermark: at,
+                });
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
     /// Reads `key` of partition `p` from the local state, after
     /// [`read_ready`](Self::read_ready).
     ///
@@ -1165,6 +1202,11 @@ impl ClusterNode {
                             applied: view.applied,
                             learners: view.learners.iter().map(owner).collect(),
                             observed: true,
+                            cdc_lsn: self
+                                .engine
+                                .get()
+                                .and_then(|e| e.cdc_watermark(PartitionId(p)))
+                                .unwrap_or(0),
                         }
                     }
                     None => PartitionInfo {
@@ -1175,6 +1217,7 @@ impl ClusterNode {
                         applied: 0,
                         learners: Vec::new(),
                         observed: false,
+                        cdc_lsn: 0,
                     },
                 }
             })

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! magic            8 bytes  b"RCSNAP\0\0"
-//! format version   u16      1
+//! format version   u16      2 (version 1 is still read)
 //! partition id     u32
 //! last log id      opt-log-id            (Raft position covered by the snapshot)
 //! membership       opt-log-id, configs: u32 n × (u32 m × u64 voter id),
@@ -10,11 +10,17 @@
 //! applied index    u64                   (PartitionSnapshot::applied_index)
 //! entry count      u64
 //! entries          count × (u32 len, key, u32 len, value, u64 version,
-//!                           u8 has-deadline, [u64 deadline])
+//!                           u8 has-deadline, [u64 deadline], u64 source lsn (v2))
+//! cdc (v2)         u64 watermark, u64 fence, u64 tombstone floor,
+//!                  u64 n, n × (u32 len, key, u64 lsn, u64 until ms)   (keys ascending)
+//!                  u64 n, n × (u32 len, prefix, u64 lsn)              (prefixes ascending)
 //! checksum         u64                   xxh3-64 of every byte before it
 //!
 //! opt-log-id = u8 0 | u8 1, u64 term, u64 leader node id, u64 index
 //! ```
+//!
+//! Version 1 has no source LSN per entry and no CDC section; it decodes as source LSN 0
+//! and an empty [`CdcSnapshot`].
 //!
 //! All integers are little-endian. The decoder checks magic, version and checksum before it
 //! parses, then reads every field with bounds checks and validates the result (no duplicate
@@ -30,17 +36,26 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::types::{
     CommittedLeaderId, LogId, Membership, ReplicaNode, SnapshotMeta, StoredMembership,
 };
-use crate::storage::{PartitionId, PartitionSnapshot, SnapshotEntry};
+use crate::storage::{CdcSnapshot, PartitionId, PartitionSnapshot, SnapshotEntry};
 
 /// First bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"RCSNAP\0\0";
 /// The format version [`encode`] writes.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format version [`decode`] reads.
+pub const OLDEST_FORMAT_VERSION: u16 = 1;
 
 /// Bytes of the trailing checksum.
 const CHECKSUM_LEN: usize = 8;
-/// The smallest encoding of one entry: two empty byte strings, version, no deadline.
-const MIN_ENTRY_LEN: usize = 4 + 4 + 8 + 1;
+/// The smallest encoding of one version-1 entry: two empty byte strings, version, no
+/// deadline.
+const MIN_ENTRY_LEN_V1: usize = 4 + 4 + 8 + 1;
+/// The smallest encoding of one version-2 entry: a version-1 entry and its source LSN.
+const MIN_ENTRY_LEN_V2: usize = MIN_ENTRY_LEN_V1 + 8;
+/// The smallest encoding of one tombstone: an empty key, LSN, until.
+const MIN_TOMBSTONE_LEN: usize = 4 + 8 + 8;
+/// The smallest encoding of one prefix tombstone: an empty prefix, LSN.
+const MIN_PREFIX_LEN: usize = 4 + 8;
 
 /// A decoded snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,16 +108,49 @@ pub enum SnapshotError {
     },
 }
 
-/// Encodes a partition's state with the Raft metadata it covers.
+/// Encodes a partition's state with the Raft metadata it covers, in [`FORMAT_VERSION`].
 pub fn encode(partition: PartitionId, meta: &SnapshotMeta, state: &PartitionSnapshot) -> Bytes {
+    encode_as(FORMAT_VERSION, partition, meta, state)
+}
+
+/// Encodes in format version 1 (no source LSNs, no CDC state: both are dropped), to test
+/// that [`decode`] still reads it.
+#[cfg(test)]
+pub(crate) fn encode_v1(
+    partition: PartitionId,
+    meta: &SnapshotMeta,
+    state: &PartitionSnapshot,
+) -> Bytes {
+    encode_as(1, partition, meta, state)
+}
+
+fn encode_as(
+    version: u16,
+    partition: PartitionId,
+    meta: &SnapshotMeta,
+    state: &PartitionSnapshot,
+) -> Bytes {
+    let v2 = version >= 2;
     let payload: usize = state
         .entries
         .iter()
-        .map(|e| MIN_ENTRY_LEN + 8 + e.key.len() + e.value.len())
-        .sum();
+        .map(|e| MIN_ENTRY_LEN_V2 + 8 + e.key.len() + e.value.len())
+        .sum::<usize>()
+        + state
+            .cdc
+            .tombstones
+            .iter()
+            .map(|(key, _, _)| MIN_TOMBSTONE_LEN + key.len())
+            .sum::<usize>()
+        + state
+            .cdc
+            .prefixes
+            .iter()
+            .map(|(prefix, _)| MIN_PREFIX_LEN + prefix.len())
+            .sum::<usize>();
     let mut buf = BytesMut::with_capacity(256 + payload);
     buf.put_slice(&MAGIC);
-    buf.put_u16_le(FORMAT_VERSION);
+    buf.put_u16_le(version);
     buf.put_u32_le(partition.0);
     put_log_id(&mut buf, meta.last_log_id.as_ref());
     put_log_id(&mut buf, meta.last_membership.log_id().as_ref());
@@ -133,6 +181,26 @@ pub fn encode(partition: PartitionId, meta: &SnapshotMeta, state: &PartitionSnap
                 buf.put_u64_le(at);
             }
         }
+        if v2 {
+            buf.put_u64_le(e.source_lsn);
+        }
+    }
+    if v2 {
+        let cdc = &state.cdc;
+        buf.put_u64_le(cdc.watermark);
+        buf.put_u64_le(cdc.fence);
+        buf.put_u64_le(cdc.floor);
+        buf.put_u64_le(cdc.tombstones.len() as u64);
+        for (key, lsn, until_ms) in &cdc.tombstones {
+            put_bytes(&mut buf, key);
+            buf.put_u64_le(*lsn);
+            buf.put_u64_le(*until_ms);
+        }
+        buf.put_u64_le(cdc.prefixes.len() as u64);
+        for (prefix, lsn) in &cdc.prefixes {
+            put_bytes(&mut buf, prefix);
+            buf.put_u64_le(*lsn);
+        }
     }
     let checksum = xxh3_64(&buf);
     buf.put_u64_le(checksum);
@@ -154,7 +222,7 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
         return Err(SnapshotError::BadMagic);
     }
     let version = r.u16("format version")?;
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(SnapshotError::UnsupportedVersion { version });
     }
     let body_len = bytes
@@ -171,15 +239,16 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
     let mut r = Reader {
         buf: &body[MAGIC.len() + 2..],
     };
-    let decoded = decode_v1(&mut r)?;
+    let decoded = decode_body(&mut r, version)?;
     if !r.buf.is_empty() {
         return Err(SnapshotError::TrailingBytes { len: r.buf.len() });
     }
     Ok(decoded)
 }
 
-/// Everything after magic and version, before the checksum.
-fn decode_v1(r: &mut Reader<'_>) -> Result<DecodedSnapshot, SnapshotError> {
+/// Everything after magic and version, before the checksum, in format `version` (1 or 2).
+fn decode_body(r: &mut Reader<'_>, version: u16) -> Result<DecodedSnapshot, SnapshotError> {
+    let v2 = version >= 2;
     let partition = PartitionId(r.u32("partition id")?);
     let last_log_id = r.log_id("last log id")?;
     let membership_log_id = r.log_id("membership log id")?;
@@ -220,7 +289,12 @@ fn decode_v1(r: &mut Reader<'_>) -> Result<DecodedSnapshot, SnapshotError> {
         return Err(invalid("applied index after the last log id"));
     }
     let count = r.u64("entry count")?;
-    let possible = r.buf.len() / MIN_ENTRY_LEN;
+    let min_entry_len = if v2 {
+        MIN_ENTRY_LEN_V2
+    } else {
+        MIN_ENTRY_LEN_V1
+    };
+    let possible = r.buf.len() / min_entry_len;
     if count > possible as u64 {
         return Err(SnapshotError::Truncated { field: "entries" });
     }
@@ -236,6 +310,7 @@ fn decode_v1(r: &mut Reader<'_>) -> Result<DecodedSnapshot, SnapshotError> {
             1 => Some(r.u64("deadline")?),
             _ => return Err(invalid("deadline flag is not 0 or 1")),
         };
+        let source_lsn = if v2 { r.u64("source lsn")? } else { 0 };
         if version == 0 || version > applied_index {
             return Err(invalid("entry version outside 1..=applied index"));
         }
@@ -247,8 +322,14 @@ fn decode_v1(r: &mut Reader<'_>) -> Result<DecodedSnapshot, SnapshotError> {
             value: Bytes::copy_from_slice(value),
             version,
             expire_at_ms,
+            source_lsn,
         });
     }
+    let cdc = if v2 {
+        decode_cdc(r)?
+    } else {
+        CdcSnapshot::default()
+    };
     Ok(DecodedSnapshot {
         partition,
         meta: SnapshotMeta {
@@ -258,7 +339,60 @@ fn decode_v1(r: &mut Reader<'_>) -> Result<DecodedSnapshot, SnapshotError> {
         state: PartitionSnapshot {
             applied_index,
             entries,
+            cdc,
         },
+    })
+}
+
+/// The CDC section of a version-2 snapshot.
+fn decode_cdc(r: &mut Reader<'_>) -> Result<CdcSnapshot, SnapshotError> {
+    let watermark = r.u64("cdc watermark")?;
+    let fence = r.u64("cdc fence")?;
+    let floor = r.u64("tombstone floor")?;
+
+    let count = r.u64("tombstone count")?;
+    let possible = r.buf.len() / MIN_TOMBSTONE_LEN;
+    if count > possible as u64 {
+        return Err(SnapshotError::Truncated {
+            field: "tombstones",
+        });
+    }
+    // `count <= possible`, a usize.
+    let mut tombstones: Vec<(Bytes, u64, u64)> = Vec::with_capacity(count as usize);
+    let mut previous: Option<&[u8]> = None;
+    for _ in 0..count {
+        let key = r.bytes("tombstone key")?;
+        let lsn = r.u64("tombstone lsn")?;
+        let until_ms = r.u64("tombstone until")?;
+        if previous.is_some_and(|p| p >= key) {
+            return Err(invalid("tombstone keys not strictly ascending"));
+        }
+        previous = Some(key);
+        tombstones.push((Bytes::copy_from_slice(key), lsn, until_ms));
+    }
+
+    let count = r.u64("prefix count")?;
+    let possible = r.buf.len() / MIN_PREFIX_LEN;
+    if count > possible as u64 {
+        return Err(SnapshotError::Truncated { field: "prefixes" });
+    }
+    let mut prefixes: Vec<(Bytes, u64)> = Vec::with_capacity(count as usize);
+    let mut previous: Option<&[u8]> = None;
+    for _ in 0..count {
+        let prefix = r.bytes("prefix")?;
+        let lsn = r.u64("prefix lsn")?;
+        if previous.is_some_and(|p| p >= prefix) {
+            return Err(invalid("tombstone prefixes not strictly ascending"));
+        }
+        previous = Some(prefix);
+        prefixes.push((Bytes::copy_from_slice(prefix), lsn));
+    }
+    Ok(CdcSnapshot {
+        watermark,
+        fence,
+        floor,
+        tombstones,
+        prefixes,
     })
 }
 

@@ -15,7 +15,10 @@ use super::{
     CommittedLeaderId, Entry, EntryPayload, LogId, Membership, PartitionStateMachine, ReplicaNode,
     Snapshot,
 };
-use crate::storage::{Command, Condition, Op, Outcome, PartitionId, PartitionState};
+use crate::storage::{
+    CdcChange, CdcSnapshot, Command, Condition, Op, Outcome, PartitionId, PartitionSnapshot,
+    PartitionState,
+};
 
 const P: PartitionId = PartitionId(3);
 
@@ -66,6 +69,7 @@ fn set(key: &str, value: &str, expire_at_ms: Option<u64>) -> Command {
         expire_at_ms,
         keep_ttl: false,
         condition: Condition::Always,
+        source_lsn: 0,
     }
 }
 
@@ -83,7 +87,8 @@ fn delete(key: &str) -> Command {
 }
 
 /// A mixed op sequence: sets with and without deadlines, incr (fine, on a non-integer, on a
-/// missing key), deletes, a CAS, an expiry, a reclaim.
+/// missing key), deletes, a CAS, an expiry, a reclaim, a cache-aside fill and a CDC batch
+/// (so snapshots carry source LSNs and CDC state).
 fn ops() -> Vec<Op> {
     vec![
         op(1_000, set("a", "1", None)),
@@ -101,12 +106,46 @@ fn ops() -> Vec<Op> {
                 expire_at_ms: None,
                 keep_ttl: false,
                 condition: Condition::IfVersion(7),
+                source_lsn: 0,
             },
         ),
         op(1_008, delete("missing")),
         op(1_009, set("d", "short-lived", Some(2_000))),
         op(3_000, Command::Reclaim { max: 10 }),
         op(3_001, incr("c", 1)),
+        op(
+            3_002,
+            Command::Set {
+                key: Bytes::from_static(b"e"),
+                value: Bytes::from_static(b"filled"),
+                expire_at_ms: None,
+                keep_ttl: false,
+                condition: Condition::Always,
+                source_lsn: 5,
+            },
+        ),
+        op(
+            3_003,
+            Command::Cdc {
+                lsn: 7,
+                watermark: 9,
+                fence: 1,
+                tombstone_until_ms: 600_000,
+                changes: vec![
+                    CdcChange::Put {
+                        key: Bytes::from_static(b"p:1"),
+                        value: Bytes::from_static(b"row"),
+                        expire_at_ms: Some(900_000),
+                    },
+                    CdcChange::Invalidate {
+                        key: Bytes::from_static(b"b"),
+                    },
+                    CdcChange::InvalidatePrefix {
+                        prefix: Bytes::from_static(b"q:"),
+                    },
+                ],
+            },
+        ),
     ]
 }
 
@@ -139,6 +178,7 @@ fn outcomes_and_versions_match_a_bare_partition_state_at_log_indexes() {
             Some(Outcome::Set {
                 applied: true,
                 version,
+                ..
             }),
             EntryPayload::Normal(proposal),
         ) = (&got, &entry.payload)
@@ -175,7 +215,8 @@ fn blank_and_membership_entries_leave_data_alone() {
             .unwrap(),
         Some(Outcome::Set {
             applied: true,
-            version: 3
+            version: 3,
+            newer_lsn: 0,
         })
     );
 }
@@ -343,12 +384,14 @@ fn damaged_snapshots_are_errors() {
     wrong_magic[0] ^= 0xff;
     assert_eq!(snapshot::decode(&wrong_magic), Err(SnapshotError::BadMagic));
 
-    let mut wrong_version = bytes.clone();
-    wrong_version[8] = 2;
-    assert_eq!(
-        snapshot::decode(&wrong_version),
-        Err(SnapshotError::UnsupportedVersion { version: 2 })
-    );
+    for version in [0, 3, 0x0102] {
+        let mut wrong_version = bytes.clone();
+        wrong_version[8..10].copy_from_slice(&u16::to_le_bytes(version));
+        assert_eq!(
+            snapshot::decode(&wrong_version),
+            Err(SnapshotError::UnsupportedVersion { version })
+        );
+    }
 
     for bit in [
         8 * 12,
@@ -369,9 +412,10 @@ fn damaged_snapshots_are_errors() {
 
     // Past the checksum: an entry count larger than the bytes can hold.
     let body = bytes.len() - 8;
+    let decoded = snapshot::decode(&bytes).unwrap();
+    let cdc_len = cdc_section_len(&decoded.state.cdc);
     let count_at = {
         // The entry count is the u64 just before the entries.
-        let decoded = snapshot::decode(&bytes).unwrap();
         let entries_len: usize = decoded
             .state
             .entries
@@ -383,9 +427,10 @@ fn damaged_snapshots_are_errors() {
                     + 8
                     + 1
                     + if e.expire_at_ms.is_some() { 8 } else { 0 }
+                    + 8
             })
             .sum();
-        body - entries_len - 8
+        body - cdc_len - entries_len - 8
     };
     let mut huge = bytes.clone();
     huge[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -401,6 +446,183 @@ fn damaged_snapshots_are_errors() {
         snapshot::decode(&reseal(trailing)),
         Err(SnapshotError::TrailingBytes { len: 3 })
     );
+
+    // The CDC section: counts larger than the bytes can hold, keys out of order.
+    let cdc_at = body - cdc_len;
+    let tombstones_at = cdc_at + 24;
+    let mut huge = bytes.clone();
+    huge[tombstones_at..tombstones_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_eq!(
+        snapshot::decode(&reseal(huge)),
+        Err(SnapshotError::Truncated {
+            field: "tombstones"
+        })
+    );
+    let prefixes_at = body
+        - 8
+        - decoded
+            .state
+            .cdc
+            .prefixes
+            .iter()
+            .map(|(p, _)| 4 + p.len() + 8)
+            .sum::<usize>();
+    let mut huge = bytes.clone();
+    huge[prefixes_at..prefixes_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_eq!(
+        snapshot::decode(&reseal(huge)),
+        Err(SnapshotError::Truncated { field: "prefixes" })
+    );
+    let mut unordered = decoded.state.clone();
+    unordered.cdc.tombstones.reverse();
+    assert!(unordered.cdc.tombstones.len() >= 2);
+    assert_eq!(
+        snapshot::decode(&snapshot::encode(P, &decoded.meta, &unordered)),
+        Err(SnapshotError::Invalid {
+            what: "tombstone keys not strictly ascending"
+        })
+    );
+    let mut duplicate = decoded.state.clone();
+    let first = duplicate.cdc.prefixes[0].clone();
+    duplicate.cdc.prefixes.push(first);
+    assert_eq!(
+        snapshot::decode(&snapshot::encode(P, &decoded.meta, &duplicate)),
+        Err(SnapshotError::Invalid {
+            what: "tombstone prefixes not strictly ascending"
+        })
+    );
+}
+
+/// Encoded length of a version-2 CDC section.
+fn cdc_section_len(cdc: &CdcSnapshot) -> usize {
+    3 * 8
+        + 8
+        + cdc
+            .tombstones
+            .iter()
+            .map(|(k, _, _)| 4 + k.len() + 16)
+            .sum::<usize>()
+        + 8
+        + cdc
+            .prefixes
+            .iter()
+            .map(|(p, _)| 4 + p.len() + 8)
+            .sum::<usize>()
+}
+
+#[test]
+fn version_2_carries_source_lsns_and_cdc_state() {
+    let decoded = snapshot::decode(&encoded()).unwrap();
+    let state = &decoded.state;
+    let lsn_of = |key: &[u8]| {
+        state
+            .entries
+            .iter()
+            .find(|e| e.key.as_ref() == key)
+            .map(|e| e.source_lsn)
+    };
+    assert_eq!(lsn_of(b"e"), Some(5));
+    assert_eq!(lsn_of(b"p:1"), Some(7));
+    assert_eq!(lsn_of(b"c"), Some(0));
+    assert_eq!(lsn_of(b"a"), Some(0));
+    assert_eq!(lsn_of(b"b"), None, "invalidated by the batch");
+    assert_eq!(
+        state.cdc,
+        CdcSnapshot {
+            watermark: 9,
+            fence: 1,
+            floor: 0,
+            tombstones: vec![
+                (Bytes::from_static(b"b"), 7, 600_000),
+                (Bytes::from_static(b"p:1"), 7, 600_000),
+            ],
+            prefixes: vec![(Bytes::from_static(b"q:"), 7)],
+        }
+    );
+    // Restored, the state refuses the same stale fills as the original.
+    let mut restored = PartitionState::restore(P, decoded.state.clone());
+    let fill = Op {
+        now_ms: 3_100,
+        cmd: Command::Set {
+            key: Bytes::from_static(b"q:9"),
+            value: Bytes::from_static(b"x"),
+            expire_at_ms: None,
+            keep_ttl: false,
+            condition: Condition::Always,
+            source_lsn: 7,
+        },
+    };
+    let index = decoded.state.applied_index + 1;
+    assert_eq!(
+        restored.apply(index, &fill),
+        Outcome::Set {
+            applied: false,
+            version: 0,
+            newer_lsn: 7
+        }
+    );
+}
+
+#[test]
+fn version_1_snapshots_still_decode() {
+    let decoded = snapshot::decode(&encoded()).unwrap();
+    // What version 1 can hold: no source LSNs, no CDC state.
+    let v1_state = PartitionSnapshot {
+        applied_index: decoded.state.applied_index,
+        entries: decoded
+            .state
+            .entries
+            .iter()
+            .cloned()
+            .map(|mut e| {
+                e.source_lsn = 0;
+                e
+            })
+            .collect(),
+        cdc: CdcSnapshot::default(),
+    };
+    let v1 = snapshot::encode_v1(P, &decoded.meta, &decoded.state);
+    assert_eq!(u16::from_le_bytes([v1[8], v1[9]]), 1);
+    let from_v1 = snapshot::decode(&v1).unwrap();
+    assert_eq!(from_v1.partition, P);
+    assert_eq!(from_v1.meta, decoded.meta);
+    assert_eq!(from_v1.state, v1_state);
+    // Re-encoded, it becomes version 2 and round-trips.
+    let v2 = snapshot::encode(P, &from_v1.meta, &from_v1.state);
+    assert_eq!(u16::from_le_bytes([v2[8], v2[9]]), snapshot::FORMAT_VERSION);
+    assert_eq!(snapshot::decode(&v2).unwrap().state, v1_state);
+
+    // Version 1 keeps all its checks.
+    let v1 = v1.to_vec();
+    for len in [0, 10, 40, v1.len() / 2, v1.len() - 1] {
+        assert!(snapshot::decode(&v1[..len]).is_err(), "truncated to {len}");
+    }
+    let mut flipped = v1.clone();
+    flipped[60] ^= 4;
+    assert!(matches!(
+        snapshot::decode(&flipped),
+        Err(SnapshotError::Checksum { .. })
+    ));
+    // A version-1 body read as version 2 is invalid, and the reverse.
+    let mut as_v2 = v1.clone();
+    as_v2[8] = 2;
+    assert!(snapshot::decode(&reseal(as_v2)).is_err());
+    let mut as_v1 = encoded().to_vec();
+    as_v1[8] = 1;
+    assert!(snapshot::decode(&reseal(as_v1)).is_err());
+    let mut trailing = v1[..v1.len() - 8].to_vec();
+    trailing.push(0);
+    trailing.extend_from_slice(&[0; 8]);
+    assert_eq!(
+        snapshot::decode(&reseal(trailing)),
+        Err(SnapshotError::TrailingBytes { len: 1 })
+    );
+}
+
+#[test]
+fn op_display_names_no_key_bytes() {
+    let cdc = ops().pop().unwrap();
+    assert_eq!(cdc.to_string(), "cdc(lsn 7, 3 changes)@3003");
 }
 
 proptest! {

@@ -118,6 +118,9 @@ impl fmt::Display for Op {
             }
             Command::Evict { keys } => write!(f, "evict({} keys)", keys.len())?,
             Command::Reclaim { max } => write!(f, "reclaim(max {max})")?,
+            Command::Cdc { lsn, changes, .. } => {
+                write!(f, "cdc(lsn {lsn}, {} changes)", changes.len())?
+            }
         }
         write!(f, "@{}", self.now_ms)
     }

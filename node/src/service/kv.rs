@@ -14,14 +14,17 @@ use crate::cluster::ClusterNode;
 use crate::error::{NodeError, Result};
 use crate::metrics;
 use crate::service::status::{error_code, to_status};
-use crate::storage::{Condition, Outcome, PartitionId, ReadView, WriteRequest};
+use crate::storage::{
+    CdcError, CdcWrite, Condition, Outcome, PartitionId, ReadView, StorageError, WriteRequest,
+};
 use bytes::Bytes;
 use raftcache_proto::tonic::{self, Request, Response, Status};
 use raftcache_proto::v1::cache_server::Cache;
 use raftcache_proto::v1::{
-    ClusterMapRequest, ClusterMapResponse, Consistency, DeleteRequest, DeleteResponse,
-    ExpireRequest, ExpireResponse, GetRequest, GetResponse, IncrRequest, IncrResponse, MGetRequest,
-    MGetResponse, Route, SetCondition, SetRequest, SetResponse, StatsRequest, StatsResponse,
+    ApplyChangesRequest, ApplyChangesResponse, ChangeKind, ClusterMapRequest, ClusterMapResponse,
+    Consistency, DeleteRequest, DeleteResponse, ExpireRequest, ExpireResponse, GetRequest,
+    GetResponse, IncrRequest, IncrResponse, MGetRequest, MGetResponse, Route, SetCondition,
+    SetRequest, SetResponse, StatsRequest, StatsResponse,
 };
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -29,6 +32,47 @@ use std::time::{Duration, Instant};
 
 /// Most keys one `MGet` may ask for; bounds the work and the reply of one request.
 pub const MAX_MGET_KEYS: usize = 10_000;
+
+/// Most changes one `ApplyChanges` may carry (one Raft entry).
+pub const MAX_CHANGES: usize = 10_000;
+
+/// How long a `min_lsn` read waits when the request has no deadline.
+const DEFAULT_LSN_WAIT: Duration = Duration::from_millis(1500);
+/// The longest a `min_lsn` read waits.
+const MAX_LSN_WAIT: Duration = Duration::from_secs(10);
+/// Kept from the request's deadline so the "not reached" answer arrives before it.
+const LSN_WAIT_MARGIN: Duration = Duration::from_millis(100);
+
+/// How long a `min_lsn` read may wait: the request's gRPC deadline (`grpc-timeout`)
+/// minus a margin, at most [`MAX_LSN_WAIT`]; [`DEFAULT_LSN_WAIT`] without one.
+fn lsn_wait(metadata: &tonic::metadata::MetadataMap) -> Duration {
+    let timeout = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    match timeout {
+        Some(t) => t.saturating_sub(LSN_WAIT_MARGIN).min(MAX_LSN_WAIT),
+        None => DEFAULT_LSN_WAIT,
+    }
+}
+
+/// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H M S m u n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// The gRPC `Cache` service. Cheap to clone; all state is shared.
 #[derive(Clone)]
@@ -67,9 +111,10 @@ impl CacheService {
         }
     }
 
-    async fn do_get(&self, r: GetRequest) -> Result<GetResponse> {
+    async fn do_get(&self, r: GetRequest, lsn_wait: Duration) -> Result<GetResponse> {
         let consistency = consistency(r.consistency)?;
         let p = self.route(r.route.as_ref())?;
+        self.node.wait_cdc(p, r.min_lsn, lsn_wait).await?;
         let view = self
             .node
             .read(
@@ -83,7 +128,7 @@ impl CacheService {
         Ok(to_response(view, r.skip_value))
     }
 
-    async fn do_mget(&self, r: MGetRequest) -> Result<MGetResponse> {
+    async fn do_mget(&self, r: MGetRequest, lsn_wait: Duration) -> Result<MGetResponse> {
         let consistency = consistency(r.consistency)?;
         if r.keys.len() > MAX_MGET_KEYS {
             return Err(NodeError::InvalidArgument(format!(
@@ -97,7 +142,10 @@ impl CacheService {
             partitions.insert(self.route(k.route.as_ref())?);
         }
         // One readiness check per partition, not per key.
+        let deadline = Instant::now() + lsn_wait;
         for p in partitions {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.node.wait_cdc(p, r.min_lsn, left).await?;
             self.node.read_ready(p, consistency, staleness).await?;
         }
         let values = r
@@ -148,9 +196,19 @@ impl CacheService {
             ttl_ms: nonzero(r.ttl_ms),
             keep_ttl: r.keep_ttl,
             condition,
+            source_lsn: r.source_lsn,
         };
         match self.write(r.route.as_ref(), req).await? {
-            Outcome::Set { applied, version } => Ok(SetResponse { applied, version }),
+            Outcome::Set {
+                applied,
+                version,
+                newer_lsn,
+            } => Ok(SetResponse {
+                applied,
+                version,
+                stale: newer_lsn != 0,
+                newer_lsn,
+            }),
             other => Err(unexpected("set", &other)),
         }
     }
@@ -183,6 +241,73 @@ impl CacheService {
         match self.write(r.route.as_ref(), req).await? {
             Outcome::Expire(updated) => Ok(ExpireResponse { updated }),
             other => Err(unexpected("expire", &other)),
+        }
+    }
+
+    async fn do_apply_changes(&self, r: ApplyChangesRequest) -> Result<ApplyChangesResponse> {
+        let p = self.route(r.route.as_ref())?;
+        if r.changes.len() > MAX_CHANGES {
+            return Err(NodeError::InvalidArgument(format!(
+                "ApplyChanges of {} changes is over the limit of {MAX_CHANGES}; split it",
+                r.changes.len()
+            )));
+        }
+        if r.lsn == 0 && !r.changes.is_empty() {
+            return Err(NodeError::InvalidArgument(
+                "ApplyChanges with changes needs their commit lsn".into(),
+            ));
+        }
+        let changes = r
+            .changes
+            .iter()
+            .map(|c| match ChangeKind::try_from(c.kind) {
+                Ok(ChangeKind::Invalidate) => Ok(CdcWrite::Invalidate { key: exact(&c.key) }),
+                Ok(ChangeKind::Put) => Ok(CdcWrite::Put {
+                    key: exact(&c.key),
+                    value: exact(&c.value),
+                    ttl_ms: nonzero(c.ttl_ms),
+                }),
+                Ok(ChangeKind::InvalidatePrefix) => Ok(CdcWrite::InvalidatePrefix {
+                    prefix: exact(&c.key),
+                }),
+                Ok(ChangeKind::Unspecified) | Err(_) => Err(NodeError::InvalidArgument(format!(
+                    "unknown change kind {}: use INVALIDATE, PUT or INVALIDATE_PREFIX",
+                    c.kind
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let request = |changes: Vec<CdcWrite>| WriteRequest::Cdc {
+            lsn: r.lsn,
+            watermark: r.watermark,
+            fence: r.fence,
+            changes,
+        };
+        let outcome = match self.write(r.route.as_ref(), request(changes.clone())).await {
+            // Out of memory for the new rows: invalidating them instead is always
+            // correct (readers miss and refill), and never blocks CDC.
+            Err(NodeError::Storage(StorageError::OutOfMemory { .. })) => {
+                let invalidations = changes
+                    .into_iter()
+                    .map(|c| match c {
+                        CdcWrite::Put { key, .. } => CdcWrite::Invalidate { key },
+                        other => other,
+                    })
+                    .collect();
+                self.write(r.route.as_ref(), request(invalidations)).await?
+            }
+            other => other?,
+        };
+        match outcome {
+            Outcome::Cdc(Ok(applied)) => Ok(ApplyChangesResponse {
+                changed: applied.changed,
+                watermark: applied.watermark,
+            }),
+            Outcome::Cdc(Err(CdcError::Fenced { current })) => Err(NodeError::Fenced {
+                partition: p.0,
+                got: r.fence,
+                current,
+            }),
+            other => Err(unexpected("apply_changes", &other)),
         }
     }
 
@@ -222,6 +347,7 @@ fn to_response(view: Option<ReadView>, skip_value: bool) -> GetResponse {
             value: if skip_value { Bytes::new() } else { v.value },
             version: v.version,
             ttl_remaining_ms: v.ttl_remaining_ms,
+            source_lsn: v.source_lsn,
         },
         None => GetResponse::default(),
     }
@@ -259,12 +385,14 @@ fn reply<T>(op: &'static str, started: Instant, res: Result<T>) -> tonic::Result
 impl Cache for CacheService {
     async fn get(&self, req: Request<GetRequest>) -> tonic::Result<Response<GetResponse>> {
         let t = Instant::now();
-        reply("get", t, self.do_get(req.into_inner()).await)
+        let wait = lsn_wait(req.metadata());
+        reply("get", t, self.do_get(req.into_inner(), wait).await)
     }
 
     async fn m_get(&self, req: Request<MGetRequest>) -> tonic::Result<Response<MGetResponse>> {
         let t = Instant::now();
-        reply("mget", t, self.do_mget(req.into_inner()).await)
+        let wait = lsn_wait(req.metadata());
+        reply("mget", t, self.do_mget(req.into_inner(), wait).await)
     }
 
     async fn set(&self, req: Request<SetRequest>) -> tonic::Result<Response<SetResponse>> {
@@ -293,6 +421,18 @@ impl Cache for CacheService {
     ) -> tonic::Result<Response<ClusterMapResponse>> {
         let t = Instant::now();
         reply("cluster_map", t, Ok(self.node.cluster_map()))
+    }
+
+    async fn apply_changes(
+        &self,
+        req: Request<ApplyChangesRequest>,
+    ) -> tonic::Result<Response<ApplyChangesResponse>> {
+        let t = Instant::now();
+        reply(
+            "apply_changes",
+            t,
+            self.do_apply_changes(req.into_inner()).await,
+        )
     }
 
     async fn stats(&self, _req: Request<StatsRequest>) -> tonic::Result<Response<StatsResponse>> {

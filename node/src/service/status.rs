@@ -22,6 +22,8 @@ pub fn error_code(err: &NodeError) -> ErrorCode {
         NodeError::NotLeader { .. } => ErrorCode::NotLeader,
         NodeError::Unavailable(_) => ErrorCode::Unavailable,
         NodeError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        NodeError::LsnNotReached { .. } => ErrorCode::LsnNotReached,
+        NodeError::Fenced { .. } => ErrorCode::Fenced,
         NodeError::ShuttingDown => ErrorCode::Unavailable,
         NodeError::Internal(_) => ErrorCode::Internal,
     }
@@ -49,6 +51,20 @@ pub fn to_status(err: &NodeError) -> Status {
             detail.limit = Some(u64::from(*count));
         }
         NodeError::WrongEpoch { current, .. } => detail.epoch = Some(*current),
+        NodeError::LsnNotReached {
+            partition,
+            watermark,
+            ..
+        } => {
+            detail.partition = Some(*partition);
+            detail.actual = Some(*watermark);
+        }
+        NodeError::Fenced {
+            partition, current, ..
+        } => {
+            detail.partition = Some(*partition);
+            detail.limit = Some(*current);
+        }
         NodeError::NotLeader {
             partition,
             leader,

@@ -33,6 +33,13 @@ pub enum Command {
         keep_ttl: bool,
         /// When to apply.
         condition: Condition,
+        /// 0 for an ordinary write. Otherwise this is a *cache-aside fill* of a value read
+        /// from Postgres at this commit LSN: it is refused (nothing changes, the outcome
+        /// names the newer LSN) when the key's CDC LSN is `>= source_lsn` — the max of the
+        /// key's tombstone, the live entry's `source_lsn`, every prefix tombstone the key
+        /// starts with and the partition's tombstone floor. An applied Set stores
+        /// `source_lsn` in the entry.
+        source_lsn: u64,
     },
     /// Remove `key`.
     Delete {
@@ -62,10 +69,74 @@ pub enum Command {
     },
     /// Remove up to `max` keys whose deadline is `<= now_ms`, earliest deadline first
     /// (ties by key order).
+    ///
+    /// Also forgets up to `max` expired CDC tombstones (`until_ms <= now_ms`), earliest
+    /// first, raising the partition's tombstone floor to their LSNs.
     Reclaim {
-        /// Upper bound on the keys removed by this op.
+        /// Upper bound on the keys removed by this op (and, separately, on the tombstones
+        /// forgotten).
         max: usize,
     },
+    /// A batch of changes from Postgres logical replication, all committed at `lsn`.
+    ///
+    /// Applying it is idempotent and ordered per key: a change older than or equal to what
+    /// the key already reflects is skipped, so a batch applied twice changes nothing the
+    /// second time. Every invalidated or written key keeps a *tombstone* `(lsn, until_ms)`
+    /// so that cache-aside fills read before the change (`Set` with an older
+    /// `source_lsn`) are refused; see [`PartitionState`](super::PartitionState) for the
+    /// exact rules.
+    Cdc {
+        /// The Postgres commit LSN of every change in the batch (non-zero).
+        lsn: u64,
+        /// The LSN up to which the CDC worker has sent every change for this partition;
+        /// the partition's watermark becomes the max of the old one and this.
+        watermark: u64,
+        /// The worker's fencing token: a batch whose fence is below the partition's current
+        /// fence (a deposed worker) is refused with [`CdcError::Fenced`].
+        fence: u64,
+        /// Absolute time (ms since epoch) until which the tombstones this batch writes are
+        /// kept; afterwards they are folded into the tombstone floor.
+        tombstone_until_ms: u64,
+        /// The changes, applied in order.
+        changes: Vec<CdcChange>,
+    },
+}
+
+/// One change of a [`Command::Cdc`] batch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CdcChange {
+    /// The row behind `key` changed or was deleted: drop the cached value unless it is
+    /// newer than the batch, and refuse fills older than the batch.
+    Invalidate {
+        /// The key.
+        key: Bytes,
+    },
+    /// Store the row's new value (write-through from Postgres) unless the key already
+    /// reflects this LSN or a later one.
+    Put {
+        /// The key.
+        key: Bytes,
+        /// The new value.
+        value: Bytes,
+        /// Absolute deadline (ms since epoch), or `None` for no TTL.
+        expire_at_ms: Option<u64>,
+    },
+    /// Every key starting with `prefix` is stale (a `TRUNCATE`, or a change that maps to
+    /// many keys): drop the older ones and refuse older fills under the prefix.
+    InvalidatePrefix {
+        /// The key prefix; empty means every key of the partition.
+        prefix: Bytes,
+    },
+}
+
+impl CdcChange {
+    /// The key or prefix the change names.
+    pub fn key(&self) -> &Bytes {
+        match self {
+            CdcChange::Invalidate { key } | CdcChange::Put { key, .. } => key,
+            CdcChange::InvalidatePrefix { prefix } => prefix,
+        }
+    }
 }
 
 impl Command {
@@ -76,7 +147,7 @@ impl Command {
             | Command::Delete { key }
             | Command::Incr { key, .. }
             | Command::Expire { key, .. } => Some(key),
-            Command::Evict { .. } | Command::Reclaim { .. } => None,
+            Command::Evict { .. } | Command::Reclaim { .. } | Command::Cdc { .. } => None,
         }
     }
 }
@@ -105,6 +176,10 @@ pub enum Outcome {
         applied: bool,
         /// See the variant docs.
         version: u64,
+        /// When a cache-aside fill (`source_lsn > 0`) was refused as stale: the key's CDC
+        /// LSN that is `>=` the fill's. 0 in every other case (applied, or refused by its
+        /// condition).
+        newer_lsn: u64,
     },
     /// Result of [`Command::Delete`]: whether a live key was removed.
     Deleted(bool),
@@ -117,6 +192,33 @@ pub enum Outcome {
     Evicted(usize),
     /// Result of [`Command::Reclaim`]: how many expired keys were removed.
     Reclaimed(usize),
+    /// Result of [`Command::Cdc`]: what the batch changed, or why it was refused (then
+    /// nothing changed, but the index still counts as applied).
+    Cdc(Result<CdcApplied, CdcError>),
+}
+
+/// What an applied [`Command::Cdc`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CdcApplied {
+    /// Entries removed or written by the batch (skipped changes and invalidations of absent
+    /// keys count 0, so a replayed batch reports 0).
+    pub changed: u64,
+    /// The partition's CDC watermark after the batch.
+    pub watermark: u64,
+}
+
+/// Why a [`Command::Cdc`] left the partition unchanged.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize,
+)]
+pub enum CdcError {
+    /// The batch's fencing token is below the partition's: it comes from a worker that has
+    /// been replaced.
+    #[error("CDC batch fenced: its token is below the partition's current fence {current}")]
+    Fenced {
+        /// The partition's current fence.
+        current: u64,
+    },
 }
 
 /// Why an [`Command::Incr`] left the key unchanged.

@@ -81,6 +81,10 @@ pub struct StorageConfig {
     pub max_key_bytes: usize,
     /// Largest value accepted, in bytes.
     pub max_value_bytes: usize,
+    /// How long a CDC tombstone refuses stale cache-aside fills by itself, in ms (must be
+    /// above 0). After that it is folded into the partition's tombstone floor, which keeps
+    /// refusing fills at or below its LSN — so this bounds memory, not correctness.
+    pub cdc_tombstone_ttl_ms: u64,
 }
 
 impl StorageConfig {
@@ -92,6 +96,9 @@ impl StorageConfig {
     pub const DEFAULT_MAX_KEY_BYTES: usize = 16 * 1024;
     /// Default value size limit: 16 MiB.
     pub const DEFAULT_MAX_VALUE_BYTES: usize = 16 * 1024 * 1024;
+    /// Default CDC tombstone lifetime: 10 minutes, far longer than a fill takes from its
+    /// Postgres read to its cache write.
+    pub const DEFAULT_CDC_TOMBSTONE_TTL_MS: u64 = 10 * 60 * 1000;
 }
 
 impl Default for StorageConfig {
@@ -103,6 +110,7 @@ impl Default for StorageConfig {
             eviction_samples: Self::DEFAULT_EVICTION_SAMPLES,
             max_key_bytes: Self::DEFAULT_MAX_KEY_BYTES,
             max_value_bytes: Self::DEFAULT_MAX_VALUE_BYTES,
+            cdc_tombstone_ttl_ms: Self::DEFAULT_CDC_TOMBSTONE_TTL_MS,
         }
     }
 }
@@ -148,6 +156,9 @@ mod tests {
         assert_eq!(config.eviction_samples, 5);
         assert_eq!(config.max_key_bytes, 16384);
         assert_eq!(config.max_value_bytes, 16 << 20);
+        assert_eq!(config.cdc_tombstone_ttl_ms, 600_000);
+        let config: StorageConfig = toml::from_str("cdc-tombstone-ttl-ms = 5000").unwrap();
+        assert_eq!(config.cdc_tombstone_ttl_ms, 5000);
         assert!(toml::from_str::<StorageConfig>("max_memory = 1").is_err());
     }
 }

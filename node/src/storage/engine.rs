@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::evict::{Candidate, EvictionPool};
 use super::mem::entry_cost;
 use super::{
-    Clock, Command, Condition, EvictionPolicy, Op, Outcome, PartitionId, PartitionState,
+    CdcChange, Clock, Command, Condition, EvictionPolicy, Op, Outcome, PartitionId, PartitionState,
     StorageConfig, StorageError,
 };
 
@@ -41,6 +41,10 @@ pub enum WriteRequest {
         keep_ttl: bool,
         /// When to apply.
         condition: Condition,
+        /// 0 for an ordinary write; otherwise a cache-aside fill of a value read from
+        /// Postgres at this commit LSN, refused when the key has seen a change at this LSN
+        /// or a later one (see [`Command::Set`]).
+        source_lsn: u64,
     },
     /// Remove a key.
     Delete {
@@ -61,6 +65,44 @@ pub enum WriteRequest {
         /// New time to live in ms.
         ttl_ms: Option<u64>,
     },
+    /// A batch of Postgres changes committed at `lsn`, from the CDC worker (see
+    /// [`Command::Cdc`]). Its tombstones are kept for
+    /// [`StorageConfig::cdc_tombstone_ttl_ms`].
+    Cdc {
+        /// The Postgres commit LSN of the changes.
+        lsn: u64,
+        /// The LSN up to which the worker has sent every change of this partition.
+        watermark: u64,
+        /// The worker's fencing token.
+        fence: u64,
+        /// The changes, applied in order.
+        changes: Vec<CdcWrite>,
+    },
+}
+
+/// One change of a [`WriteRequest::Cdc`], before TTLs become deadlines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CdcWrite {
+    /// Drop the cached value of `key` and refuse older fills.
+    Invalidate {
+        /// The key.
+        key: Bytes,
+    },
+    /// Store the row's new value.
+    Put {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+        /// Time to live in ms; `None` or `Some(0)` means no TTL.
+        ttl_ms: Option<u64>,
+    },
+    /// Drop every cached key starting with `prefix` (empty: all) and refuse older fills
+    /// under it.
+    InvalidatePrefix {
+        /// The key prefix (may be empty, at most `max_key_bytes`).
+        prefix: Bytes,
+    },
 }
 
 /// A live value as returned by [`Engine::get`].
@@ -72,6 +114,9 @@ pub struct ReadView {
     pub version: u64,
     /// Time left before the key expires, if it has a TTL (always at least 1).
     pub ttl_remaining_ms: Option<u64>,
+    /// The Postgres commit LSN the value reflects (CDC `Put` or cache-aside fill); 0 when
+    /// it does not come from Postgres.
+    pub source_lsn: u64,
 }
 
 /// Counters of one node's storage, for the Stats RPC and metrics.
@@ -130,11 +175,15 @@ impl Engine {
     ///
     /// # Panics
     ///
-    /// If `config.partitions` is 0.
+    /// If `config.partitions` or `config.cdc_tombstone_ttl_ms` is 0.
     pub fn new(config: StorageConfig, clock: Arc<dyn Clock>) -> Self {
         assert!(
             config.partitions > 0,
             "storage needs at least one partition"
+        );
+        assert!(
+            config.cdc_tombstone_ttl_ms > 0,
+            "CDC tombstones need a TTL above 0"
         );
         let partitions = (0..config.partitions)
             .map(|id| Partition {
@@ -186,6 +235,7 @@ impl Engine {
             value: v.value,
             version: v.version,
             ttl_remaining_ms: v.expire_at_ms.map(|deadline| deadline.saturating_sub(now)),
+            source_lsn: v.source_lsn,
         }))
     }
 
@@ -208,12 +258,14 @@ impl Engine {
     }
 
     /// The proposer-side step: validates `req` and stamps it with the clock, turning TTLs
-    /// into absolute deadlines (`now + ttl`; a TTL of 0 or `None` means none).
+    /// into absolute deadlines (`now + ttl`; a TTL of 0 or `None` means none). A `Cdc`
+    /// batch's tombstones are kept until `now + cdc_tombstone_ttl_ms`.
     ///
     /// # Errors
     ///
     /// `EmptyKey`, `KeyTooLarge`, `ValueTooLarge`, `TtlOutOfRange` (over [`MAX_TTL_MS`],
-    /// or a deadline past `u64::MAX`).
+    /// or a deadline past `u64::MAX`); for `Cdc`, the same checks on every change (a prefix
+    /// may be empty, but not longer than `max_key_bytes`).
     pub fn prepare(&self, req: WriteRequest) -> Result<Op, StorageError> {
         let now_ms = self.clock.now_ms();
         let cmd = match req {
@@ -223,20 +275,17 @@ impl Engine {
                 ttl_ms,
                 keep_ttl,
                 condition,
+                source_lsn,
             } => {
                 self.check_key(&key)?;
-                if value.len() > self.config.max_value_bytes {
-                    return Err(StorageError::ValueTooLarge {
-                        size: value.len(),
-                        limit: self.config.max_value_bytes,
-                    });
-                }
+                self.check_value(&value)?;
                 Command::Set {
                     key,
                     value,
                     expire_at_ms: deadline(now_ms, ttl_ms)?,
                     keep_ttl,
                     condition,
+                    source_lsn,
                 }
             }
             WriteRequest::Delete { key } => {
@@ -254,8 +303,51 @@ impl Engine {
                     expire_at_ms: deadline(now_ms, ttl_ms)?,
                 }
             }
+            WriteRequest::Cdc {
+                lsn,
+                watermark,
+                fence,
+                changes,
+            } => Command::Cdc {
+                lsn,
+                watermark,
+                fence,
+                tombstone_until_ms: now_ms.saturating_add(self.config.cdc_tombstone_ttl_ms),
+                changes: changes
+                    .into_iter()
+                    .map(|change| self.prepare_cdc_change(now_ms, change))
+                    .collect::<Result<_, _>>()?,
+            },
         };
         Ok(Op { now_ms, cmd })
+    }
+
+    /// Validates one change of a `Cdc` batch and turns its TTL into a deadline.
+    fn prepare_cdc_change(&self, now_ms: u64, change: CdcWrite) -> Result<CdcChange, StorageError> {
+        Ok(match change {
+            CdcWrite::Invalidate { key } => {
+                self.check_key(&key)?;
+                CdcChange::Invalidate { key }
+            }
+            CdcWrite::Put { key, value, ttl_ms } => {
+                self.check_key(&key)?;
+                self.check_value(&value)?;
+                CdcChange::Put {
+                    key,
+                    value,
+                    expire_at_ms: deadline(now_ms, ttl_ms)?,
+                }
+            }
+            CdcWrite::InvalidatePrefix { prefix } => {
+                if prefix.len() > self.config.max_key_bytes {
+                    return Err(StorageError::KeyTooLarge {
+                        size: prefix.len(),
+                        limit: self.config.max_key_bytes,
+                    });
+                }
+                CdcChange::InvalidatePrefix { prefix }
+            }
+        })
     }
 
     /// Active expiry: applies a [`Command::Reclaim`] to every partition that has a due
@@ -308,6 +400,14 @@ impl Engine {
         Some(applied)
     }
 
+    /// Partition `p`'s CDC watermark (the max `watermark` of its applied `Cdc` batches, 0
+    /// before the first), or `None` if there is no such partition.
+    pub fn cdc_watermark(&self, p: PartitionId) -> Option<u64> {
+        let partition = self.partition(p).ok()?;
+        let watermark = lock(&partition.state).cdc_watermark();
+        Some(watermark)
+    }
+
     /// A copy of partition `p`'s replicated state, or `None` if there is no such partition.
     pub fn snapshot(&self, p: PartitionId) -> Option<super::PartitionSnapshot> {
         let partition = self.partition(p).ok()?;
@@ -322,6 +422,16 @@ impl Engine {
                 partition: p.0,
                 count: self.config.partitions,
             })
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), StorageError> {
+        if value.len() > self.config.max_value_bytes {
+            return Err(StorageError::ValueTooLarge {
+                size: value.len(),
+                limit: self.config.max_value_bytes,
+            });
+        }
+        Ok(())
     }
 
     fn check_key(&self, key: &[u8]) -> Result<(), StorageError> {

@@ -42,6 +42,7 @@ fn set(key: impl Into<Bytes>, value: impl Into<Bytes>, ttl_ms: Option<u64>) -> W
         ttl_ms,
         keep_ttl: false,
         condition: Condition::Always,
+        source_lsn: 0,
     }
 }
 

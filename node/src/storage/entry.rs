@@ -13,6 +13,10 @@ pub(crate) struct Entry {
     pub(crate) version: u64,
     /// Absolute deadline, ms since epoch.
     pub(crate) expire_at_ms: Option<u64>,
+    /// The Postgres commit LSN the value reflects (a CDC `Put`, or a cache-aside fill read
+    /// at that LSN); 0 when the value does not come from Postgres. A CDC invalidation at an
+    /// older LSN keeps the entry, and a fill at this LSN or an older one is refused.
+    pub(crate) source_lsn: u64,
     /// Node-local LRU/LFU metadata; never read by `apply`.
     pub(crate) access: Access,
 }

@@ -9,21 +9,24 @@
 ///
 /// | part | bytes |
 /// |---|---|
-/// | `IndexMap` entry slot: `Bucket { hash: u64, key: Bytes (32), value: Entry (72) }` | 112 |
+/// | `IndexMap` entry slot: `Bucket { hash: u64, key: Bytes (32), value: Entry (80) }` | 120 |
 /// | hash index: one `usize` + one control byte per bucket at load ≤ 7/8 | ~10 |
 /// | malloc header/rounding of the key and value buffers (glibc: 8 + up to 15) | ~32 |
-/// | slack of the doubling entries `Vec` and index: 0 (resident) to +100% (reserved) | 0–122 |
+/// | slack of the doubling entries `Vec` and index: 0 (resident) to +100% (reserved) | 0–130 |
 ///
 /// `Entry` is `value: Bytes` (32) + `version: u64` (8) + `expire_at_ms: Option<u64>` (16)
-/// + node-local access metadata (`u64` + `u8`, padded to 16).
+/// + `source_lsn: u64` (8) + node-local access metadata (`u64` + `u8`, padded to 16).
 ///
 /// Measured with a counting global allocator and RSS on 0.7–1.5 M entries (12-byte keys,
 /// 100-byte values, `Bytes` built from exact-capacity buffers): ~160 bytes resident per
 /// entry, 150–224 bytes of requested heap depending on where the `Vec` is in its doubling.
-/// 192 sits between the two, erring towards the reserved figure since a limit that
-/// under-counts lets the process outgrow its memory. Keys or values that arrive as slices
-/// of a larger buffer keep that whole buffer alive and are not covered by any constant.
-pub const ENTRY_OVERHEAD: u64 = 192;
+/// 192 sat between the two, erring towards the reserved figure since a limit that
+/// under-counts lets the process outgrow its memory; `source_lsn` (CDC) added 8 bytes per
+/// slot, hence 200. Keys or values that arrive as slices of a larger buffer keep that whole
+/// buffer alive and are not covered by any constant. CDC tombstones are not counted: they
+/// are bounded by [`MAX_TOMBSTONES`](super::MAX_TOMBSTONES) per partition instead, about
+/// `key + 190` bytes each.
+pub const ENTRY_OVERHEAD: u64 = 200;
 
 /// Extra bytes charged for an entry that has a deadline: its slot in the TTL index.
 ///

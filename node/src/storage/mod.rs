@@ -10,9 +10,10 @@
 //!   ├─ evict.rs     sampling, eviction pool, LRU clock / LFU counter (node-local)
 //!   └─ clock.rs     Clock, SystemClock, ManualClock
 //! state_machine.rs  PartitionState: the deterministic per-partition state machine
-//!   ├─ command.rs   Op, Command, Condition, Outcome, IncrError
+//!   ├─ command.rs   Op, Command, Condition, Outcome, IncrError, CdcChange, CdcApplied, CdcError
 //!   ├─ entry.rs     Entry (replicated fields + node-local access metadata)
-//!   ├─ ttl.rs       TtlIndex: entries ordered by deadline, for Reclaim
+//!   ├─ cdc.rs       CdcState: fence, watermark, key/prefix tombstones and their floor
+//!   ├─ ttl.rs       TtlIndex: entries (and tombstones) ordered by deadline
 //!   └─ mem.rs       the memory accounting formula and its per-entry overhead
 //! ```
 //!
@@ -32,6 +33,13 @@
 //! with log index = version. Eviction and expiry reclaim are proposer decisions expressed
 //! as ordinary ops (`Evict`, `Reclaim`), replayed identically everywhere.
 //!
+//! # CDC
+//!
+//! The CDC worker's batches (`WriteRequest::Cdc` → `Command::Cdc`) and cache-aside fills
+//! (`Set` with `source_lsn > 0`) are ordered by Postgres commit LSN per key: tombstones
+//! refuse fills older than an invalidation, replayed batches change nothing, a fencing
+//! token refuses deposed workers. The rules are on [`PartitionState`].
+//!
 //! # Read path
 //!
 //! ```text
@@ -43,6 +51,7 @@
 //! Access metadata (LRU clock, LFU counter) is node-local and never replicated or
 //! consulted by `apply`; `memory_used` is a pure function of the replicated entries.
 
+mod cdc;
 mod clock;
 mod command;
 mod config;
@@ -55,6 +64,8 @@ mod state_machine;
 mod ttl;
 
 #[cfg(test)]
+mod cdc_test;
+#[cfg(test)]
 mod engine_test;
 #[cfg(test)]
 mod model_test;
@@ -65,10 +76,11 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use cdc::{CdcSnapshot, MAX_PREFIX_TOMBSTONES, MAX_TOMBSTONES};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use command::{Command, Condition, IncrError, Op, Outcome};
+pub use command::{CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, Op, Outcome};
 pub use config::{EvictionPolicy, ParsePolicyError, StorageConfig};
-pub use engine::{Engine, EngineStats, ReadView, WriteRequest, MAX_TTL_MS};
+pub use engine::{CdcWrite, Engine, EngineStats, ReadView, WriteRequest, MAX_TTL_MS};
 pub use error::StorageError;
 pub use mem::{ENTRY_OVERHEAD, TTL_OVERHEAD};
 pub use state_machine::{EntryView, PartitionSnapshot, PartitionState, SnapshotEntry};

@@ -1,5 +1,6 @@
-//! Model-based property tests of [`PartitionState`]: random op sequences against a
-//! `BTreeMap` reference, snapshot/restore mid-sequence, and replica determinism.
+//! Model-based property tests of [`PartitionState`]: random op sequences (CDC batches and
+//! cache-aside fills included) against a `BTreeMap` reference, snapshot/restore
+//! mid-sequence, and replica determinism.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,9 +10,14 @@ use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::mem::entry_cost;
-use super::{Command, Condition, IncrError, Op, Outcome, PartitionId, PartitionState};
+use super::{
+    CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, Op, Outcome, PartitionId,
+    PartitionState,
+};
 
 const KEYS: [&str; 5] = ["a", "b", "c", "dd", "eee"];
+/// Prefixes for `InvalidatePrefix`: all keys, none, one, two.
+const PREFIXES: [&str; 5] = ["", "x", "d", "e", "dd"];
 const VALUES: [&str; 10] = [
     "",
     "x",
@@ -35,15 +41,33 @@ enum Step {
         ttl: Option<i64>,
         keep_ttl: bool,
         condition: Cond,
+        /// 0: an ordinary write; otherwise a cache-aside fill read at this LSN.
+        source_lsn: u64,
     },
     Delete(usize),
     Incr(usize, i64),
     Expire(usize, Option<i64>),
     Evict(Vec<usize>),
     Reclaim(usize),
+    Cdc {
+        lsn: u64,
+        watermark: u64,
+        fence: u64,
+        /// Tombstone lifetime relative to the model's time.
+        tombstone_ttl: u64,
+        changes: Vec<Change>,
+    },
     Get(usize),
     Advance(u64),
     Restore,
+}
+
+/// One generated CDC change: indexes into `KEYS`, `VALUES` or `PREFIXES`.
+#[derive(Debug, Clone)]
+enum Change {
+    Invalidate(usize),
+    Put(usize, usize, Option<i64>),
+    InvalidatePrefix(usize),
 }
 
 /// A `Condition` whose version is resolved against the model at run time.
@@ -73,10 +97,35 @@ fn step() -> impl Strategy<Value = Step> {
         Just(i64::MIN),
         any::<i64>()
     ];
+    // Small LSNs, so that batches, fills and tombstones collide and tie often.
+    let lsn = 1u64..12;
+    let source_lsn = prop_oneof![3 => Just(0u64), 2 => lsn.clone()];
+    let change = prop_oneof![
+        3 => key.clone().prop_map(Change::Invalidate),
+        3 => (key.clone(), 0..VALUES.len(), ttl.clone()).prop_map(|(k, v, t)| Change::Put(k, v, t)),
+        1 => (0..PREFIXES.len()).prop_map(Change::InvalidatePrefix),
+    ];
+    let cdc = (
+        lsn.clone(),
+        0u64..14,
+        0u64..3,
+        0u64..40,
+        prop::collection::vec(change, 0..4),
+    )
+        .prop_map(
+            |(lsn, watermark, fence, tombstone_ttl, changes)| Step::Cdc {
+                lsn,
+                watermark,
+                fence,
+                tombstone_ttl,
+                changes,
+            },
+        );
     prop_oneof![
-        6 => (key.clone(), 0..VALUES.len(), ttl.clone(), any::<bool>(), cond).prop_map(
-            |(key, value, ttl, keep_ttl, condition)| Step::Set { key, value, ttl, keep_ttl, condition }
+        6 => (key.clone(), 0..VALUES.len(), ttl.clone(), any::<bool>(), cond, source_lsn).prop_map(
+            |(key, value, ttl, keep_ttl, condition, source_lsn)| Step::Set { key, value, ttl, keep_ttl, condition, source_lsn }
         ),
+        4 => cdc,
         2 => key.clone().prop_map(Step::Delete),
         3 => (key.clone(), delta).prop_map(|(k, d)| Step::Incr(k, d)),
         2 => (key.clone(), ttl).prop_map(|(k, t)| Step::Expire(k, t)),
@@ -88,10 +137,19 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-/// The reference: key -> (value, version, deadline).
+/// A model entry: (value, version, deadline, source LSN).
+type ModelEntry = (Vec<u8>, u64, Option<u64>, u64);
+
+/// The reference: key -> entry, and the CDC state.
 #[derive(Debug, Default)]
 struct Model {
-    map: BTreeMap<Vec<u8>, (Vec<u8>, u64, Option<u64>)>,
+    map: BTreeMap<Vec<u8>, ModelEntry>,
+    /// Key -> (lsn, until).
+    tombstones: BTreeMap<Vec<u8>, (u64, u64)>,
+    prefixes: BTreeMap<Vec<u8>, u64>,
+    floor: u64,
+    fence: u64,
+    watermark: u64,
 }
 
 /// Independent INCR parse: `-?[0-9]+` within i64 range.
@@ -111,10 +169,99 @@ fn model_parse(v: &[u8]) -> Option<i64> {
 }
 
 impl Model {
-    fn live(&self, key: &[u8], now: u64) -> Option<&(Vec<u8>, u64, Option<u64>)> {
+    fn live(&self, key: &[u8], now: u64) -> Option<&ModelEntry> {
         self.map
             .get(key)
-            .filter(|(_, _, d)| d.is_none_or(|d| d > now))
+            .filter(|(_, _, d, _)| d.is_none_or(|d| d > now))
+    }
+
+    /// The key's CDC LSN without the floor.
+    fn cdc_lsn(&self, key: &[u8], now: u64) -> u64 {
+        let tombstone = self.tombstones.get(key).map_or(0, |t| t.0);
+        let entry = self.live(key, now).map_or(0, |e| e.3);
+        let prefix = self
+            .prefixes
+            .iter()
+            .filter(|(p, _)| key.starts_with(p))
+            .map(|(_, l)| *l)
+            .max()
+            .unwrap_or(0);
+        tombstone.max(entry).max(prefix)
+    }
+
+    fn tombstone(&mut self, key: &[u8], lsn: u64, until: u64) {
+        let t = self.tombstones.entry(key.to_vec()).or_insert((0, 0));
+        t.0 = t.0.max(lsn);
+        t.1 = t.1.max(until);
+    }
+
+    /// Forgets up to `max` tombstones due at `now`, by (until, key).
+    fn expire_tombstones(&mut self, now: u64, max: usize) {
+        let mut due: Vec<(u64, Vec<u8>)> = self
+            .tombstones
+            .iter()
+            .filter(|(_, t)| t.1 <= now)
+            .map(|(k, t)| (t.1, k.clone()))
+            .collect();
+        due.sort();
+        for (_, k) in due.into_iter().take(max) {
+            let (lsn, _) = self.tombstones.remove(&k).unwrap();
+            self.floor = self.floor.max(lsn);
+        }
+    }
+
+    fn cdc(
+        &mut self,
+        index: u64,
+        now: u64,
+        (lsn, watermark, fence, until): (u64, u64, u64, u64),
+        changes: &[CdcChange],
+    ) -> Outcome {
+        if fence < self.fence {
+            return Outcome::Cdc(Err(CdcError::Fenced {
+                current: self.fence,
+            }));
+        }
+        self.fence = fence;
+        self.expire_tombstones(now, usize::MAX);
+        let mut changed = 0;
+        for change in changes {
+            match change {
+                CdcChange::Invalidate { key } => {
+                    let keep = self.live(key, now).is_some_and(|e| e.3 > lsn);
+                    if !keep && self.map.remove(key.as_ref()).is_some() {
+                        changed += 1;
+                    }
+                    self.tombstone(key, lsn, until);
+                }
+                CdcChange::Put {
+                    key,
+                    value,
+                    expire_at_ms,
+                } => {
+                    if self.cdc_lsn(key, now) >= lsn {
+                        continue;
+                    }
+                    self.map
+                        .insert(key.to_vec(), (value.to_vec(), index, *expire_at_ms, lsn));
+                    self.tombstone(key, lsn, until);
+                    changed += 1;
+                }
+                CdcChange::InvalidatePrefix { prefix } => {
+                    let before = self.map.len();
+                    self.map
+                        .retain(|k, e| !(k.starts_with(prefix) && e.3 < lsn));
+                    changed += (before - self.map.len()) as u64;
+                    let p = self.prefixes.entry(prefix.to_vec()).or_insert(0);
+                    *p = (*p).max(lsn);
+                }
+            }
+        }
+        self.watermark = self.watermark.max(watermark);
+        Outcome::Cdc(Ok(CdcApplied {
+            changed,
+            watermark: self.watermark,
+        }))
     }
 
     fn apply(&mut self, index: u64, op: &Op) -> Outcome {
@@ -123,7 +270,7 @@ impl Model {
             if self
                 .map
                 .get(key.as_ref())
-                .is_some_and(|(_, _, d)| d.is_some_and(|d| d <= now))
+                .is_some_and(|(_, _, d, _)| d.is_some_and(|d| d <= now))
             {
                 self.map.remove(key.as_ref());
             }
@@ -135,8 +282,19 @@ impl Model {
                 expire_at_ms,
                 keep_ttl,
                 condition,
+                source_lsn,
             } => {
                 let cur = self.map.get(key.as_ref()).cloned();
+                if *source_lsn > 0 {
+                    let newer_lsn = self.cdc_lsn(key, now).max(self.floor);
+                    if newer_lsn >= *source_lsn {
+                        return Outcome::Set {
+                            applied: false,
+                            version: cur.map_or(0, |c| c.1),
+                            newer_lsn,
+                        };
+                    }
+                }
                 let ok = match condition {
                     Condition::Always => true,
                     Condition::IfAbsent => cur.is_none(),
@@ -147,6 +305,7 @@ impl Model {
                     return Outcome::Set {
                         applied: false,
                         version: cur.map_or(0, |c| c.1),
+                        newer_lsn: 0,
                     };
                 }
                 let deadline = match (&cur, keep_ttl) {
@@ -154,10 +313,11 @@ impl Model {
                     _ => *expire_at_ms,
                 };
                 self.map
-                    .insert(key.to_vec(), (value.to_vec(), index, deadline));
+                    .insert(key.to_vec(), (value.to_vec(), index, deadline, *source_lsn));
                 Outcome::Set {
                     applied: true,
                     version: index,
+                    newer_lsn: 0,
                 }
             }
             Command::Delete { key } => Outcome::Deleted(self.map.remove(key.as_ref()).is_some()),
@@ -174,8 +334,10 @@ impl Model {
                     return Outcome::Incr(Err(IncrError::Overflow));
                 };
                 let deadline = cur.and_then(|c| c.2);
-                self.map
-                    .insert(key.to_vec(), (n.to_string().into_bytes(), index, deadline));
+                self.map.insert(
+                    key.to_vec(),
+                    (n.to_string().into_bytes(), index, deadline, 0),
+                );
                 Outcome::Incr(Ok((n, index)))
             }
             Command::Expire { key, expire_at_ms } => {
@@ -210,10 +372,11 @@ impl Model {
                 Outcome::Evicted(n)
             }
             Command::Reclaim { max } => {
+                self.expire_tombstones(now, *max);
                 let mut due: Vec<(u64, Vec<u8>)> = self
                     .map
                     .iter()
-                    .filter_map(|(k, (_, _, d))| d.filter(|d| *d <= now).map(|d| (d, k.clone())))
+                    .filter_map(|(k, (_, _, d, _))| d.filter(|d| *d <= now).map(|d| (d, k.clone())))
                     .collect();
                 due.sort();
                 due.truncate(*max);
@@ -222,13 +385,44 @@ impl Model {
                 }
                 Outcome::Reclaimed(due.len())
             }
+            Command::Cdc {
+                lsn,
+                watermark,
+                fence,
+                tombstone_until_ms,
+                changes,
+            } => self.cdc(
+                index,
+                now,
+                (*lsn, *watermark, *fence, *tombstone_until_ms),
+                changes,
+            ),
+        }
+    }
+
+    /// The CDC part of the state, as a snapshot lists it.
+    fn cdc_snapshot(&self) -> super::CdcSnapshot {
+        super::CdcSnapshot {
+            watermark: self.watermark,
+            fence: self.fence,
+            floor: self.floor,
+            tombstones: self
+                .tombstones
+                .iter()
+                .map(|(k, (lsn, until))| (Bytes::copy_from_slice(k), *lsn, *until))
+                .collect(),
+            prefixes: self
+                .prefixes
+                .iter()
+                .map(|(p, lsn)| (Bytes::copy_from_slice(p), *lsn))
+                .collect(),
         }
     }
 
     fn memory(&self) -> u64 {
         self.map
             .iter()
-            .map(|(k, (v, _, d))| entry_cost(k.len(), v.len(), d.is_some()))
+            .map(|(k, (v, _, d, _))| entry_cost(k.len(), v.len(), d.is_some()))
             .sum()
     }
 }
@@ -250,6 +444,7 @@ fn to_op(step: &Step, model: &Model, now: u64) -> Option<Op> {
             ttl,
             keep_ttl,
             condition,
+            source_lsn,
         } => Command::Set {
             key: key(*k),
             value: Bytes::from_static(VALUES[*value].as_bytes()),
@@ -264,6 +459,7 @@ fn to_op(step: &Step, model: &Model, now: u64) -> Option<Op> {
                     Condition::IfVersion(current + offset)
                 }
             },
+            source_lsn: *source_lsn,
         },
         Step::Delete(k) => Command::Delete { key: key(*k) },
         Step::Incr(k, delta) => Command::Incr {
@@ -278,6 +474,32 @@ fn to_op(step: &Step, model: &Model, now: u64) -> Option<Op> {
             keys: keys.iter().map(|k| key(*k)).collect(),
         },
         Step::Reclaim(max) => Command::Reclaim { max: *max },
+        Step::Cdc {
+            lsn,
+            watermark,
+            fence,
+            tombstone_ttl,
+            changes,
+        } => Command::Cdc {
+            lsn: *lsn,
+            watermark: *watermark,
+            fence: *fence,
+            tombstone_until_ms: now + tombstone_ttl,
+            changes: changes
+                .iter()
+                .map(|c| match c {
+                    Change::Invalidate(k) => CdcChange::Invalidate { key: key(*k) },
+                    Change::Put(k, v, ttl) => CdcChange::Put {
+                        key: key(*k),
+                        value: Bytes::from_static(VALUES[*v].as_bytes()),
+                        expire_at_ms: deadline(now, *ttl),
+                    },
+                    Change::InvalidatePrefix(p) => CdcChange::InvalidatePrefix {
+                        prefix: Bytes::from_static(PREFIXES[*p].as_bytes()),
+                    },
+                })
+                .collect(),
+        },
         Step::Get(_) | Step::Advance(_) | Step::Restore => return None,
     };
     Some(Op { now_ms: now, cmd })
@@ -293,6 +515,7 @@ fn check_reads(state: &mut PartitionState, model: &Model, now: u64) {
                 assert_eq!(g.value.as_ref(), w.0.as_slice(), "value of {k}");
                 assert_eq!(g.version, w.1, "version of {k}");
                 assert_eq!(g.expire_at_ms, w.2, "deadline of {k}");
+                assert_eq!(g.source_lsn, w.3, "source LSN of {k}");
             }
             (g, w) => panic!("key {k} at {now}: state {g:?}, model {w:?}"),
         }
@@ -315,7 +538,7 @@ proptest! {
                 Step::Advance(ms) => now += ms,
                 Step::Restore => state = PartitionState::restore(id, state.snapshot()),
                 Step::Get(k) => {
-                    let got = state.get(KEYS[*k].as_bytes(), now).map(|v| (v.value.to_vec(), v.version, v.expire_at_ms));
+                    let got = state.get(KEYS[*k].as_bytes(), now).map(|v| (v.value.to_vec(), v.version, v.expire_at_ms, v.source_lsn));
                     prop_assert_eq!(got, model.live(KEYS[*k].as_bytes(), now).cloned());
                 }
                 _ => {
@@ -328,11 +551,18 @@ proptest! {
                     let got = state.apply(index, &op);
                     let want = model.apply(index, &op);
                     prop_assert_eq!(&got, &want, "op {:?}", op);
-                    prop_assert_eq!(state.memory_used() as i64 - before, predicted, "growth of {:?}", op);
+                    let grown = state.memory_used() as i64 - before;
+                    if let Command::Cdc { .. } = op.cmd {
+                        // An upper bound for CDC batches.
+                        prop_assert!(grown <= predicted && predicted >= 0, "growth {} over {} of {:?}", grown, predicted, op);
+                    } else {
+                        prop_assert_eq!(grown, predicted, "growth of {:?}", op);
+                    }
                 }
             }
             prop_assert_eq!(state.len(), model.map.len());
             prop_assert_eq!(state.memory_used(), model.memory());
+            prop_assert_eq!(&state.snapshot().cdc, &model.cdc_snapshot());
             state.assert_consistent();
             check_reads(&mut state, &model, now);
         }

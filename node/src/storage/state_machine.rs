@@ -1,16 +1,20 @@
 //! [`PartitionState`]: the deterministic state machine of one partition.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use indexmap::IndexMap;
 
+use super::cdc::{CdcSnapshot, CdcState};
 use super::command::parse_i64;
 use super::entry::Entry;
 use super::evict::{Access, Candidate};
 use super::mem::entry_cost;
 use super::ttl::TtlIndex;
-use super::{Command, Condition, EvictionPolicy, IncrError, Op, Outcome, PartitionId};
+use super::{
+    CdcApplied, CdcChange, CdcError, Command, Condition, EvictionPolicy, IncrError, Op, Outcome,
+    PartitionId,
+};
 
 /// The entries of one partition and the index of the last op applied to them.
 ///
@@ -18,6 +22,30 @@ use super::{Command, Condition, EvictionPolicy, IncrError, Op, Outcome, Partitio
 /// state, the index and the op, so every replica applying the same log ends in the same
 /// state (same entries, versions, deadlines, `memory_used`, even the same internal order).
 /// Reads ([`get`](Self::get)) hide expired entries and update node-local access metadata.
+///
+/// # CDC
+///
+/// [`Command::Cdc`] batches from the Postgres change stream and cache-aside fills
+/// (`Command::Set` with `source_lsn > 0`) are ordered by Postgres commit LSN. A key's *CDC
+/// LSN* is the max of its tombstone's LSN, its live entry's `source_lsn`, the LSN of every
+/// prefix tombstone it starts with, and (for fills only) the partition's tombstone floor.
+///
+/// - A fill is refused when the key's CDC LSN is `>= source_lsn`.
+/// - A batch whose fence is below the partition's is refused whole ([`CdcError::Fenced`]);
+///   otherwise the fence becomes the max of both, tombstones with `until_ms <= now_ms` are
+///   forgotten (raising the floor), the changes are applied in order, the tombstone caps
+///   are enforced (raising the floor), and the watermark becomes the max of both.
+/// - `Invalidate` removes the entry (live or expired) unless a live entry has
+///   `source_lsn > lsn`, then raises the key's tombstone to `(lsn, tombstone_until_ms)`.
+/// - `Put` is skipped when the key's CDC LSN (without the floor) is `>= lsn`; otherwise it
+///   stores the value with version = index and `source_lsn = lsn`, and raises the key's
+///   tombstone like `Invalidate`, so an older fill stays refused after the entry is gone.
+/// - `InvalidatePrefix` removes every entry under the prefix whose `source_lsn < lsn` and
+///   raises the prefix's tombstone to `lsn`.
+///
+/// Within one batch, two changes to the same key at the same LSN are *not* ordered by
+/// position: a `Put` after an `Invalidate` or another `Put` of the same key is skipped
+/// (equal LSN), so the worker should send one change per key per transaction (the last).
 #[derive(Debug, Clone)]
 pub struct PartitionState {
     /// Which partition this is.
@@ -29,8 +57,11 @@ pub struct PartitionState {
     ttl: TtlIndex,
     /// Index of the last applied op.
     applied_index: u64,
-    /// Accounted bytes, see [`mem`](super::mem).
+    /// Accounted bytes, see [`mem`](super::mem). Tombstones are not counted, see
+    /// [`cdc`](super::cdc).
     memory_used: u64,
+    /// Fence, watermark, tombstones and floor of the Postgres change stream.
+    cdc: CdcState,
     /// Entries removed because they were expired (by `Reclaim`, by being overwritten or
     /// touched while expired, or evicted while expired). Derived from replicated state,
     /// but kept for statistics only: not part of snapshots.
@@ -49,6 +80,8 @@ pub struct EntryView {
     pub version: u64,
     /// Absolute deadline in ms since epoch, if the entry has one.
     pub expire_at_ms: Option<u64>,
+    /// The Postgres commit LSN the value reflects; 0 when it does not come from Postgres.
+    pub source_lsn: u64,
 }
 
 /// The replicated state of a partition, for persistence and Raft snapshots.
@@ -59,6 +92,8 @@ pub struct PartitionSnapshot {
     /// Every entry held, expired-but-unreclaimed ones included, in internal order (so a
     /// restored state is identical to the original, not only equivalent).
     pub entries: Vec<SnapshotEntry>,
+    /// The CDC fence, watermark, floor and tombstones.
+    pub cdc: CdcSnapshot,
 }
 
 /// One entry of a [`PartitionSnapshot`].
@@ -72,6 +107,8 @@ pub struct SnapshotEntry {
     pub version: u64,
     /// Absolute deadline in ms since epoch.
     pub expire_at_ms: Option<u64>,
+    /// The Postgres commit LSN the value reflects (0: none).
+    pub source_lsn: u64,
 }
 
 /// What a single-key op will do, computed without mutating so that the engine can learn the
@@ -90,10 +127,11 @@ enum Effect {
     Keep,
     /// Remove the key.
     Remove,
-    /// Store this value and deadline with version = index.
+    /// Store this value, deadline and source LSN with version = index.
     Put {
         value: Bytes,
         expire_at_ms: Option<u64>,
+        source_lsn: u64,
     },
 }
 
@@ -106,6 +144,7 @@ impl PartitionState {
             ttl: TtlIndex::default(),
             applied_index: 0,
             memory_used: 0,
+            cdc: CdcState::default(),
             expired_removed: 0,
             share_bytes: false,
         }
@@ -121,8 +160,9 @@ impl PartitionState {
     /// `index` strictly increases; the version of anything written by this op is `index`
     /// (so versions strictly increase per key across writes, deletes and re-creates).
     /// Entries whose deadline is `<= op.now_ms` count as absent for every command and are
-    /// dropped when the command touches their key. An `Incr` error leaves the key as it is
-    /// but still counts the index as applied.
+    /// dropped when the command touches their key. An `Incr` error, a refused fill and a
+    /// fenced `Cdc` batch leave the state as it is but still count the index as applied.
+    /// See the type's docs for the CDC rules.
     ///
     /// # Panics
     ///
@@ -138,7 +178,25 @@ impl PartitionState {
         let now = op.now_ms;
         match &op.cmd {
             Command::Evict { keys } => Outcome::Evicted(self.evict(keys, now)),
-            Command::Reclaim { max } => Outcome::Reclaimed(self.reclaim(*max, now)),
+            Command::Reclaim { max } => {
+                self.cdc.expire(now, *max);
+                Outcome::Reclaimed(self.reclaim(*max, now))
+            }
+            Command::Cdc {
+                lsn,
+                watermark,
+                fence,
+                tombstone_until_ms,
+                changes,
+            } => Outcome::Cdc(self.apply_cdc(
+                index,
+                now,
+                *lsn,
+                *watermark,
+                *fence,
+                *tombstone_until_ms,
+                changes,
+            )),
             Command::Set { key, .. }
             | Command::Delete { key }
             | Command::Incr { key, .. }
@@ -164,7 +222,8 @@ impl PartitionState {
     }
 
     /// The exact change of [`memory_used`](Self::memory_used) that applying `op` now would
-    /// cause. Used by the engine to reserve memory before applying.
+    /// cause — for [`Command::Cdc`] an upper bound (never negative). Used by the engine to
+    /// reserve memory before applying.
     pub fn growth(&self, op: &Op) -> i64 {
         let now = op.now_ms;
         match &op.cmd {
@@ -185,6 +244,12 @@ impl PartitionState {
                     .filter_map(|(_, key)| self.entries.get(key.as_ref()).map(|e| cost_of(key, e)))
                     .sum(),
             ),
+            Command::Cdc {
+                lsn,
+                fence,
+                changes,
+                ..
+            } => self.cdc_growth(now, *lsn, *fence, changes),
             Command::Set { key, .. }
             | Command::Delete { key }
             | Command::Incr { key, .. }
@@ -198,6 +263,7 @@ impl PartitionState {
                     Effect::Put {
                         value,
                         expire_at_ms,
+                        ..
                     } => signed(entry_cost(key.len(), value.len(), expire_at_ms.is_some())) - old,
                 }
             }
@@ -217,6 +283,7 @@ impl PartitionState {
             value: entry.value.clone(),
             version: entry.version,
             expire_at_ms: entry.expire_at_ms,
+            source_lsn: entry.source_lsn,
         })
     }
 
@@ -259,7 +326,40 @@ impl PartitionState {
         self.expired_removed
     }
 
-    /// The replicated state: applied index and every entry with its version and deadline.
+    /// The CDC watermark: the max `watermark` of every applied [`Command::Cdc`] (0: none).
+    pub fn cdc_watermark(&self) -> u64 {
+        self.cdc.watermark
+    }
+
+    /// The CDC fencing token: the max `fence` of every accepted [`Command::Cdc`] (0: none).
+    pub fn cdc_fence(&self) -> u64 {
+        self.cdc.fence
+    }
+
+    /// The tombstone floor: the max LSN of every forgotten tombstone. Fills whose
+    /// `source_lsn` is at or below it are refused.
+    pub fn tombstone_floor(&self) -> u64 {
+        self.cdc.floor
+    }
+
+    /// Key tombstones held (at most [`MAX_TOMBSTONES`](super::MAX_TOMBSTONES) after each op).
+    pub fn tombstone_count(&self) -> usize {
+        self.cdc.len()
+    }
+
+    /// Prefix tombstones held.
+    pub fn prefix_tombstone_count(&self) -> usize {
+        self.cdc.prefix_count()
+    }
+
+    /// The earliest `until_ms` of a key tombstone, if any: a `Cdc` or `Reclaim` op at that
+    /// time or later forgets it.
+    pub fn next_tombstone_expiry(&self) -> Option<u64> {
+        self.cdc.next_expiry()
+    }
+
+    /// The replicated state: applied index, every entry with its version, deadline and
+    /// source LSN, and the CDC state.
     pub fn snapshot(&self) -> PartitionSnapshot {
         PartitionSnapshot {
             applied_index: self.applied_index,
@@ -271,8 +371,10 @@ impl PartitionState {
                     value: entry.value.clone(),
                     version: entry.version,
                     expire_at_ms: entry.expire_at_ms,
+                    source_lsn: entry.source_lsn,
                 })
                 .collect(),
+            cdc: self.cdc.snapshot(),
         }
     }
 
@@ -283,8 +385,9 @@ impl PartitionState {
         state.applied_index = snap.applied_index;
         state.entries.reserve(snap.entries.len());
         for e in snap.entries {
-            state.insert_new(e.key, e.value, e.version, e.expire_at_ms, 0);
+            state.insert_new(e.key, e.value, e.version, e.expire_at_ms, e.source_lsn, 0);
         }
+        state.cdc = CdcState::restore(snap.cdc, exact);
         state
     }
 
@@ -313,6 +416,7 @@ impl PartitionState {
         }
         let memory: u64 = self.entries.iter().map(|(k, e)| cost_of(k, e)).sum();
         assert_eq!(self.memory_used, memory, "memory_used");
+        self.cdc.assert_consistent();
     }
 
     /// The accounted size of `key`'s entry (live or expired), if present.
@@ -362,8 +466,22 @@ impl PartitionState {
                 expire_at_ms,
                 keep_ttl,
                 condition,
+                source_lsn,
                 ..
-            } => {
+            } => 'set: {
+                if *source_lsn > 0 {
+                    let newer_lsn = self.key_cdc_lsn(key, live).max(self.cdc.floor);
+                    if newer_lsn >= *source_lsn {
+                        break 'set (
+                            Effect::Keep,
+                            Outcome::Set {
+                                applied: false,
+                                version: live.map_or(0, |e| e.version),
+                                newer_lsn,
+                            },
+                        );
+                    }
+                }
                 let holds = match *condition {
                     Condition::Always => true,
                     Condition::IfAbsent => live.is_none(),
@@ -379,10 +497,12 @@ impl PartitionState {
                         Effect::Put {
                             value: value.clone(),
                             expire_at_ms,
+                            source_lsn: *source_lsn,
                         },
                         Outcome::Set {
                             applied: true,
                             version: 0, // filled in by execute
+                            newer_lsn: 0,
                         },
                     )
                 } else {
@@ -392,6 +512,7 @@ impl PartitionState {
                         Outcome::Set {
                             applied: false,
                             version,
+                            newer_lsn: 0,
                         },
                     )
                 }
@@ -407,9 +528,11 @@ impl PartitionState {
                 };
                 match current.and_then(|n| n.checked_add(*delta).ok_or(IncrError::Overflow)) {
                     Ok(n) => (
+                        // A value computed by the client's INCR does not come from Postgres.
                         Effect::Put {
                             value: Bytes::from(n.to_string()),
                             expire_at_ms: live.and_then(|e| e.expire_at_ms),
+                            source_lsn: 0,
                         },
                         Outcome::Incr(Ok((n, 0))), // version filled in by execute
                     ),
@@ -422,10 +545,12 @@ impl PartitionState {
                 (Some(_), Some(deadline)) if deadline <= now => {
                     (Effect::Remove, Outcome::Expire(true))
                 }
+                // The value is unchanged, so it still reflects the same LSN.
                 (Some(e), Some(_)) => (
                     Effect::Put {
                         value: e.value.clone(),
                         expire_at_ms: *expire_at_ms,
+                        source_lsn: e.source_lsn,
                     },
                     Outcome::Expire(true),
                 ),
@@ -433,12 +558,13 @@ impl PartitionState {
                     Effect::Put {
                         value: e.value.clone(),
                         expire_at_ms: None,
+                        source_lsn: e.source_lsn,
                     },
                     Outcome::Expire(true),
                 ),
                 (Some(_), None) => (Effect::Keep, Outcome::Expire(false)),
             },
-            Command::Evict { .. } | Command::Reclaim { .. } => {
+            Command::Evict { .. } | Command::Reclaim { .. } | Command::Cdc { .. } => {
                 unreachable!("plan is only called for single-key commands")
             }
         };
@@ -469,19 +595,213 @@ impl PartitionState {
             Effect::Put {
                 value,
                 expire_at_ms,
+                source_lsn,
             } => match existing {
-                Some(at) => self.replace_at(at, value, index, expire_at_ms, now),
-                None => self.insert_new(key.clone(), value, index, expire_at_ms, now),
+                Some(at) => self.replace_at(at, value, index, expire_at_ms, source_lsn, now),
+                None => self.insert_new(key.clone(), value, index, expire_at_ms, source_lsn, now),
             },
         }
         match plan.outcome {
             Outcome::Set { applied: true, .. } => Outcome::Set {
                 applied: true,
                 version: index,
+                newer_lsn: 0,
             },
             Outcome::Incr(Ok((n, _))) => Outcome::Incr(Ok((n, index))),
             other => other,
         }
+    }
+
+    /// `key`'s CDC LSN without the floor: the max of its tombstone, the live entry's
+    /// source LSN and the prefix tombstones it starts with.
+    fn key_cdc_lsn(&self, key: &[u8], live: Option<&Entry>) -> u64 {
+        self.cdc
+            .tombstone_lsn(key)
+            .max(live.map_or(0, |e| e.source_lsn))
+            .max(self.cdc.prefix_lsn(key))
+    }
+
+    /// Applies a [`Command::Cdc`] batch (see the type's docs).
+    #[allow(clippy::too_many_arguments)]
+    fn apply_cdc(
+        &mut self,
+        index: u64,
+        now: u64,
+        lsn: u64,
+        watermark: u64,
+        fence: u64,
+        until_ms: u64,
+        changes: &[CdcChange],
+    ) -> Result<CdcApplied, CdcError> {
+        if fence < self.cdc.fence {
+            return Err(CdcError::Fenced {
+                current: self.cdc.fence,
+            });
+        }
+        self.cdc.fence = fence;
+        self.cdc.expire(now, usize::MAX);
+        let mut changed = 0u64;
+        for change in changes {
+            changed += match change {
+                CdcChange::Invalidate { key } => {
+                    u64::from(self.cdc_invalidate(key, lsn, until_ms, now))
+                }
+                CdcChange::Put {
+                    key,
+                    value,
+                    expire_at_ms,
+                } => u64::from(self.cdc_put(key, value, *expire_at_ms, lsn, until_ms, index, now)),
+                CdcChange::InvalidatePrefix { prefix } => {
+                    self.cdc_invalidate_prefix(prefix, lsn, now)
+                }
+            };
+        }
+        // Caps are enforced once the batch is done, so that no change of the batch sees a
+        // tombstone it (or the state before it) had disappear; `growth` relies on it.
+        self.cdc.enforce_caps();
+        self.cdc.watermark = self.cdc.watermark.max(watermark);
+        Ok(CdcApplied {
+            changed,
+            watermark: self.cdc.watermark,
+        })
+    }
+
+    /// An upper bound of the growth of a [`Command::Cdc`] batch: for every key with a `Put`
+    /// that is not already skipped given the state before the batch, the largest cost among
+    /// its `Put`s minus its current entry's cost, at least 0. It holds because a key's CDC
+    /// LSN (without the floor) never decreases during a batch (tombstones forgotten by
+    /// expiry go before any change, caps apply after the last), so a `Put` skipped now is
+    /// skipped then; and whenever a change of the batch raises the key's LSN past its entry's,
+    /// that entry is removed or replaced.
+    fn cdc_growth(&self, now: u64, lsn: u64, fence: u64, changes: &[CdcChange]) -> i64 {
+        if fence < self.cdc.fence {
+            return 0;
+        }
+        let mut puts: BTreeMap<&Bytes, u64> = BTreeMap::new();
+        for change in changes {
+            let CdcChange::Put {
+                key,
+                value,
+                expire_at_ms,
+            } = change
+            else {
+                continue;
+            };
+            let live = self
+                .entries
+                .get(key.as_ref())
+                .filter(|e| !e.is_expired(now));
+            let current = self
+                .cdc
+                .tombstone_lsn_after_expiry(key, now)
+                .max(live.map_or(0, |e| e.source_lsn))
+                .max(self.cdc.prefix_lsn(key));
+            if current >= lsn {
+                continue;
+            }
+            let cost = entry_cost(key.len(), value.len(), expire_at_ms.is_some());
+            let most = puts.entry(key).or_insert(0);
+            *most = (*most).max(cost);
+        }
+        puts.into_iter()
+            .map(|(key, cost)| signed(cost.saturating_sub(self.entry_cost(key).unwrap_or(0))))
+            .sum()
+    }
+
+    /// CDC `Invalidate`: removes `key`'s entry unless it is live and newer than `lsn`, then
+    /// raises its tombstone. Returns whether an entry was removed.
+    fn cdc_invalidate(&mut self, key: &Bytes, lsn: u64, until_ms: u64, now: u64) -> bool {
+        let removed = match self.entries.get_full(key.as_ref()) {
+            Some((at, _, entry)) => {
+                let expired = entry.is_expired(now);
+                if !expired && entry.source_lsn > lsn {
+                    false
+                } else {
+                    self.remove_at(at);
+                    if expired {
+                        self.expired_removed += 1;
+                    }
+                    true
+                }
+            }
+            None => false,
+        };
+        let share = self.share_bytes;
+        self.cdc
+            .tombstone(key, lsn, until_ms, || keep_bytes(share, key));
+        removed
+    }
+
+    /// CDC `Put`: stores the value at version `index` with `source_lsn = lsn` and raises the
+    /// key's tombstone, unless the key's CDC LSN (without the floor) is `>= lsn`. Returns
+    /// whether the value was stored.
+    #[allow(clippy::too_many_arguments)]
+    fn cdc_put(
+        &mut self,
+        key: &Bytes,
+        value: &Bytes,
+        expire_at_ms: Option<u64>,
+        lsn: u64,
+        until_ms: u64,
+        index: u64,
+        now: u64,
+    ) -> bool {
+        let existing = self.entries.get_full(key.as_ref());
+        let expired = existing.is_some_and(|(_, _, e)| e.is_expired(now));
+        let live = existing.filter(|_| !expired).map(|(_, _, e)| e);
+        if self.key_cdc_lsn(key, live) >= lsn {
+            return false;
+        }
+        let at = existing.map(|(at, _, _)| at);
+        match at {
+            // An expired entry is dropped and the key created anew, as for `Set`.
+            Some(at) if expired => {
+                self.remove_at(at);
+                self.expired_removed += 1;
+                self.insert_new(key.clone(), value.clone(), index, expire_at_ms, lsn, now);
+            }
+            Some(at) => self.replace_at(at, value.clone(), index, expire_at_ms, lsn, now),
+            None => self.insert_new(key.clone(), value.clone(), index, expire_at_ms, lsn, now),
+        }
+        // Share the entry's copy of the key rather than making another one.
+        let stored = self
+            .entries
+            .get_key_value(key.as_ref())
+            .map(|(k, _)| k.clone());
+        let share = self.share_bytes;
+        self.cdc.tombstone(key, lsn, until_ms, || {
+            stored.unwrap_or_else(|| keep_bytes(share, key))
+        });
+        true
+    }
+
+    /// CDC `InvalidatePrefix`: removes every entry (live or expired) under `prefix` whose
+    /// source LSN is below `lsn` and raises the prefix's tombstone. Returns how many.
+    fn cdc_invalidate_prefix(&mut self, prefix: &Bytes, lsn: u64, now: u64) -> u64 {
+        let mut removed = 0u64;
+        let mut expired = 0u64;
+        let ttl = &mut self.ttl;
+        let memory_used = &mut self.memory_used;
+        // `retain` keeps the order of the others: deterministic, like every removal here.
+        self.entries.retain(|key, entry| {
+            if !key.starts_with(prefix) || entry.source_lsn >= lsn {
+                return true;
+            }
+            if let Some(deadline) = entry.expire_at_ms {
+                ttl.remove(deadline, key);
+            }
+            *memory_used -= cost_of(key, entry);
+            removed += 1;
+            if entry.is_expired(now) {
+                expired += 1;
+            }
+            false
+        });
+        self.expired_removed += expired;
+        let share = self.share_bytes;
+        self.cdc
+            .prefix_tombstone(prefix, lsn, || keep_bytes(share, prefix));
+        removed
     }
 
     /// Removes every listed key that is held (live or expired).
@@ -530,6 +850,7 @@ impl PartitionState {
         value: Bytes,
         version: u64,
         expire_at_ms: Option<u64>,
+        source_lsn: u64,
         now: u64,
     ) {
         let (key, value) = (self.keep(&key), self.keep(&value));
@@ -541,6 +862,7 @@ impl PartitionState {
             value,
             version,
             expire_at_ms,
+            source_lsn,
             access: Access::new(now),
         };
         // Callers only insert keys that are not held (checked by `plan`, or distinct in a
@@ -550,11 +872,7 @@ impl PartitionState {
 
     /// The bytes to store: a copy, unless the op's bytes are known to be exact.
     fn keep(&self, b: &Bytes) -> Bytes {
-        if self.share_bytes {
-            b.clone()
-        } else {
-            exact(b)
-        }
+        keep_bytes(self.share_bytes, b)
     }
 
     fn replace_at(
@@ -563,6 +881,7 @@ impl PartitionState {
         value: Bytes,
         version: u64,
         expire_at_ms: Option<u64>,
+        source_lsn: u64,
         now: u64,
     ) {
         let Some((key, entry)) = self.entries.get_index_mut(at) else {
@@ -585,6 +904,7 @@ impl PartitionState {
         };
         entry.version = version;
         entry.expire_at_ms = expire_at_ms;
+        entry.source_lsn = source_lsn;
         entry.access.on_write(now);
         self.memory_used = self.memory_used - old + new;
     }
@@ -596,6 +916,15 @@ impl PartitionState {
             }
             self.memory_used -= cost_of(&key, &entry);
         }
+    }
+}
+
+/// The bytes to store: `b` itself when the op's bytes are exact (`share`), else a copy.
+fn keep_bytes(share: bool, b: &Bytes) -> Bytes {
+    if share {
+        b.clone()
+    } else {
+        exact(b)
     }
 }
 

@@ -63,6 +63,7 @@ impl Sm {
             expire_at_ms,
             keep_ttl,
             condition,
+            source_lsn: 0,
         })
     }
 
@@ -88,6 +89,7 @@ fn set_ok(version: u64) -> Outcome {
     Outcome::Set {
         applied: true,
         version,
+        newer_lsn: 0,
     }
 }
 
@@ -95,6 +97,7 @@ fn set_refused(version: u64) -> Outcome {
     Outcome::Set {
         applied: false,
         version,
+        newer_lsn: 0,
     }
 }
 
@@ -128,6 +131,7 @@ fn stored_bytes_never_alias_the_op_buffer() {
             expire_at_ms: None,
             keep_ttl: false,
             condition: Condition::Always,
+            source_lsn: 0,
         });
         let view = sm.state.get(&key, 0).unwrap();
         assert_eq!(view.value, value);

@@ -1,5 +1,6 @@
 //! The deadline index: entries with a deadline, ordered by (deadline, key), so that
 //! `Reclaim` finds what is due in O(log n) per key and in the same order on every replica.
+//! CDC tombstones use a second instance, keyed by their `until_ms`.
 
 use std::collections::BTreeSet;
 
@@ -26,6 +27,11 @@ impl TtlIndex {
     /// The earliest deadline and its key, if any.
     pub(crate) fn first(&self) -> Option<&(u64, Bytes)> {
         self.by_deadline.first()
+    }
+
+    /// Removes and returns the earliest deadline and its key, if any.
+    pub(crate) fn pop_first(&mut self) -> Option<(u64, Bytes)> {
+        self.by_deadline.pop_first()
     }
 
     /// Keys whose deadline is `<= now_ms`, earliest first.

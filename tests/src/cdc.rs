@@ -1,0 +1,142 @@
+//! A `raftcache-cdc` child process for tests: config written to a temp dir, stdout
+//! events (`{"event":"streaming"|"standby",…}`) read by a thread, log to a file that is
+//! printed when a test fails, SIGKILL on drop.
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running worker.
+pub struct CdcProc {
+    child: Option<Child>,
+    /// The process id.
+    pub pid: u32,
+    /// Its Prometheus endpoint.
+    pub metrics: SocketAddr,
+    events: mpsc::Receiver<serde_json::Value>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_addr() -> Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// A worker config: `[postgres]` at `pg_url`, the cache at `endpoints`, metrics at
+/// `metrics`, a short lease, and `tables` (TOML `[[table]]` entries) appended.
+pub fn config(pg_url: &str, endpoints: &[String], metrics: SocketAddr, tables: &str) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    format!(
+        "[postgres]\nurl = {pg_url:?}\nslot = \"raftcache\"\npublication = \"raftcache\"\n\
+         status-interval = \"500ms\"\n\n[cache]\nendpoints = [{}]\n\n[metrics]\nlisten = \"{metrics}\"\n\n\
+         [worker]\nlease-ttl = \"2s\"\n\n{tables}\n",
+        endpoints.join(", ")
+    )
+}
+
+impl CdcProc {
+    /// Starts `bin --config <file with config_toml>`; `metrics` must be the address the
+    /// config listens on.
+    ///
+    /// # Errors
+    /// When it cannot be spawned.
+    pub fn start(bin: &Path, config_toml: &str, metrics: SocketAddr) -> Result<CdcProc> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("cdc.toml");
+        std::fs::write(&path, config_toml)?;
+        let log = dir.path().join("cdc.log");
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(&path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("spawn {bin:?}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        Ok(CdcProc {
+            pid: child.id(),
+            child: Some(child),
+            metrics,
+            events,
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// Waits for the next stdout event named `kind` (others are skipped).
+    ///
+    /// # Errors
+    /// On timeout or exit; the message includes the worker's log.
+    pub fn wait_event(&mut self, kind: &str, timeout: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) if v["event"] == kind => return Ok(v),
+                Ok(_) => continue,
+                Err(_) => bail!(
+                    "worker printed no {kind:?} event within {timeout:?}\n--- cdc log ---\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    /// The worker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL now, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A metric of the worker (unlabelled), scraped now.
+    ///
+    /// # Errors
+    /// When the endpoint does not answer or lacks the metric.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let text = crate::scrape_metrics(self.metrics)?;
+        crate::metric_value(&text, name).with_context(|| format!("no metric {name}"))
+    }
+}
+
+impl Drop for CdcProc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last lines of cdc worker {} log ---", self.pid);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}

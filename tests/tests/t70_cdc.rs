@@ -1,0 +1,417 @@
+//! CDC end to end: a real throwaway PostgreSQL (wal_level=logical), real cache nodes, the
+//! real `raftcache-cdc` worker; changes are made with SQL and checked through the client.
+#![allow(clippy::unwrap_used)]
+
+use raftcache_client::{Client, ClientConfig, ClientError, Lsn};
+use raftcache_tests::cdc::{config, free_addr, CdcProc};
+use raftcache_tests::pg::PgCluster;
+use raftcache_tests::{bins, run_cli, runtime, NodeProc};
+use std::time::{Duration, Instant};
+
+const TABLES: &str = r#"
+[[table]]
+name = "public.users"
+keys = ["user:{id}", "user_by_email:{email}"]
+
+[[table]]
+name = "profiles"
+keys = ["profile:{id}"]
+mode = "update"
+ttl = "10m"
+"#;
+
+const SCHEMA: &str = "
+    CREATE TABLE users (id int PRIMARY KEY, email text, name text);
+    ALTER TABLE users REPLICA IDENTITY FULL;
+    CREATE TABLE profiles (id int PRIMARY KEY, bio text);
+    CREATE TABLE unrelated (id int PRIMARY KEY);
+";
+
+/// Postgres, one cache node, one worker streaming.
+struct Setup {
+    pg: PgCluster,
+    node: NodeProc,
+    worker: CdcProc,
+    metrics: std::net::SocketAddr,
+}
+
+impl Setup {
+    fn start(rt: &tokio::runtime::Runtime) -> Setup {
+        let pg = PgCluster::start().expect("a throwaway PostgreSQL (initdb/pg_ctl)");
+        rt.block_on(async {
+            let db = pg.client().await;
+            db.batch_execute(SCHEMA).await.unwrap();
+        });
+        let node = NodeProc::start(&bins!(), &[]).unwrap();
+        let metrics = free_addr().unwrap();
+        let mut worker = CdcProc::start(
+            &bins!().cdc,
+            &config(&pg.url(), &[node.endpoint()], metrics, TABLES),
+            metrics,
+        )
+        .unwrap();
+        worker
+            .wait_event("streaming", Duration::from_secs(30))
+            .unwrap();
+        Setup {
+            pg,
+            node,
+            worker,
+            metrics,
+        }
+    }
+
+    fn start_worker(&self) -> CdcProc {
+        CdcProc::start(
+            &bins!().cdc,
+            &config(
+                &self.pg.url(),
+                &[self.node.endpoint()],
+                self.metrics,
+                TABLES,
+            ),
+            self.metrics,
+        )
+        .unwrap()
+    }
+}
+
+async fn cache(node: &NodeProc) -> Client {
+    Client::connect(ClientConfig::new([node.endpoint()]))
+        .await
+        .unwrap()
+}
+
+/// Runs `sql` and returns `pg_current_wal_lsn()` taken after its commit.
+async fn exec(db: &tokio_postgres::Client, sql: &str) -> Lsn {
+    db.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    current_lsn(db).await
+}
+
+async fn current_lsn(db: &tokio_postgres::Client) -> Lsn {
+    let row = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap();
+    row.get::<_, String>(0).parse().unwrap()
+}
+
+/// A `min_lsn` read of `key`: the value's text, or None.
+async fn read(c: &Client, key: &str, lsn: Lsn) -> Option<String> {
+    c.get_with_min_lsn(key, lsn)
+        .await
+        .unwrap_or_else(|e| panic!("min_lsn read of {key} at {lsn}: {e}"))
+        .map(|v| String::from_utf8(v.value.to_vec()).unwrap())
+}
+
+#[test]
+fn row_changes_invalidate_or_update_the_mapped_keys() {
+    let rt = runtime();
+    let s = Setup::start(&rt);
+    rt.block_on(async {
+        let db = s.pg.client().await;
+        let c = cache(&s.node).await;
+
+        // INSERT invalidates keys filled before the row existed.
+        for k in ["user:1", "user_by_email:a@x", "other:1"] {
+            c.set(k, "cached").await.unwrap();
+        }
+        let l = exec(&db, "INSERT INTO users VALUES (1, 'a@x', 'Ada')").await;
+        assert_eq!(read(&c, "user:1", l).await, None);
+        assert_eq!(read(&c, "user_by_email:a@x", l).await, None);
+        assert_eq!(read(&c, "other:1", l).await.as_deref(), Some("cached"), "unmapped key kept");
+
+        // UPDATE changing the key column: the new and the *old* email key go.
+        for k in ["user:1", "user_by_email:a@x", "user_by_email:b@x"] {
+            c.set(k, "cached").await.unwrap();
+        }
+        let l = exec(&db, "UPDATE users SET email = 'b@x' WHERE id = 1").await;
+        for k in ["user:1", "user_by_email:a@x", "user_by_email:b@x"] {
+            assert_eq!(read(&c, k, l).await, None, "{k} after the email change");
+        }
+
+        // DELETE.
+        c.set("user:1", "cached").await.unwrap();
+        c.set("user_by_email:b@x", "cached").await.unwrap();
+        let l = exec(&db, "DELETE FROM users WHERE id = 1").await;
+        assert_eq!(read(&c, "user:1", l).await, None);
+        assert_eq!(read(&c, "user_by_email:b@x", l).await, None);
+
+        // A multi-row transaction.
+        for id in 10..20 {
+            c.set(format!("user:{id}"), "cached").await.unwrap();
+        }
+        let l = exec(
+            &db,
+            "BEGIN; INSERT INTO users SELECT g, 'u' || g || '@x', 'n' FROM generate_series(10, 19) g; COMMIT",
+        )
+        .await;
+        for id in 10..20 {
+            assert_eq!(read(&c, &format!("user:{id}"), l).await, None, "user:{id}");
+        }
+
+        // TRUNCATE: every key of the table's key spaces, whatever row it came from.
+        for k in ["user:10", "user:999", "user_by_email:zz", "profile:1", "other:2"] {
+            c.set(k, "cached").await.unwrap();
+        }
+        let l = exec(&db, "TRUNCATE users").await;
+        for k in ["user:10", "user:999", "user_by_email:zz"] {
+            assert_eq!(read(&c, k, l).await, None, "{k} after TRUNCATE");
+        }
+        assert_eq!(read(&c, "profile:1", l).await.as_deref(), Some("cached"));
+        assert_eq!(read(&c, "other:2", l).await.as_deref(), Some("cached"));
+
+        // Update mode writes the row as JSON, with the table's TTL.
+        let l = exec(&db, "INSERT INTO profiles VALUES (1, 'hello')").await;
+        let v = c.get_with_min_lsn("profile:1", l).await.unwrap().expect("row written");
+        let json: serde_json::Value = serde_json::from_slice(&v.value).unwrap();
+        assert_eq!(json, serde_json::json!({"id": "1", "bio": "hello"}));
+        assert!(v.ttl.is_some_and(|t| t > Duration::from_secs(500)), "{:?}", v.ttl);
+        assert!(v.source_lsn > Lsn::ZERO && v.source_lsn <= l, "{}", v.source_lsn);
+        let l = exec(&db, "UPDATE profiles SET bio = NULL WHERE id = 1").await;
+        let v = read(&c, "profile:1", l).await.expect("row rewritten");
+        let json: serde_json::Value = serde_json::from_str(&v).unwrap();
+        assert_eq!(json, serde_json::json!({"id": "1", "bio": null}));
+        let l = exec(&db, "DELETE FROM profiles WHERE id = 1").await;
+        assert_eq!(read(&c, "profile:1", l).await, None);
+
+        // Unmapped tables change nothing, but still move the watermark.
+        c.set("user:5", "cached").await.unwrap();
+        let l = exec(&db, "INSERT INTO unrelated VALUES (1)").await;
+        assert_eq!(read(&c, "user:5", l).await.as_deref(), Some("cached"));
+
+        let rows = s.worker.metric("raftcache_cdc_rows_total").unwrap();
+        assert!(rows >= 15.0, "rows applied: {rows}");
+    });
+}
+
+#[test]
+fn a_stale_fill_after_an_invalidation_is_refused() {
+    let rt = runtime();
+    let s = Setup::start(&rt);
+    rt.block_on(async {
+        let reader = s.pg.client().await;
+        let writer = s.pg.client().await;
+        let c = cache(&s.node).await;
+        exec(&writer, "INSERT INTO users VALUES (7, 'old@x', 'Old')").await;
+
+        // The slow reader: position first, then the row.
+        let read_at = current_lsn(&reader).await;
+        let row = reader
+            .query_one("SELECT name FROM users WHERE id = 7", &[])
+            .await
+            .unwrap();
+        let stale: String = row.get(0);
+        assert_eq!(stale, "Old");
+
+        // The writer commits; CDC invalidates.
+        let l = exec(&writer, "UPDATE users SET name = 'New' WHERE id = 7").await;
+        assert_eq!(read(&c, "user:7", l).await, None);
+
+        // The slow reader's fill comes too late and is refused, as a status.
+        let outcome = c
+            .set_if_newer("user:7", stale.clone(), read_at, None)
+            .await
+            .unwrap();
+        assert!(!outcome.applied, "{outcome:?}");
+        let newer = outcome.refused_by.expect("refused as stale");
+        assert!(newer > read_at, "refused by {newer}, read at {read_at}");
+        assert_eq!(
+            c.get("user:7").await.unwrap(),
+            None,
+            "the stale row is not cached"
+        );
+
+        // The same through the CLI: exit 3 with a one-line reason.
+        let out = run_cli(
+            &bins!(),
+            &s.node.endpoint(),
+            &["set", "--source-lsn", &read_at.to_string(), "user:7", "Old"],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("stale"),
+            "{out:?}"
+        );
+
+        // A fresh fill (read after the commit) is accepted.
+        let fresh_at = current_lsn(&reader).await;
+        let outcome = c
+            .set_if_newer("user:7", "New", fresh_at, None)
+            .await
+            .unwrap();
+        assert!(
+            outcome.applied && outcome.refused_by.is_none(),
+            "{outcome:?}"
+        );
+        let out = run_cli(
+            &bins!(),
+            &s.node.endpoint(),
+            &["get", "--min-lsn", &fresh_at.to_string(), "user:7"],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "New",
+            "{out:?}"
+        );
+    });
+}
+
+#[test]
+fn min_lsn_reads_never_see_the_old_value() {
+    let rt = runtime();
+    let s = Setup::start(&rt);
+    rt.block_on(async {
+        let db = s.pg.client().await;
+        let c = cache(&s.node).await;
+        exec(&db, "INSERT INTO users VALUES (1, 'a@x', 'v0')").await;
+        let mut waited = Duration::ZERO;
+        for i in 0..1000 {
+            c.set("user:1", format!("old-{i}")).await.unwrap();
+            let l = exec(&db, &format!("UPDATE users SET name = 'v{i}' WHERE id = 1")).await;
+            let t = Instant::now();
+            assert_eq!(
+                read(&c, "user:1", l).await,
+                None,
+                "iteration {i}: old value served"
+            );
+            waited += t.elapsed();
+        }
+        eprintln!("mean min_lsn read after commit: {:?}", waited / 1000);
+        // A position CDC can never reach fails clearly.
+        let far = Lsn(u64::MAX / 2);
+        match c.get_with_min_lsn("user:1", far).await {
+            Err(ClientError::LsnNotReached { .. }) => {}
+            other => panic!("expected LSN_NOT_REACHED, got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn a_killed_worker_replays_and_loses_no_invalidation() {
+    let rt = runtime();
+    let mut s = Setup::start(&rt);
+    rt.block_on(async {
+        let db = s.pg.client().await;
+        let c = cache(&s.node).await;
+        exec(
+            &db,
+            "INSERT INTO users SELECT g, 'u' || g || '@x', 'n0' FROM generate_series(1, 5000) g",
+        )
+        .await;
+        let mut rng_state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state
+        };
+        let mut changed = std::collections::BTreeSet::new();
+        let mut restarted = None;
+        for i in 0..1000u32 {
+            let id = (next() % 200 + 1) as i32;
+            // A fill of the row as read now, then a change to the row: the change's
+            // invalidation must win whatever happens to the worker.
+            let at = current_lsn(&db).await;
+            c.set_if_newer(format!("user:{id}"), format!("fill-{i}"), at, None)
+                .await
+                .unwrap();
+            db.execute(
+                "UPDATE users SET name = $1 WHERE id = $2",
+                &[&format!("n{i}"), &id],
+            )
+            .await
+            .unwrap();
+            changed.insert(id);
+            if i == 300 {
+                // A large transaction in flight, then kill -9.
+                db.batch_execute("UPDATE users SET name = name || '+' WHERE id > 200")
+                    .await
+                    .unwrap();
+                s.worker.kill9();
+            }
+            if i == 600 {
+                let mut w = s.start_worker();
+                w.wait_event("streaming", Duration::from_secs(30)).unwrap();
+                restarted = Some(w);
+            }
+        }
+        let end = current_lsn(&db).await;
+        for id in &changed {
+            assert_eq!(
+                read(&c, &format!("user:{id}"), end).await,
+                None,
+                "user:{id} changed but its fill survived"
+            );
+        }
+        assert!(changed.len() > 150, "{} rows changed", changed.len());
+        drop(restarted);
+    });
+}
+
+#[test]
+fn the_worker_resumes_after_postgres_restarts() {
+    let rt = runtime();
+    let mut s = Setup::start(&rt);
+    rt.block_on(async {
+        let c = cache(&s.node).await;
+        {
+            let db = s.pg.client().await;
+            exec(&db, "INSERT INTO users VALUES (1, 'a@x', 'v0')").await;
+        }
+        s.pg.restart().unwrap();
+        let db = s.pg.client().await;
+        c.set("user:1", "cached").await.unwrap();
+        let l = exec(&db, "UPDATE users SET name = 'v1' WHERE id = 1").await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match c.get_with_min_lsn("user:1", l).await {
+                Ok(v) => {
+                    assert_eq!(v, None, "invalidated after the restart");
+                    break;
+                }
+                Err(ClientError::LsnNotReached { .. }) if Instant::now() < deadline => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let reconnects = s.worker.metric("raftcache_cdc_reconnects_total").unwrap();
+        assert!(reconnects >= 1.0, "reconnects: {reconnects}");
+    });
+}
+
+#[test]
+fn a_standby_worker_takes_over() {
+    let rt = runtime();
+    let mut s = Setup::start(&rt);
+    let standby_metrics = free_addr().unwrap();
+    let mut standby = CdcProc::start(
+        &bins!().cdc,
+        &config(&s.pg.url(), &[s.node.endpoint()], standby_metrics, TABLES),
+        standby_metrics,
+    )
+    .unwrap();
+    standby
+        .wait_event("standby", Duration::from_secs(30))
+        .unwrap();
+    s.worker.kill9();
+    let killed = Instant::now();
+    standby
+        .wait_event("streaming", Duration::from_secs(30))
+        .unwrap();
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(15), "takeover took {took:?}");
+    eprintln!("standby took over {took:?} after the kill");
+    rt.block_on(async {
+        let db = s.pg.client().await;
+        let c = cache(&s.node).await;
+        c.set("user:3", "cached").await.unwrap();
+        let l = exec(&db, "INSERT INTO users VALUES (3, 'c@x', 'C')").await;
+        assert_eq!(read(&c, "user:3", l).await, None);
+    });
+}
