@@ -1,10 +1,18 @@
 //! raftcache CDC worker: tails PostgreSQL logical replication (pgoutput) and turns
 //! committed row changes into cache invalidations or updates.
 //!
-//! **Not built yet.** This crate exists so that the workspace layout of
-//! `ARCHITECTURE.md` is in place from the start; the CDC issue fills it in. It will
-//! depend on `raftcache-proto` and write through the public `raftcache-client`,
-//! like any other user of the cache:
+//! # Layout
+//! - [`walsender`]: a replication-protocol client on postgres-protocol + tokio (startup
+//!   with `replication=database`, cleartext/MD5/SCRAM, `CREATE_REPLICATION_SLOT`,
+//!   `START_REPLICATION`, XLogData / keepalive / standby status).
+//! - [`pgoutput`]: the decoder of pgoutput messages, with checked reads.
+//! - [`config`], [`mapping`]: the TOML config; key templates and the row → key rules.
+//! - [`lease`]: the fenced lease kept in the cache (one streaming worker per slot).
+//! - [`worker`]: start-up checks, slot handling, the streaming session, reconnects.
+//! - [`apply`]: rounds of `ApplyChanges` per partition and the acknowledged LSN.
+//! - [`metrics`], [`cli`].
+//!
+//! It writes through the public `raftcache-client`, like any other user of the cache:
 //!
 //! ```text
 //! raftcache-proto <- raftcache-client <- raftcache-cdc

@@ -415,3 +415,73 @@ fn a_standby_worker_takes_over() {
         assert_eq!(read(&c, "user:3", l).await, None);
     });
 }
+
+#[test]
+fn a_lost_slot_is_reported_and_every_key_space_is_reset() {
+    let rt = runtime();
+    let mut s = Setup::start(&rt);
+    s.worker.kill9();
+    rt.block_on(async {
+        let admin = s.pg.superuser_client().await;
+        admin
+            .batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+            .await
+            .unwrap();
+        admin.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        let db = s.pg.client().await;
+        let c = cache(&s.node).await;
+        let read_at = current_lsn(&db).await;
+        exec(&db, "INSERT INTO users VALUES (1, 'a@x', 'v0')").await;
+        // Filled while the worker is away: these keys may now be stale.
+        c.set("user:1", "cached").await.unwrap();
+        c.set("user_by_email:a@x", "cached").await.unwrap();
+        c.set("other:1", "cached").await.unwrap();
+        // Push the slot past max_slot_wal_keep_size until Postgres drops its WAL.
+        let mut status = String::new();
+        for round in 0..40 {
+            db.batch_execute(&format!(
+                "INSERT INTO unrelated SELECT g FROM generate_series({0} * 100000 + 1, {0} * 100000 + 100000) g",
+                round + 1
+            ))
+            .await
+            .unwrap();
+            admin
+                .batch_execute("SELECT pg_switch_wal(); CHECKPOINT")
+                .await
+                .unwrap();
+            status = admin
+                .query_one(
+                    "SELECT COALESCE(wal_status, '') FROM pg_replication_slots WHERE slot_name = 'raftcache'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if status == "lost" {
+                break;
+            }
+        }
+        assert_eq!(status, "lost", "could not make the slot lose its WAL");
+
+        let mut worker = s.start_worker();
+        worker
+            .wait_event("streaming", Duration::from_secs(30))
+            .unwrap();
+        assert!(
+            worker.log().contains("REPLICATION SLOT LOST"),
+            "{}",
+            worker.log()
+        );
+        let now = current_lsn(&db).await;
+        assert_eq!(read(&c, "user:1", now).await, None);
+        assert_eq!(read(&c, "user_by_email:a@x", now).await, None);
+        assert_eq!(read(&c, "other:1", now).await.as_deref(), Some("cached"));
+        // A fill read before the reset is refused under the reset key space.
+        let outcome = c.set_if_newer("user:1", "stale", read_at, None).await.unwrap();
+        assert!(outcome.refused_by.is_some(), "{outcome:?}");
+        // And streaming works on the new slot.
+        c.set("user:1", "cached").await.unwrap();
+        let l = exec(&db, "UPDATE users SET name = 'v1' WHERE id = 1").await;
+        assert_eq!(read(&c, "user:1", l).await, None);
+    });
+}
