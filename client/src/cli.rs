@@ -594,20 +594,21 @@ fn cluster_table(status: &ClusterStatus) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>9}  {:>6}  {:<12}  {:<8}  {:>6}  {:>10}",
-        "partition", "leader", "replicas", "learners", "term", "applied"
+        "\n{:>9}  {:>6}  {:<12}  {:<8}  {:>6}  {:>10}  {:>17}",
+        "partition", "leader", "replicas", "learners", "term", "applied", "cdc lsn"
     );
     for p in &status.partitions {
         let leader = p.leader.map_or_else(|| "-".to_owned(), |l| l.to_string());
         let _ = writeln!(
             out,
-            "{:>9}  {:>6}  {:<12}  {:<8}  {:>6}  {:>10}",
+            "{:>9}  {:>6}  {:<12}  {:<8}  {:>6}  {:>10}  {:>17}",
             p.id,
             leader,
             ids(&p.replicas),
             ids(&p.learners),
             p.term,
-            p.applied
+            p.applied,
+            p.cdc_lsn.to_string()
         );
     }
     out
@@ -819,6 +820,7 @@ mod tests {
                     learners: vec![3],
                     term: 4,
                     applied: 17,
+                    cdc_lsn: Lsn(0x16_B374_D848),
                 },
                 PartitionStatus {
                     id: 1,
@@ -827,6 +829,7 @@ mod tests {
                     learners: vec![],
                     term: 0,
                     applied: 0,
+                    cdc_lsn: Lsn::ZERO,
                 },
             ],
             unreachable: vec!["127.0.0.1:7003".into()],
@@ -837,8 +840,12 @@ mod tests {
         assert!(table.contains("   1  127.0.0.1:7001         active\n"));
         assert!(table.contains("   2  127.0.0.1:7002         draining\n"));
         assert!(table.contains("unreachable: 127.0.0.1:7003\n"));
-        assert!(table.contains("        0       1  1,2           3              4          17\n"));
-        assert!(table.contains("        1       -  1             -              0           0\n"));
+        assert!(table.contains(
+            "        0       1  1,2           3              4          17        16/B374D848\n"
+        ));
+        assert!(table.contains(
+            "        1       -  1             -              0           0                0/0\n"
+        ));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! ```
 
 use crate::error::{ClientError, Result};
+use crate::lsn::Lsn;
 use crate::pool::Pool;
 use crate::ring::Ring;
 use raftcache_proto::tonic::transport::Channel;
@@ -84,6 +85,9 @@ pub struct PartitionInfo {
     /// Whether `leader`, `term` and `applied` are live, from a replica on the node
     /// that answered.
     pub observed: bool,
+    /// The observed replica's CDC watermark: every Postgres commit before it is
+    /// applied to the partition ([`Lsn::ZERO`]: no CDC yet, or not observed).
+    pub cdc_lsn: Lsn,
 }
 
 impl ClusterMap {
@@ -135,6 +139,7 @@ impl TryFrom<v1::ClusterMapResponse> for ClusterMap {
                 term: p.term,
                 applied: p.applied,
                 observed: p.observed,
+                cdc_lsn: Lsn(p.cdc_lsn),
             })
             .collect();
         partitions.sort_by_key(|p| p.id);
@@ -193,6 +198,8 @@ pub struct PartitionStatus {
     pub term: u64,
     /// The highest applied log index, as the chosen report says.
     pub applied: u64,
+    /// The CDC watermark, as the chosen report says.
+    pub cdc_lsn: Lsn,
 }
 
 impl ClusterStatus {
@@ -233,6 +240,7 @@ impl ClusterStatus {
                     learners: placed.learners.clone(),
                     term: live.term,
                     applied: live.applied,
+                    cdc_lsn: live.cdc_lsn,
                 }
             })
             .collect();
@@ -541,7 +549,7 @@ mod tests {
         assert_eq!(map.nodes[0].state, "active", "no state means active");
         let json = serde_json::to_string(&map).unwrap();
         assert!(
-            json.starts_with(r#"{"epoch":1,"partition_count":4,"vnodes":64,"replication_factor":1,"node_id":1,"nodes":[{"id":1,"addr":"127.0.0.1:7001","state":"active"}],"partitions":[{"id":0,"leader":1,"replicas":[1],"learners":[],"term":0,"applied":0,"observed":true}"#),
+            json.starts_with(r#"{"epoch":1,"partition_count":4,"vnodes":64,"replication_factor":1,"node_id":1,"nodes":[{"id":1,"addr":"127.0.0.1:7001","state":"active"}],"partitions":[{"id":0,"leader":1,"replicas":[1],"learners":[],"term":0,"applied":0,"observed":true,"cdc_lsn":"0/0"}"#),
             "{json}"
         );
     }
@@ -610,7 +618,7 @@ mod tests {
         );
         assert!(
             json.ends_with(
-                r#"{"id":2,"leader":3,"replicas":[1,2,3],"learners":[],"term":0,"applied":0}]}"#
+                r#"{"id":2,"leader":3,"replicas":[1,2,3],"learners":[],"term":0,"applied":0,"cdc_lsn":"0/0"}]}"#
             ),
             "{json}"
         );

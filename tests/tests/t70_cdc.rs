@@ -184,6 +184,13 @@ fn row_changes_invalidate_or_update_the_mapped_keys() {
 
         let rows = s.worker.metric("raftcache_cdc_rows_total").unwrap();
         assert!(rows >= 15.0, "rows applied: {rows}");
+        // Every partition's watermark moved (the cluster view shows it).
+        let status = c.cluster_status().await.unwrap();
+        assert!(
+            status.partitions.iter().all(|p| p.cdc_lsn >= l),
+            "{:?}",
+            status.partitions.iter().map(|p| p.cdc_lsn).collect::<Vec<_>>()
+        );
     });
 }
 

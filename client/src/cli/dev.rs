@@ -561,6 +561,7 @@ mod tests {
             learners: vec![],
             term: 1,
             applied: 1,
+            cdc_lsn: Default::default(),
         };
         let mut status = ClusterStatus {
             epoch: 2,
