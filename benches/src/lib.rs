@@ -9,7 +9,12 @@
 //!   of `raftcache-node` processes (write throughput R=1 vs R=3, read consistency
 //!   levels, leader failover after SIGKILL, idle CPU); [`cluster`] starts and stops
 //!   those processes. Run them all with `benches/scripts/cluster.sh`.
+//! - `src/bin/cdc-bench.rs`: the CDC benchmark (commit→invalidated lag at 1000 tx/s,
+//!   maximum row changes/s) with a throwaway PostgreSQL, `pgbench` and the
+//!   `raftcache-cdc` worker; [`cdc`] holds its worker guard, metrics scrape and pgbench
+//!   runner. Run it with `benches/scripts/cdc.sh`.
 //!
 //! Run the micro-benchmarks with `cargo bench -p raftcache-benches`.
 
+pub mod cdc;
 pub mod cluster;
