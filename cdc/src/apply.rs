@@ -84,25 +84,19 @@ pub async fn run(
     let mut pushed = vec![Lsn::ZERO; partitions as usize];
     let mut watermark = *acked.borrow();
     loop {
+        // With a watermark still to push, a round goes out even without new work.
         let idle_watermark = pushed.iter().any(|p| *p < watermark);
         let mut batch = Vec::new();
-        if idle_watermark {
-            while batch.len() < ROUND_MAX_TX {
-                match work.try_recv() {
-                    Ok(w) => batch.push(w),
-                    Err(_) => break,
-                }
-            }
-        } else {
+        if !idle_watermark {
             match work.recv().await {
                 Some(w) => batch.push(w),
                 None => return Ok(()),
             }
-            while batch.len() < ROUND_MAX_TX {
-                match work.try_recv() {
-                    Ok(w) => batch.push(w),
-                    Err(_) => break,
-                }
+        }
+        while batch.len() < ROUND_MAX_TX {
+            match work.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
             }
         }
         let started = Instant::now();

@@ -3,6 +3,7 @@
 //! `cdc/etc/cdc.example.toml`; a test parses that file so it cannot rot.
 
 use crate::mapping::{KeyTemplate, TemplateError};
+use crate::walsender::quote_ident;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -176,12 +177,15 @@ pub struct TableMapping {
 
 impl TableMapping {
     /// `schema.table`, quoted for SQL.
-    pub fn sql_name(&self) -> String {
-        format!(
+    ///
+    /// # Errors
+    /// A name Postgres cannot take (empty, or with a NUL byte).
+    pub fn sql_name(&self) -> Result<String, crate::walsender::Error> {
+        Ok(format!(
             "{}.{}",
-            crate::mapping::quote_ident(&self.schema),
-            crate::mapping::quote_ident(&self.table)
-        )
+            quote_ident(&self.schema)?,
+            quote_ident(&self.table)?
+        ))
     }
 }
 

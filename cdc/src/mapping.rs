@@ -159,16 +159,6 @@ impl KeyTemplate {
     }
 }
 
-/// Quotes an SQL identifier (`"a""b"`).
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal (`'it''s'`).
-pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
-
 /// A row as a change carries it: cells by column name.
 #[derive(Debug, Clone, Default)]
 pub struct Row<'a> {

@@ -18,17 +18,11 @@ use crate::apply::TxWork;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use raftcache_client::Lsn;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Microseconds between the Unix epoch and Postgres's (2000-01-01).
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+use std::time::{Duration, SystemTime};
 
 /// Now, in microseconds since 2000-01-01 (Postgres timestamps).
 pub fn pg_now_us() -> i64 {
-    let unix_us = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-    unix_us - PG_EPOCH_OFFSET_US
+    crate::walsender::pg_micros(SystemTime::now())
 }
 
 /// Installs the Prometheus exporter listening on `listen`, and describes the metrics.

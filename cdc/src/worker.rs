@@ -14,10 +14,10 @@
 use crate::apply::{self, ApplyError, TxWork, Work};
 use crate::config::{Config, TableMapping};
 use crate::lease::Lease;
-use crate::mapping::{quote_ident, Cell, KeyChange, Row};
+use crate::mapping::{Cell, KeyChange, Row};
 use crate::metrics as m;
 use crate::pgoutput::{self, Message, OldKind, Relation, Tuple, TupleValue};
-use crate::walsender::{ConnectConfig, ReplicationConnection, ReplicationMessage};
+use crate::walsender::{quote_ident, ConnectConfig, ReplicationConnection, ReplicationMessage};
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use raftcache_client::{Client, ClientConfig, Lsn};
@@ -354,7 +354,8 @@ impl Worker {
             .await
             .map_err(retry)?
             .is_some();
-        let tables: Vec<String> = self.maps.iter().map(TableMapping::sql_name).collect();
+        let fatal = |e: crate::walsender::Error| SessionError::Fatal(e.into());
+        let publication = quote_ident(&pg.publication).map_err(fatal)?;
         if !exists {
             if !pg.create_publication {
                 return Err(SessionError::Fatal(anyhow!(
@@ -362,9 +363,14 @@ impl Worker {
                     pg.publication
                 )));
             }
+            let tables = self
+                .maps
+                .iter()
+                .map(TableMapping::sql_name)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fatal)?;
             let stmt = format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                quote_ident(&pg.publication),
+                "CREATE PUBLICATION {publication} FOR TABLE {}",
                 tables.join(", ")
             );
             if let Err(e) = sql.batch_execute(&stmt).await {
@@ -403,13 +409,10 @@ impl Worker {
                         map.table
                     )));
                 }
-                let stmt = format!(
-                    "ALTER PUBLICATION {} ADD TABLE {}",
-                    quote_ident(&pg.publication),
-                    map.sql_name()
-                );
+                let table = map.sql_name().map_err(fatal)?;
+                let stmt = format!("ALTER PUBLICATION {publication} ADD TABLE {table}");
                 sql.batch_execute(&stmt).await.map_err(retry)?;
-                info!(table = %map.sql_name(), "added the table to the publication");
+                info!(table, "added the table to the publication");
             }
         }
 

@@ -131,12 +131,7 @@ impl Drop for CdcProc {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- last lines of cdc worker {} log ---", self.pid);
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
+            crate::print_log_tail(&format!("cdc worker {}", self.pid), &self.log());
         }
     }
 }

@@ -175,17 +175,22 @@ impl Drop for NodeProc {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            let log = self.log();
-            let lines = std::env::var("RAFTCACHE_TEST_LOG_LINES")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(40);
-            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
-            eprintln!("--- last lines of node {} log ---", self.pid);
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
+            print_log_tail(&format!("node {}", self.pid), &self.log());
         }
+    }
+}
+
+/// Prints the last lines of a child's log to stderr (for a failing test):
+/// `RAFTCACHE_TEST_LOG_LINES` of them, 40 by default.
+pub fn print_log_tail(what: &str, log: &str) {
+    let lines = std::env::var("RAFTCACHE_TEST_LOG_LINES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(40);
+    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+    eprintln!("--- last lines of {what} log ---");
+    for l in tail.iter().rev() {
+        eprintln!("{l}");
     }
 }
 
