@@ -37,7 +37,7 @@ use rand::Rng;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -384,6 +384,12 @@ impl Client {
             Condition::IfPresent => (v1::SetCondition::IfPresent, 0),
             Condition::IfVersion(v) => (v1::SetCondition::IfVersion, v),
         };
+        // An attempt whose answer was lost (timeout, broken connection, unavailable)
+        // may have applied. A retry of a conditional write then finds its own write
+        // and answers "not applied", so that answer is not trusted after such an
+        // attempt: the caller gets the ambiguity instead (found by raftcache-jepsen's
+        // register workload: a CAS reported as failed whose value was later read).
+        let maybe_applied = &AtomicBool::new(false);
         let r = self
             .keyed(
                 key,
@@ -398,9 +404,34 @@ impl Client {
                     keep_ttl: options.keep_ttl,
                     source_lsn: options.source_lsn.map_or(0, |l| l.0),
                 },
-                |mut c, r| async move { c.set(r).await },
+                |mut c, r| async move {
+                    // Set on drop unless the call gets a definite answer (a timeout
+                    // drops this future mid-call).
+                    let pending = MaybeApplied(Some(maybe_applied));
+                    let answer = c.set(r).await;
+                    let definite = match &answer {
+                        Ok(_) => true,
+                        Err(status) => {
+                            let e = ClientError::from_status(status);
+                            !e.is_transient() || e.is_unapplied()
+                        }
+                    };
+                    if definite {
+                        pending.disarm();
+                    }
+                    answer
+                },
             )
             .await?;
+        let conditional = condition != v1::SetCondition::None || options.source_lsn.is_some();
+        if conditional && !r.applied && maybe_applied.load(Ordering::Relaxed) {
+            return Err(ClientError::Indeterminate(
+                "a conditional write was retried after an attempt whose outcome is unknown, \
+                 and the retry found the condition false (possibly because the first attempt \
+                 applied)"
+                    .into(),
+            ));
+        }
         Ok(SetOutcome {
             applied: r.applied,
             version: r.version,
@@ -1291,6 +1322,24 @@ fn ttl_ms(ttl: Option<Duration>) -> u64 {
         Some(ttl) => u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
             .unwrap_or(u64::MAX)
             .max(1),
+    }
+}
+
+/// Marks a conditional write as possibly applied when dropped armed (its attempt ended
+/// without a definite answer).
+struct MaybeApplied<'a>(Option<&'a AtomicBool>);
+
+impl MaybeApplied<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for MaybeApplied<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(true, Ordering::Relaxed);
+        }
     }
 }
 

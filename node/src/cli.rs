@@ -47,6 +47,13 @@ pub struct Args {
     /// Wait to be added with `raftcache admin add-node`.
     #[arg(long, env = "RAFTCACHE_STANDBY")]
     pub standby: bool,
+    /// ADDR=VIA: reach the peer published as ADDR by dialling VIA; repeat or
+    /// comma-separate.
+    #[arg(long, env = "RAFTCACHE_PEER_ROUTE", value_delimiter = ',')]
+    pub peer_route: Vec<String>,
+    /// Accept Admin/InjectFault (clock offsets) from the Jepsen harness.
+    #[arg(long, env = "RAFTCACHE_FAULT_INJECTION")]
+    pub fault_injection: bool,
     /// Memory limit, e.g. 512MiB ("0" = unlimited).
     #[arg(long, env = "RAFTCACHE_MAX_MEMORY")]
     pub max_memory: Option<ByteSize>,
@@ -89,6 +96,12 @@ impl Args {
         }
         if self.standby {
             c.cluster.standby = true;
+        }
+        if !self.peer_route.is_empty() {
+            c.cluster.peer_routes = self.peer_route.clone();
+        }
+        if self.fault_injection {
+            c.server.fault_injection = true;
         }
         c.validate()
     }

@@ -74,6 +74,28 @@ pub struct ClusterSection {
     pub join: Vec<String>,
     /// Wait to be added by an administrator instead of founding or joining.
     pub standby: bool,
+    /// `ADDR=VIA` pairs: to reach the peer published as `ADDR`, dial `VIA` instead
+    /// (a fault-injecting proxy in the Jepsen harness, a tunnel, a NAT). Only this
+    /// node's outgoing peer connections are affected; the map still says `ADDR`.
+    pub peer_routes: Vec<String>,
+}
+
+impl ClusterSection {
+    /// `peer_routes` as a map from published address to dialled address.
+    ///
+    /// # Errors
+    /// A message naming the first entry that is not `host:port=host:port`.
+    pub fn peer_route_map(&self) -> Result<std::collections::HashMap<String, String>, String> {
+        self.peer_routes
+            .iter()
+            .map(|r| match r.split_once('=') {
+                Some((from, via)) if from.contains(':') && via.contains(':') => {
+                    Ok((from.trim().to_owned(), via.trim().to_owned()))
+                }
+                _ => Err(format!("{r:?} is not ADDR=VIA (two host:port addresses)")),
+            })
+            .collect()
+    }
 }
 
 impl Default for ClusterSection {
@@ -82,6 +104,7 @@ impl Default for ClusterSection {
             replicas: 3,
             join: Vec::new(),
             standby: false,
+            peer_routes: Vec::new(),
         }
     }
 }
@@ -104,6 +127,9 @@ pub struct ServerConfig {
     /// How long a graceful shutdown may wait for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Accept `Admin/InjectFault` (e.g. a clock offset) from the Jepsen harness.
+    /// Never enable it in production.
+    pub fault_injection: bool,
 }
 
 impl Default for ServerConfig {
@@ -114,6 +140,7 @@ impl Default for ServerConfig {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 7101)),
             data_dir: PathBuf::from("./raftcache-data"),
             shutdown_timeout: Duration::from_secs(10),
+            fault_injection: false,
         }
     }
 }
@@ -220,6 +247,9 @@ impl Config {
                 "cluster.join",
                 format!("{bad:?} is not a host:port address"),
             );
+        }
+        if let Err(message) = self.cluster.peer_route_map() {
+            return invalid("cluster.peer-routes", message);
         }
         if !(1..=4096).contains(&s.partitions) {
             return invalid(

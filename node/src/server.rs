@@ -105,6 +105,9 @@ pub async fn run(
         storage: config.storage_config(),
         vnodes: config.storage.vnodes,
         replication_factor: config.cluster.replicas,
+        // Validated by Config::validate.
+        peer_routes: config.cluster.peer_route_map().unwrap_or_default(),
+        fault_injection: config.server.fault_injection,
     };
     let node = ClusterNode::new(settings, Arc::new(SystemClock), cancel.clone())?;
     let max_msg = config.max_message_bytes();

@@ -21,6 +21,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod cdc;
+pub mod jepsen;
 pub mod pg;
 
 use anyhow::{bail, Context, Result};

@@ -76,6 +76,10 @@ pub struct NodeSettings {
     pub vnodes: u32,
     /// R, used when founding a cluster.
     pub replication_factor: u32,
+    /// Published peer address → the address this node dials instead.
+    pub peer_routes: HashMap<String, String>,
+    /// Whether `Admin/InjectFault` is accepted.
+    pub fault_injection: bool,
 }
 
 /// One node of the cluster (shared through an `Arc`).
@@ -128,11 +132,12 @@ impl ClusterNode {
             max_memory: 0,
             ..StorageConfig::default()
         };
+        let transport = Transport::with_routes(settings.peer_routes.clone());
         Ok(Arc::new(ClusterNode {
             meta_engine: Arc::new(Engine::new(meta_storage, clock.clone())),
             settings,
             clock,
-            transport: Transport::new(),
+            transport,
             tickets: Arc::new(Tickets::default()),
             raft_config: raft_config().map_err(anyhow::Error::msg)?,
             node_id: AtomicU64::new(0),
@@ -162,6 +167,11 @@ impl ClusterNode {
     /// The data engine, once the node is part of a cluster.
     pub fn engine(&self) -> Option<&Arc<Engine>> {
         self.engine.get()
+    }
+
+    /// Whether the node accepts `Admin/InjectFault` (`server.fault-injection`).
+    pub fn fault_injection(&self) -> bool {
+        self.settings.fault_injection
     }
 
     /// The raft transport (metrics and the transport service).

@@ -105,6 +105,8 @@ struct Inner {
     node_id: AtomicU64,
     /// Peers by address.
     peers: Mutex<HashMap<String, Arc<Peer>>>,
+    /// Published address → the address dialled instead (`cluster.peer-routes`).
+    routes: HashMap<String, String>,
     /// Where each known replica lives (from membership configs).
     replicas: RwLock<HashMap<ReplicaId, String>>,
     /// Batches sent and messages in them (for metrics and benchmarks).
@@ -121,10 +123,16 @@ impl Default for Transport {
 impl Transport {
     /// A transport with no peers yet.
     pub fn new() -> Self {
+        Self::with_routes(HashMap::new())
+    }
+
+    /// A transport that dials `routes[addr]` instead of `addr` where given.
+    pub fn with_routes(routes: HashMap<String, String>) -> Self {
         Transport {
             inner: Arc::new(Inner {
                 node_id: AtomicU64::new(0),
                 peers: Mutex::new(HashMap::new()),
+                routes,
                 replicas: RwLock::new(HashMap::new()),
                 batches: AtomicU64::new(0),
                 messages: AtomicU64::new(0),
@@ -190,10 +198,11 @@ impl Transport {
         if let Some(peer) = peers.get(addr) {
             return Ok(peer.clone());
         }
-        let uri = if addr.contains("://") {
-            addr.to_string()
+        let dial = self.inner.routes.get(addr).map_or(addr, String::as_str);
+        let uri = if dial.contains("://") {
+            dial.to_string()
         } else {
-            format!("http://{addr}")
+            format!("http://{dial}")
         };
         let channel = Endpoint::from_shared(uri)
             .map_err(|e| format!("bad peer address {addr:?}: {e}"))?

@@ -19,9 +19,9 @@ use raftcache_proto::v1::admin_server::Admin;
 use raftcache_proto::v1::raft_transport_server::RaftTransport;
 use raftcache_proto::v1::{
     AddNodeRequest, AddNodeResponse, AssignRequest, AssignResponse, HelloRequest, HelloResponse,
-    RaftBatch, RaftBatchReply, RaftKind, RaftMessage, RaftResult, RebalanceRequest,
-    RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse, SnapshotChunk, SnapshotReply,
-    TransferLeaderRequest, TransferLeaderResponse,
+    InjectFaultRequest, InjectFaultResponse, RaftBatch, RaftBatchReply, RaftKind, RaftMessage,
+    RaftResult, RebalanceRequest, RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse,
+    SnapshotChunk, SnapshotReply, TransferLeaderRequest, TransferLeaderResponse,
 };
 
 use crate::cluster::ClusterNode;
@@ -350,5 +350,26 @@ impl Admin for RaftService {
             |mut c| async move { c.rebalance(req).await },
         )
         .await
+    }
+
+    async fn inject_fault(
+        &self,
+        req: Request<InjectFaultRequest>,
+    ) -> tonic::Result<Response<InjectFaultResponse>> {
+        if !self.node.fault_injection() {
+            return Err(Status::failed_precondition(
+                "fault injection is disabled on this node (start it with --fault-injection)",
+            ));
+        }
+        let offset = req.into_inner().clock_offset_ms;
+        let previous = crate::storage::set_clock_offset_ms(offset);
+        tracing::warn!(
+            offset_ms = offset,
+            previous_ms = previous,
+            "clock offset injected"
+        );
+        Ok(Response::new(InjectFaultResponse {
+            previous_clock_offset_ms: previous,
+        }))
     }
 }

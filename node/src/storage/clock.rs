@@ -1,6 +1,6 @@
 //! Injected wall clocks: [`SystemClock`] in production, [`ManualClock`] in tests.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A source of wall-clock time in milliseconds since the UNIX epoch.
@@ -21,9 +21,25 @@ impl std::fmt::Debug for dyn Clock {
     }
 }
 
-/// The system wall clock.
+/// The system wall clock (plus the process's injected offset, normally 0).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
+
+/// Milliseconds added to every [`SystemClock`] reading of this process: the Jepsen
+/// harness's `clock` nemesis (through `Admin/InjectFault`, only accepted with
+/// `server.fault-injection`) skews one node's wall clock as a wrong NTP would. Every
+/// node is its own process, so a process-wide offset is a per-node clock.
+static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Sets the offset added to [`SystemClock`] readings; returns the previous one.
+pub fn set_clock_offset_ms(offset_ms: i64) -> i64 {
+    CLOCK_OFFSET_MS.swap(offset_ms, Ordering::SeqCst)
+}
+
+/// The offset added to [`SystemClock`] readings.
+pub fn clock_offset_ms() -> i64 {
+    CLOCK_OFFSET_MS.load(Ordering::Relaxed)
+}
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
@@ -31,7 +47,13 @@ impl Clock for SystemClock {
         let since_epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
-        u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+        let now = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
+        let offset = clock_offset_ms();
+        if offset >= 0 {
+            now.saturating_add(offset.unsigned_abs())
+        } else {
+            now.saturating_sub(offset.unsigned_abs())
+        }
     }
 }
 

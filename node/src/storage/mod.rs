@@ -77,7 +77,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use cdc::{CdcSnapshot, MAX_PREFIX_TOMBSTONES, MAX_TOMBSTONES};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{clock_offset_ms, set_clock_offset_ms, Clock, ManualClock, SystemClock};
 pub use command::{CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, Op, Outcome};
 pub use config::{EvictionPolicy, ParsePolicyError, StorageConfig};
 pub use engine::{CdcWrite, Engine, EngineStats, ReadView, WriteRequest, MAX_TTL_MS};

@@ -1,0 +1,255 @@
+//! `raftcache-jepsen test …` runs a test and checks it; `raftcache-jepsen check FILE`
+//! checks a history again. Both print the one-line verdict on stdout
+//! (`valid: true|false|unknown · N ops (ok …, fail …, info …) · anomalies: K`) and exit
+//! 0 when valid, 1 when invalid, 3 when unknown (the checker ran out of budget), 2 on a
+//! harness error.
+
+use super::check::{check_file, CheckOptions, Validity};
+use super::nemesis::parse_faults;
+use super::run::{run, RunOptions, Workload};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// A Jepsen-style harness for raftcache: real nodes, a fault-injecting proxy on every
+/// peer link, client processes recording a history, and checkers.
+#[derive(Debug, Parser)]
+#[command(name = "raftcache-jepsen", version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs a test: cluster, workload, nemesis, final reads, check.
+    Test(TestArgs),
+    /// Checks a history file (JSONL, shared/HISTORY_FORMAT.md).
+    Check {
+        /// The history.
+        file: PathBuf,
+        /// Time budget of the linearizability search (e.g. 60 or 2m).
+        #[arg(long, default_value = "60", value_parser = parse_secs)]
+        time_limit: Duration,
+        /// Print the whole report (anomalies with their windows), not just the verdict.
+        #[arg(long)]
+        details: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct TestArgs {
+    /// register, counter or cdc.
+    #[arg(long, default_value = "register")]
+    workload: Workload,
+    /// Comma-separated faults: partition, net, kill, pause, member, clock, cdc-kill,
+    /// pg-restart; `all` for every one that applies; `none`.
+    #[arg(long, default_value = "all")]
+    nemesis: String,
+    /// Node processes.
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Partitions of the cluster.
+    #[arg(long, default_value_t = 8)]
+    partitions: u32,
+    /// Replicas per partition.
+    #[arg(long, default_value_t = 3)]
+    replicas: u32,
+    /// How long the workload runs (seconds, or e.g. 5m).
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    time_limit: Duration,
+    /// Client processes.
+    #[arg(long, default_value_t = 10)]
+    concurrency: usize,
+    /// Target operations per second, all processes together.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Keys (registers, counters or rows).
+    #[arg(long, default_value_t = 8)]
+    keys: usize,
+    /// Seed of the workload and the nemesis (default: from the clock; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The run folder (default: jepsen-runs/<workload>-<unix time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The raftcache-node binary (default: next to this one).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// The raftcache-cdc binary (default: next to this one).
+    #[arg(long)]
+    cdc_bin: Option<PathBuf>,
+    /// Time budget of the linearizability search.
+    #[arg(long, default_value = "120", value_parser = parse_secs)]
+    check_time_limit: Duration,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (seconds, or e.g. 90s, 5m)"))
+}
+
+/// A sibling binary of this executable: the first of `names` that exists.
+fn sibling(names: &[&str]) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    names.iter().map(|n| dir.join(n)).find(|p| p.is_file())
+}
+
+fn existing(path: Option<PathBuf>, names: &[&str], what: &str) -> Result<PathBuf, String> {
+    match path.or_else(|| sibling(names)) {
+        Some(p) if p.is_file() => Ok(p),
+        Some(p) => Err(format!("{what} binary {} does not exist", p.display())),
+        None => Err(format!(
+            "no {what} binary next to raftcache-jepsen (looked for {}); build the workspace \
+             (cargo build --workspace) or pass --{what}-bin",
+            names.join(", ")
+        )),
+    }
+}
+
+fn exit_for(v: Validity) -> ExitCode {
+    match v {
+        Validity::Valid => ExitCode::SUCCESS,
+        Validity::Invalid => ExitCode::from(1),
+        Validity::Unknown => ExitCode::from(3),
+    }
+}
+
+/// Entry point of the `raftcache-jepsen` binary.
+pub fn main() -> ExitCode {
+    // The harness reports through stderr lines; node and worker logs go to the run
+    // folder.
+    let args = Args::parse();
+    match args.command {
+        Cmd::Check {
+            file,
+            time_limit,
+            details,
+        } => check(&file, time_limit, details),
+        Cmd::Test(t) => test(t),
+    }
+}
+
+fn check(file: &Path, time_limit: Duration, details: bool) -> ExitCode {
+    let opts = CheckOptions {
+        time_limit,
+        ..CheckOptions::default()
+    };
+    match check_file(file, &opts) {
+        Ok(report) => {
+            if details {
+                print!("{}", report.details());
+            } else {
+                println!("{}", report.summary());
+                if report.anomaly_count > 0 {
+                    eprint!("{}", report.details());
+                }
+            }
+            exit_for(report.valid)
+        }
+        Err(e) => {
+            eprintln!("raftcache-jepsen check: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn test(t: TestArgs) -> ExitCode {
+    match build_options(t) {
+        Ok(opts) => run_test(&opts),
+        Err(e) => {
+            eprintln!("raftcache-jepsen test: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn build_options(t: TestArgs) -> Result<RunOptions, String> {
+    let cdc = t.workload == Workload::Cdc;
+    let faults = parse_faults(&t.nemesis, cdc)?;
+    if t.nodes == 0 || t.nodes > 9 {
+        return Err(format!("--nodes {} is outside 1..=9", t.nodes));
+    }
+    if t.concurrency == 0 || t.keys == 0 {
+        return Err("--concurrency and --keys must be at least 1".into());
+    }
+    if t.rate.is_nan() || t.rate <= 0.0 {
+        return Err("--rate must be above 0".into());
+    }
+    let seed = t.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let workload_name = match t.workload {
+        Workload::Register => "register",
+        Workload::Counter => "counter",
+        Workload::Cdc => "cdc",
+    };
+    let out = t.out.unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        PathBuf::from(format!("jepsen-runs/{workload_name}-{secs}"))
+    });
+    let node_bin = existing(t.node_bin, &["raftcache-node", "test-node"], "node")?;
+    let cdc_bin = if cdc {
+        existing(t.cdc_bin, &["raftcache-cdc", "test-cdc"], "cdc")?
+    } else {
+        t.cdc_bin.unwrap_or_default()
+    };
+    Ok(RunOptions {
+        workload: t.workload,
+        faults,
+        nodes: t.nodes,
+        partitions: t.partitions,
+        replicas: t.replicas,
+        time_limit: t.time_limit,
+        concurrency: t.concurrency,
+        rate: t.rate,
+        keys: t.keys,
+        seed,
+        out,
+        node_bin,
+        cdc_bin,
+        check_time_limit: t.check_time_limit,
+    })
+}
+
+fn run_test(opts: &RunOptions) -> ExitCode {
+    eprintln!(
+        "raftcache-jepsen: seed {} (rerun with --seed {})",
+        opts.seed, opts.seed
+    );
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("raftcache-jepsen: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(opts)) {
+        Ok(result) => {
+            println!("{}", result.report.summary());
+            if result.report.valid != Validity::Valid {
+                eprint!("{}", result.report.details());
+            }
+            eprintln!(
+                "raftcache-jepsen: history {}, report {}",
+                result.history.display(),
+                opts.out.join("report.txt").display()
+            );
+            exit_for(result.report.valid)
+        }
+        Err(e) => {
+            eprintln!("raftcache-jepsen: the run failed: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
