@@ -387,7 +387,7 @@ impl Client {
         // An attempt whose answer was lost (timeout, broken connection, unavailable)
         // may have applied. A retry of a conditional write then finds its own write
         // and answers "not applied", so that answer is not trusted after such an
-        // attempt: the caller gets the ambiguity instead (found by raftcache-jepsen's
+        // attempt: the caller gets the ambiguity instead (found building raftcache-jepsen's
         // register workload: a CAS reported as failed whose value was later read).
         let maybe_applied = &AtomicBool::new(false);
         let r = self

@@ -230,10 +230,15 @@ impl Cache for Service {
         }
         let version = self.next_version.fetch_add(1, Ordering::SeqCst) + 1;
         let deadline = (r.ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(r.ttl_ms));
+        let slow = r.key == SLOW_KEY;
         self.data
             .lock()
             .unwrap()
             .insert(r.key, (r.value, version, deadline));
+        if slow {
+            // Applied, but the answer is lost in a slow network.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
         Ok(Response::new(SetResponse {
             applied: true,
             version,
@@ -667,6 +672,42 @@ async fn a_slow_node_times_out() {
     assert_eq!(err, ClientError::Timeout(Duration::from_millis(500)));
     assert!(started.elapsed() < Duration::from_millis(1500));
     assert!(fake.calls.gets.load(Ordering::SeqCst) - gets_before >= 2);
+}
+
+/// Regression (found while building raftcache-jepsen's cas workload): a conditional write
+/// whose first attempt applied but timed out was retried, the retry found the
+/// condition false, and the client reported "not applied" — a CAS recorded as failed
+/// whose value was then read. The client must report the ambiguity instead.
+#[tokio::test]
+async fn a_conditional_write_retried_after_a_lost_answer_is_indeterminate() {
+    let fake = start_fake().await;
+    let mut config = ClientConfig::new([fake.addr.as_str()]);
+    config.request_timeout = Duration::from_millis(200);
+    config.request_deadline = Duration::from_secs(2);
+    let client = Client::connect(config).await.unwrap();
+    let options = SetOptions {
+        condition: Condition::IfAbsent,
+        ..SetOptions::default()
+    };
+    let err = client
+        .set_with(SLOW_KEY, "mine", options)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Indeterminate(_)), "{err:?}");
+    assert_eq!(client.get(b"k-unused").await.unwrap(), None);
+    // The write did apply.
+    let stored = fake.read(&Bytes::from_static(SLOW_KEY), false);
+    assert_eq!(stored.value, Bytes::from_static(b"mine"));
+
+    // A condition that is false on the first, definite answer is still "not applied".
+    let options = SetOptions {
+        condition: Condition::IfAbsent,
+        ..SetOptions::default()
+    };
+    let outcome = client.set_with("k", "a", options).await.unwrap();
+    assert!(outcome.applied);
+    let outcome = client.set_with("k", "b", options).await.unwrap();
+    assert!(!outcome.applied);
 }
 
 /// Runs the `raftcache` binary against `fake`.

@@ -11,7 +11,7 @@
 //! ordinary "not older" rule applies. Values that are not integers are only compared
 //! for equality and never called older.
 //!
-//! Statistics: see [`CdcStats`](super::CdcStats).
+//! Statistics: see [`super::CdcStats`].
 
 use super::{as_int, Anomaly, CdcStats, Validity};
 use crate::jepsen::history::{Lsn, Operation, Outcome};

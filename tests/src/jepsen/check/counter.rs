@@ -70,7 +70,11 @@ pub(super) fn check_key(key: &str, ops: &[&Operation], opts: &CheckOptions) -> K
     let (p_pos, p_neg) = (prefix(&possible, pos), prefix(&possible, neg));
 
     let mut anomalies = Vec::new();
-    let mut anomaly = |kind: &str, message: String, window: Vec<Operation>| {
+    let max = opts.max_anomalies;
+    let mut anomaly = |kind: &str, message: String, mut window: Vec<Operation>| {
+        if anomalies.len() >= max {
+            window.clear(); // counted, but the report will not show it
+        }
         anomalies.push(Anomaly {
             checker: "counter".into(),
             kind: kind.into(),
@@ -120,15 +124,15 @@ pub(super) fn check_key(key: &str, ops: &[&Operation], opts: &CheckOptions) -> K
         } else {
             continue;
         };
+        // The op and the latest of the increments that define the bound.
+        let keep = opts.window_ops.saturating_sub(1);
         let mut window: Vec<Operation> = defining
             .iter()
+            .rev()
             .filter(|d| d.2.invoke_index != op.invoke_index)
+            .take(keep)
             .map(|d| d.2.clone())
             .collect();
-        window.sort_by_key(|o| o.invoke_index);
-        if window.len() >= opts.window_ops {
-            window.drain(..window.len() + 1 - opts.window_ops.max(1));
-        }
         window.push((*op).clone());
         window.sort_by_key(|o| o.invoke_index);
         anomaly(kind, msg, window);

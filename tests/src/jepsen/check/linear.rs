@@ -18,11 +18,23 @@
 //! Two distinct sets collide with probability 2⁻¹²⁸ per pair, below 2⁻⁸⁰ for 10⁷
 //! states; a collision could only prune a branch (a false "invalid"), never the reverse.
 //!
-//! Budget: see [`CheckOptions::time_limit`](super::CheckOptions::time_limit); a search
-//! also stops after [`step_limit`](super::CheckOptions::step_limit) loop iterations.
-//! Either gives `Unknown`, never `Valid`.
+//! Pruning: `info` writes, cas and deletes whose new value nothing could observe after
+//! their invoke are dropped up front ([`prune`]), and during the search an optional op
+//! is only applied while some unlinearized op still observes its value.
+//!
+//! Windows: a failing *window* — the ops that may take effect in a time range `[s, t)`,
+//! those in flight at its edges made optional, started from an unknown state — proves
+//! the whole key non-linearizable ([`window_ops`]). Keys of more than 128 ops are first
+//! checked window by window (64 ops each, overlapping by half), which finds most
+//! violations at a fraction of the cost of the exhaustive search a non-linearizable
+//! history needs; then the whole key is searched. A failing key's report shows the
+//! smallest failing window found ([`smallest_window`]).
+//!
+//! Budget: each key gets its share of [`CheckOptions::time_limit`](super::CheckOptions::time_limit);
+//! a search also stops after [`step_limit`](super::CheckOptions::step_limit) loop
+//! iterations. Running out gives `Unknown`, never `Valid`.
 
-use super::{truncate_window, Anomaly, CheckOptions, KeyResult, Validity};
+use super::{after, truncate_window, Anomaly, CheckOptions, KeyResult, Validity};
 use crate::jepsen::history::{Operation, Outcome};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -101,9 +113,16 @@ struct Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Search {
     Linearizable,
-    NotLinearizable,
+    /// With the search's *frontier*: the latest time any configuration it explored
+    /// could not get past (the return of its first unlinearized op).
+    NotLinearizable(u64),
     GaveUp,
 }
+
+/// Ops per window of the pre-pass (consecutive windows overlap by half).
+const CHUNK: usize = 64;
+/// Step cap of one pre-pass window.
+const CHUNK_STEPS: u64 = 1_000_000;
 
 /// Checks one key; `deadline` is the end of the whole linearizability budget and
 /// `keys_left` counts this key and those after it.
@@ -128,69 +147,96 @@ pub(super) fn check_key(
     let share = |now: Instant| deadline.saturating_duration_since(now) / keys_left.max(1);
     let now = Instant::now();
     let lim = Limits {
-        deadline: now + share(now),
+        deadline: after(now, share(now)),
         steps: opts.step_limit,
     };
-    match search(&lin_ops, ABSENT, n_values, &lim) {
-        Search::Linearizable => KeyResult {
-            valid: Validity::Valid,
-            note: None,
-            anomalies: Vec::new(),
-        },
-        Search::GaveUp => KeyResult {
-            valid: Validity::Unknown,
-            note: Some(format!(
-                "linearizability search of {} ops ran out of budget ({:?} time share, {} steps)",
-                lin_ops.len(),
-                share(now),
-                opts.step_limit
-            )),
-            anomalies: Vec::new(),
-        },
-        Search::NotLinearizable => {
-            let now = Instant::now();
-            let wlim = Limits {
-                deadline: now + share(now).max(opts.time_limit / 10),
-                steps: opts.step_limit,
-            };
-            let (from, to, smallest) = smallest_window(&lin_ops, n_values, &wlim);
-            let mut window: Vec<Operation> = prune(window_ops(&lin_ops, from, to), n_values)
-                .iter()
-                .map(|o| (*ops[o.src]).clone())
-                .collect();
-            let secs = |t: u64| t as f64 / 1e9;
-            let to = if to == NEVER {
-                "the end".to_owned()
-            } else {
-                format!("{:.6}s", secs(to))
-            };
-            let mut message = format!(
-                "no linearization of the {} ops on this key ({} after dropping fail ops, info \
-                 reads and unobservable info writes); {} window: the {} ops that may take \
-                 effect from {:.6}s to {to} (those in flight at its edges may or may not have)",
-                ops.len(),
-                lin_ops.len(),
-                if smallest {
-                    "smallest failing"
-                } else {
-                    "failing (budget ran out before the smallest was found)"
-                },
-                window.len(),
-                secs(from),
-            );
-            truncate_window(&mut window, opts.window_ops, &mut message);
-            KeyResult {
-                valid: Validity::Invalid,
-                note: None,
-                anomalies: vec![Anomaly {
-                    checker: "linearizable".into(),
-                    kind: "not-linearizable".into(),
-                    key: key.to_owned(),
-                    message,
-                    window,
-                }],
+    // Pre-pass: a failing window proves the key invalid (see `window_ops`) and is much
+    // cheaper to find than the exhaustive search of everything before the violation.
+    let mut failing = None;
+    if lin_ops.len() > 2 * CHUNK {
+        let chunk_lim = Limits {
+            deadline: lim.deadline,
+            steps: lim.steps.min(CHUNK_STEPS),
+        };
+        for i in (0..lin_ops.len()).step_by(CHUNK / 2) {
+            let s = if i == 0 { 0 } else { lin_ops[i].inv };
+            let t = lin_ops.get(i + CHUNK).map_or(NEVER, |o| o.inv);
+            if let Search::NotLinearizable(f) = run(&lin_ops, n_values, s, t, &chunk_lim) {
+                failing = Some((s, t, f));
+                break;
+            }
+            if t == NEVER || Instant::now() >= lim.deadline {
+                break;
             }
         }
+    }
+    let failing = match failing {
+        Some(w) => w,
+        None => match search(&lin_ops, ABSENT, n_values, &lim) {
+            Search::NotLinearizable(f) => (0, NEVER, f),
+            Search::Linearizable => {
+                return KeyResult {
+                    valid: Validity::Valid,
+                    note: None,
+                    anomalies: Vec::new(),
+                }
+            }
+            Search::GaveUp => {
+                return KeyResult {
+                    valid: Validity::Unknown,
+                    note: Some(format!(
+                        "linearizability search of {} ops ran out of budget ({:?} time share, \
+                         {} steps)",
+                        lin_ops.len(),
+                        share(now),
+                        opts.step_limit
+                    )),
+                    anomalies: Vec::new(),
+                }
+            }
+        },
+    };
+    let now = Instant::now();
+    let wlim = Limits {
+        deadline: after(now, share(now).max(opts.time_limit / 10)),
+        steps: opts.step_limit,
+    };
+    let (from, to, smallest) = smallest_window(&lin_ops, n_values, failing, &wlim);
+    let mut window: Vec<Operation> = prune(window_ops(&lin_ops, from, to), n_values)
+        .iter()
+        .map(|o| (*ops[o.src]).clone())
+        .collect();
+    let secs = |t: u64| t as f64 / 1e9;
+    let to = if to == NEVER {
+        "the end".to_owned()
+    } else {
+        format!("{:.6}s", secs(to))
+    };
+    let mut message = format!(
+        "no linearization of the {} ops on this key ({} after dropping fail ops, info \
+         reads and unobservable info writes); {} window: the {} ops that may take effect \
+         from {:.6}s to {to} (those in flight at its edges may or may not have)",
+        ops.len(),
+        lin_ops.len(),
+        if smallest {
+            "smallest failing"
+        } else {
+            "failing (budget ran out before the smallest was found)"
+        },
+        window.len(),
+        secs(from),
+    );
+    truncate_window(&mut window, opts.window_ops, &mut message);
+    KeyResult {
+        valid: Validity::Invalid,
+        note: None,
+        anomalies: vec![Anomaly {
+            checker: "linearizable".into(),
+            kind: "not-linearizable".into(),
+            key: key.to_owned(),
+            message,
+            window,
+        }],
     }
 }
 
@@ -325,50 +371,70 @@ fn window_ops(ops: &[LinOp], s: u64, t: u64) -> Vec<LinOp> {
         .collect()
 }
 
-/// Finds a small failing window `[s, t)` of a non-linearizable history: `t` is the
-/// smallest end (just after some op's return) whose prefix fails (binary search), then
-/// `s` the largest invoke time before `t` whose window still fails (binary search,
-/// monotone). The flag is false when the budget ran out first; the window found is then
-/// larger but still fails.
-fn smallest_window(ops: &[LinOp], n_values: usize, lim: &Limits) -> (u64, u64, bool) {
-    let run = |s: u64, t: u64| {
-        let init = if s == 0 { ABSENT } else { ANY };
-        search(&prune(window_ops(ops, s, t), n_values), init, n_values, lim)
-    };
-    let mut ends: Vec<u64> = ops
-        .iter()
-        .filter(|o| o.class == Class::Ok)
-        .map(|o| o.ret.saturating_add(1))
-        .collect();
-    ends.push(NEVER);
-    ends.sort_unstable();
-    ends.dedup();
+/// Searches the window `[s, t)` (see [`window_ops`]).
+fn run(ops: &[LinOp], n_values: usize, s: u64, t: u64, lim: &Limits) -> Search {
+    let init = if s == 0 { ABSENT } else { ANY };
+    search(&prune(window_ops(ops, s, t), n_values), init, n_values, lim)
+}
+
+/// Shrinks the failing window `[s0, t0)`, whose search had frontier `f`, to a small
+/// failing window `[s, t)`, returned with whether the budget sufficed to shrink it all
+/// the way (otherwise the window is larger, but still fails).
+///
+/// End: if the prefix `[s0, t)` of the window were linearizable, its linearization
+/// would be a path of the window's search (same real-time constraints) to a
+/// configuration whose first unlinearized op returns at or after `t`, so `f ≥ t`.
+/// Hence `t = f + 1` fails, and is the smallest end that can (the configuration at the
+/// frontier linearizes everything that returned before `f`); it is checked anyway.
+/// Start: windows fail for every start up to some `s*` (monotone, see [`window_ops`]);
+/// `s*` is found by galloping back from `t` (small windows are cheap) and then
+/// bisecting.
+fn smallest_window(
+    ops: &[LinOp],
+    n_values: usize,
+    (s0, t0, f): (u64, u64, u64),
+    lim: &Limits,
+) -> (u64, u64, bool) {
     let mut complete = true;
-    // The prefix ending at ends[hi] is known to fail (the whole history).
-    let (mut lo, mut hi) = (0, ends.len() - 1);
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        match run(0, ends[mid]) {
-            Search::NotLinearizable => hi = mid,
-            Search::Linearizable => lo = mid + 1,
-            Search::GaveUp => {
-                complete = false;
-                break;
-            }
+    let mut t = t0;
+    if f.saturating_add(1) < t0 {
+        match run(ops, n_values, s0, f + 1, lim) {
+            Search::NotLinearizable(_) => t = f + 1,
+            Search::GaveUp => complete = false,
+            Search::Linearizable => {} // not expected; keep the known failing end
         }
     }
-    let t = ends[hi];
-    let mut starts: Vec<u64> = ops.iter().map(|o| o.inv).filter(|&i| i < t).collect();
-    starts.push(0);
+    let mut starts: Vec<u64> = ops
+        .iter()
+        .map(|o| o.inv)
+        .filter(|&i| i > s0 && i < t)
+        .collect();
+    starts.push(s0);
     starts.sort_unstable();
     starts.dedup();
-    // The window from starts[lo] is known to fail (starts[0] = 0: the prefix).
-    let (mut lo, mut top) = (0, starts.len() - 1);
-    while complete && lo < top {
-        let mid = (lo + top).div_ceil(2);
-        match run(starts[mid], t) {
-            Search::NotLinearizable => lo = mid,
-            Search::Linearizable => top = mid - 1,
+    // starts[lo] is known to fail, starts[upper] (if any) to pass.
+    let (mut lo, mut upper, mut step) = (0, starts.len(), 1);
+    while complete {
+        let probe = upper.saturating_sub(step);
+        if probe <= lo {
+            break;
+        }
+        match run(ops, n_values, starts[probe], t, lim) {
+            Search::NotLinearizable(_) => lo = probe,
+            Search::Linearizable => {
+                upper = probe;
+                step *= 2;
+                continue;
+            }
+            Search::GaveUp => complete = false,
+        }
+        break;
+    }
+    while complete && lo + 1 < upper {
+        let mid = (lo + upper) / 2;
+        match run(ops, n_values, starts[mid], t, lim) {
+            Search::NotLinearizable(_) => lo = mid,
+            Search::Linearizable => upper = mid,
             Search::GaveUp => complete = false,
         }
     }
@@ -473,6 +539,7 @@ fn search(ops: &[LinOp], init: u32, n_values: usize, lim: &Limits) -> Search {
     let (mut state, mut done, mut steps) = (init, 0usize, 0u64);
     let mut entry = next[0];
     let mut first_choice = 0;
+    let mut frontier = 0;
     loop {
         steps += 1;
         if steps > lim.steps || (steps % 1024 == 1 && Instant::now() >= lim.deadline) {
@@ -523,8 +590,11 @@ fn search(ops: &[LinOp], init: u32, n_values: usize, lim: &Limits) -> Search {
         } else {
             // An op must have returned before anything else is linearized: undo the
             // last choice and try the next one.
+            if entry != tail {
+                frontier = frontier.max(ops[(entry - 2) / 2].ret);
+            }
             let Some((j, old_state, choice)) = stack.pop() else {
-                return Search::NotLinearizable;
+                return Search::NotLinearizable(frontier);
             };
             let c = call_node(j);
             unlift(&mut next, &mut prev, c);
@@ -574,7 +644,11 @@ mod tests {
         let seq = [op(0, 1, Write(1)), op(2, 3, Read(1))];
         assert_eq!(search(&seq, ABSENT, 3, &lim()), Search::Linearizable);
         let stale = [op(0, 1, Write(1)), op(2, 3, Write(2)), op(4, 5, Read(1))];
-        assert_eq!(search(&stale, ABSENT, 3, &lim()), Search::NotLinearizable);
+        assert_eq!(
+            search(&stale, ABSENT, 3, &lim()),
+            Search::NotLinearizable(5),
+            "stuck at the read's return, with both writes linearized"
+        );
         // From an unknown state, a read alone is fine.
         assert_eq!(search(&stale[2..], ANY, 3, &lim()), Search::Linearizable);
         // Concurrent write and read may go either way.
@@ -659,6 +733,127 @@ mod tests {
             op(60, 70, Read(2)),
         ];
         assert_eq!(search(&w[..3], ANY, 6, &lim()), Search::Linearizable);
-        assert_eq!(search(&w, ANY, 6, &lim()), Search::NotLinearizable);
+        assert!(matches!(
+            search(&w, ANY, 6, &lim()),
+            Search::NotLinearizable(_)
+        ));
+    }
+
+    /// By the definition: some subset of the `Info` ops and every other op, in an
+    /// order where no op comes after one that was invoked after it returned, with
+    /// `Maybe` ops applied or not.
+    fn brute(ops: &[LinOp], init: u32) -> bool {
+        fn go(ops: &[LinOp], chosen: &[usize], placed: &mut Vec<bool>, state: u32) -> bool {
+            if chosen.iter().all(|&i| placed[i]) {
+                return true;
+            }
+            for &x in chosen {
+                let blocked = chosen
+                    .iter()
+                    .any(|&y| y != x && !placed[y] && ops[y].ret < ops[x].inv);
+                if placed[x] || blocked {
+                    continue;
+                }
+                placed[x] = true;
+                let mut next = vec![];
+                next.extend(ops[x].kind.step(state));
+                if ops[x].class == Class::Maybe {
+                    next.push(state);
+                }
+                if next.into_iter().any(|s| go(ops, chosen, placed, s)) {
+                    return true;
+                }
+                placed[x] = false;
+            }
+            false
+        }
+        let infos: Vec<usize> = (0..ops.len())
+            .filter(|&i| ops[i].class == Class::Info)
+            .collect();
+        (0..1u32 << infos.len()).any(|mask| {
+            let chosen: Vec<usize> = (0..ops.len())
+                .filter(|i| match infos.iter().position(|j| j == i) {
+                    Some(k) => mask & (1 << k) != 0,
+                    None => true,
+                })
+                .collect();
+            go(ops, &chosen, &mut vec![false; ops.len()], init)
+        })
+    }
+
+    #[test]
+    fn search_prune_and_windows_agree_with_brute_force() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let (mut valid, mut invalid) = (0, 0);
+        for _ in 0..3000 {
+            let n = 3 + rnd(5) as usize;
+            let mut ops: Vec<LinOp> = (0..n)
+                .map(|src| {
+                    let inv = rnd(20);
+                    let v = |r: u64| r as u32; // 0 = absent, 1..=2 values
+                    let kind = match rnd(4) {
+                        0 | 1 => Kind::Read(v(rnd(3))),
+                        2 => Kind::Write(v(rnd(3))),
+                        _ => Kind::Cas(v(rnd(3)), v(rnd(3))),
+                    };
+                    let info = !matches!(kind, Kind::Read(_)) && rnd(4) == 0;
+                    LinOp {
+                        inv,
+                        ret: if info { NEVER } else { inv + 1 + rnd(8) },
+                        kind,
+                        class: if info { Class::Info } else { Class::Ok },
+                        src,
+                    }
+                })
+                .collect();
+            ops.sort_by_key(|o| (o.inv, o.src));
+            let truth = brute(&ops, ABSENT);
+            let pruned = prune(ops.clone(), 3);
+            assert_eq!(
+                brute(&pruned, ABSENT),
+                truth,
+                "prune changed the verdict: {ops:?}"
+            );
+            let got = search(&pruned, ABSENT, 3, &lim());
+            let ends: Vec<u64> = ops.iter().map(|o| o.ret.saturating_add(1)).collect();
+            if truth {
+                valid += 1;
+                assert_eq!(got, Search::Linearizable, "{ops:?}");
+                // Every window of a linearizable history is linearizable.
+                for s in ops.iter().map(|o| o.inv).chain([0]) {
+                    for &t in &ends {
+                        let init = if s == 0 { ABSENT } else { ANY };
+                        let w = window_ops(&ops, s, t);
+                        assert!(brute(&w, init), "window {s}..{t} of {ops:?}: {w:?}");
+                        assert!(!matches!(
+                            run(&ops, 3, s, t, &lim()),
+                            Search::NotLinearizable(_)
+                        ));
+                    }
+                }
+            } else {
+                invalid += 1;
+                let Search::NotLinearizable(f) = got else {
+                    panic!("{got:?} for {ops:?}")
+                };
+                let (s, t, complete) = smallest_window(&pruned, 3, (0, NEVER, f), &lim());
+                assert!(complete);
+                let init = if s == 0 { ABSENT } else { ANY };
+                let w = window_ops(&pruned, s, t);
+                assert!(!brute(&w, init), "window {s}..{t} passes: {w:?} of {ops:?}");
+                // The prefix just before the frontier is linearizable (the end is tight).
+                assert!(brute(&window_ops(&pruned, 0, f), ABSENT), "{ops:?} f={f}");
+            }
+        }
+        assert!(
+            valid > 500 && invalid > 500,
+            "{valid} valid, {invalid} invalid"
+        );
     }
 }

@@ -1,0 +1,204 @@
+//! `raftcache-jepsen` in its short CI form: each workload runs ~25 s on 3 real nodes
+//! behind the fault-injecting proxy with `--nemesis all`, and its history must check
+//! as valid; the `check` subcommand must fail planted anomalies (exit 1) and pass a
+//! valid history (exit 0).
+//!
+//! Runs are serialised (one cluster at a time on these 2-core machines). Each keeps
+//! its folder (history, nemesis log, node logs, report) under the system temp dir when
+//! it fails, and prints where. `RAFTCACHE_JEPSEN_SECS` changes the run length,
+//! `RAFTCACHE_JEPSEN_SEED` fixes the seed.
+#![allow(clippy::unwrap_used)]
+
+use raftcache_tests::{bins, output_within};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// One cluster at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn jepsen() -> PathBuf {
+    env!("CARGO_BIN_EXE_raftcache-jepsen").into()
+}
+
+fn secs() -> String {
+    std::env::var("RAFTCACHE_JEPSEN_SECS").unwrap_or_else(|_| "25".into())
+}
+
+/// Runs one short test and asserts a valid verdict with real traffic and real faults.
+fn short_run(workload: &str) {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let bins = bins!();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("raftcache-jepsen-{workload}-"))
+        .tempdir()
+        .unwrap();
+    let out = dir.path().join("run");
+    let mut cmd = Command::new(jepsen());
+    cmd.args([
+        "test",
+        "--workload",
+        workload,
+        "--nemesis",
+        "all",
+        "--nodes",
+        "3",
+    ])
+    .args([
+        "--time-limit",
+        &secs(),
+        "--concurrency",
+        "6",
+        "--rate",
+        "120",
+    ])
+    .args(["--partitions", "4"])
+    .arg("--out")
+    .arg(&out)
+    .arg("--node-bin")
+    .arg(&bins.node)
+    .arg("--cdc-bin")
+    .arg(&bins.cdc);
+    if let Ok(seed) = std::env::var("RAFTCACHE_JEPSEN_SEED") {
+        cmd.args(["--seed", &seed]);
+    }
+    let output = output_within(&mut cmd, Duration::from_secs(600)).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let ok = output.status.success() && stdout.starts_with("valid: true");
+    if !ok {
+        let kept = dir.keep();
+        panic!(
+            "raftcache-jepsen {workload} was not valid ({:?}); run folder kept at {}\n\
+             --- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+            output.status,
+            kept.display()
+        );
+    }
+    // Real traffic: hundreds of completed operations, and faults really injected.
+    let history = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
+    let oks = history
+        .lines()
+        .filter(|l| l.contains(r#""type":"ok""#))
+        .count();
+    assert!(
+        oks >= 300,
+        "only {oks} ok operations in the history\n{stderr}"
+    );
+    let nemesis = std::fs::read_to_string(out.join("nemesis.jsonl")).unwrap();
+    let starts = nemesis
+        .lines()
+        .filter(|l| l.contains(r#""event":"start""#))
+        .count();
+    assert!(starts >= 2, "only {starts} faults started\n{nemesis}");
+    // The history checks the same again from the file alone.
+    let again = output_within(
+        Command::new(jepsen())
+            .arg("check")
+            .arg(out.join("history.jsonl")),
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).starts_with("valid: true"));
+    eprintln!("{workload}: {stdout}{stderr}");
+}
+
+#[test]
+fn register_with_all_nemeses_is_linearizable() {
+    short_run("register");
+}
+
+#[test]
+fn counter_with_all_nemeses_counts_every_acked_increment_once() {
+    short_run("counter");
+}
+
+#[test]
+fn cdc_with_all_nemeses_never_serves_older_than_min_lsn() {
+    short_run("cdc");
+}
+
+/// Writes `lines` as a history file and runs `raftcache-jepsen check` on it.
+fn check(dir: &Path, name: &str, lines: &[&str]) -> (i32, String, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let out = output_within(
+        Command::new(jepsen()).arg("check").arg(&path),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_fails_planted_anomalies_and_passes_a_valid_history() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stale read: 2 was written and acknowledged, then a read returns 1.
+    let (code, stdout, stderr) = check(
+        dir.path(),
+        "stale.jsonl",
+        &[
+            r#"{"index":0,"process":0,"type":"invoke","f":"write","key":"k","value":"1","time_ns":10}"#,
+            r#"{"index":1,"process":0,"type":"ok","f":"write","key":"k","value":"1","time_ns":20}"#,
+            r#"{"index":2,"process":0,"type":"invoke","f":"write","key":"k","value":"2","time_ns":30}"#,
+            r#"{"index":3,"process":0,"type":"ok","f":"write","key":"k","value":"2","time_ns":40}"#,
+            r#"{"index":4,"process":1,"type":"invoke","f":"read","key":"k","value":null,"time_ns":50}"#,
+            r#"{"index":5,"process":1,"type":"ok","f":"read","key":"k","value":"1","time_ns":60}"#,
+        ],
+    );
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.starts_with("valid: false"), "{stdout}");
+    assert!(
+        stderr.contains("\"k\""),
+        "the anomaly names the key: {stderr}"
+    );
+
+    // A double increment: deltas 1 and 2 acknowledged, the final read says 4.
+    let (code, stdout, _) = check(
+        dir.path(),
+        "double.jsonl",
+        &[
+            r#"{"index":0,"process":0,"type":"invoke","f":"incr","key":"c","value":1,"time_ns":10}"#,
+            r#"{"index":1,"process":0,"type":"ok","f":"incr","key":"c","value":1,"time_ns":20}"#,
+            r#"{"index":2,"process":0,"type":"invoke","f":"incr","key":"c","value":2,"time_ns":30}"#,
+            r#"{"index":3,"process":0,"type":"ok","f":"incr","key":"c","value":3,"time_ns":40}"#,
+            r#"{"index":4,"process":1,"type":"invoke","f":"read","key":"c","value":null,"time_ns":50}"#,
+            r#"{"index":5,"process":1,"type":"ok","f":"read","key":"c","value":4,"time_ns":60}"#,
+        ],
+    );
+    assert_eq!(code, 1, "{stdout}");
+
+    // The same shapes, valid: the read sees the latest write, the counter its sum; a
+    // timed-out write may or may not have happened.
+    let (code, stdout, stderr) = check(
+        dir.path(),
+        "valid.jsonl",
+        &[
+            r#"{"index":0,"process":0,"type":"invoke","f":"write","key":"k","value":"1","time_ns":10}"#,
+            r#"{"index":1,"process":0,"type":"ok","f":"write","key":"k","value":"1","time_ns":20}"#,
+            r#"{"index":2,"process":0,"type":"invoke","f":"write","key":"k","value":"2","time_ns":30}"#,
+            r#"{"index":3,"process":0,"type":"info","f":"write","key":"k","value":"2","time_ns":40,"error":"timeout"}"#,
+            r#"{"index":4,"process":1,"type":"invoke","f":"read","key":"k","value":null,"time_ns":50}"#,
+            r#"{"index":5,"process":1,"type":"ok","f":"read","key":"k","value":"2","time_ns":60}"#,
+            r#"{"index":6,"process":2,"type":"invoke","f":"incr","key":"c","value":1,"time_ns":70}"#,
+            r#"{"index":7,"process":2,"type":"ok","f":"incr","key":"c","value":1,"time_ns":80}"#,
+            r#"{"index":8,"process":2,"type":"invoke","f":"read","key":"c","value":null,"time_ns":90}"#,
+            r#"{"index":9,"process":2,"type":"ok","f":"read","key":"c","value":1,"time_ns":100}"#,
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.starts_with("valid: true"), "{stdout}");
+
+    // Garbage is a clear error (exit 2), not a verdict.
+    let (code, _, stderr) = check(dir.path(), "garbage.jsonl", &["{not json"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("line 1"), "{stderr}");
+}
