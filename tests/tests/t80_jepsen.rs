@@ -122,6 +122,36 @@ fn cdc_with_all_nemeses_never_serves_older_than_min_lsn() {
     short_run("cdc");
 }
 
+/// The checker finds real anomalies too: register reads served by followers (a
+/// documented non-linearizable mode) under partitions must be reported invalid, with
+/// small windows.
+#[test]
+fn follower_reads_are_caught_as_stale() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let bins = bins!();
+    let dir = tempfile::tempdir().unwrap();
+    let out = output_within(
+        Command::new(jepsen())
+            .args(["test", "--workload", "register", "--nemesis", "partition"])
+            .args(["--nodes", "3", "--partitions", "4", "--time-limit", "15"])
+            .args(["--concurrency", "6", "--rate", "150", "--follower-reads"])
+            .arg("--out")
+            .arg(dir.path().join("run"))
+            .arg("--node-bin")
+            .arg(&bins.node),
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.starts_with("valid: false"), "{stdout}");
+    assert!(stderr.contains("smallest failing window"), "{stderr}");
+    assert!(stderr.contains("(follower)"), "{stderr}");
+}
+
 /// Writes `lines` as a history file and runs `raftcache-jepsen check` on it.
 fn check(dir: &Path, name: &str, lines: &[&str]) -> (i32, String, String) {
     let path = dir.join(name);

@@ -83,6 +83,10 @@ struct TestArgs {
     /// Time budget of the linearizability search.
     #[arg(long, default_value = "120", value_parser = parse_secs)]
     check_time_limit: Duration,
+    /// Register reads from followers (≤ 10 s stale): NOT linearizable. Shows the
+    /// checker finding real stale reads; such a run is expected to be invalid.
+    #[arg(long)]
+    follower_reads: bool,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -219,6 +223,7 @@ fn build_options(t: TestArgs) -> Result<RunOptions, String> {
         node_bin,
         cdc_bin,
         check_time_limit: t.check_time_limit,
+        follower_reads: t.follower_reads,
     })
 }
 

@@ -454,8 +454,10 @@ impl fmt::Display for Operation {
         if let Some(m) = &self.invoke_lsn {
             write!(f, " min_lsn={m}")?;
         }
-        if !self.invoke_value.is_null() {
-            write!(f, " {}", self.invoke_value)?;
+        match self.invoke_value.as_i64() {
+            Some(delta) if self.f == "incr" => write!(f, " {delta:+}")?,
+            _ if !self.invoke_value.is_null() => write!(f, " {}", self.invoke_value)?,
+            _ => {}
         }
         if self.outcome == Outcome::Ok
             && (self.is_read() || (!self.value.is_null() && self.value != self.invoke_value))

@@ -82,6 +82,9 @@ pub struct RunOptions {
     pub cdc_bin: PathBuf,
     /// Budget of the linearizability checker.
     pub check_time_limit: Duration,
+    /// Register reads from followers (a known non-linearizable mode, to see the
+    /// checker catch stale reads).
+    pub follower_reads: bool,
 }
 
 fn fault_names<S: serde::Serializer>(faults: &[Fault], s: S) -> Result<S::Ok, S::Error> {
@@ -143,6 +146,7 @@ pub async fn run(opts: &RunOptions) -> Result<RunResult> {
         rate: opts.rate,
         keys: opts.keys,
         seed: opts.seed,
+        follower_reads: opts.follower_reads,
     };
     let until = Instant::now() + opts.time_limit;
     eprintln!(

@@ -47,6 +47,20 @@ pub struct WorkloadOptions {
     pub keys: usize,
     /// Base seed (each process derives its own).
     pub seed: u64,
+    /// `register` reads from followers (10 s staleness bound) instead of the leader:
+    /// not linearizable, so a run shows the checker catching real stale reads.
+    pub follower_reads: bool,
+}
+
+/// How a register read is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Read index on the leader.
+    Linearizable,
+    /// Leader lease.
+    Lease,
+    /// Any fresh-enough replica (not linearizable).
+    Follower,
 }
 
 /// How an error ends an operation.
@@ -138,8 +152,14 @@ pub async fn register(
                 n += 1;
                 let unknown = match rng.random_range(0..100) {
                     0..50 => {
-                        let linear = rng.random_bool(0.5);
-                        read(&h, &client, process, &key, linear, &seen).await
+                        let mode = if opts.follower_reads {
+                            ReadMode::Follower
+                        } else if rng.random_bool(0.5) {
+                            ReadMode::Linearizable
+                        } else {
+                            ReadMode::Lease
+                        };
+                        read(&h, &client, process, &key, mode, &seen).await
                     }
                     50..75 => {
                         let v = format!("{process}.{n}");
@@ -183,13 +203,18 @@ pub async fn read(
     client: &Client,
     process: u64,
     key: &str,
-    linearizable: bool,
+    mode: ReadMode,
     seen: &Seen,
 ) -> bool {
-    let (consistency, mode) = if linearizable {
-        (Consistency::Linearizable, "linearizable")
-    } else {
-        (Consistency::Lease, "lease")
+    let (consistency, mode) = match mode {
+        ReadMode::Linearizable => (Consistency::Linearizable, "linearizable"),
+        ReadMode::Lease => (Consistency::Lease, "lease"),
+        ReadMode::Follower => (
+            Consistency::Follower {
+                max_staleness: Duration::from_secs(10),
+            },
+            "follower",
+        ),
     };
     let op = h.invoke(
         process,
@@ -414,7 +439,7 @@ pub async fn final_reads(
             let unknown = if counter {
                 counter_read(h, client, p, key).await
             } else {
-                read(h, client, p, key, true, &seen).await
+                read(h, client, p, key, ReadMode::Linearizable, &seen).await
             };
             p += 1;
             if !unknown {

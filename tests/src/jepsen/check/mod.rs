@@ -83,7 +83,9 @@ pub struct CheckOptions {
     /// run may exceed the limit by that much per invalid key. The counter and CDC
     /// checkers are polynomial and not budgeted.
     pub time_limit: Duration,
-    /// Steps (search-loop iterations) allowed per search; exhausted → `Unknown`.
+    /// Steps (search-loop iterations) allowed per search; exhausted → `Unknown`. The
+    /// memo grows by at most one entry (~40 bytes) per step, usually far less: the
+    /// default of 10⁸ is about 20 s of search and well under 1 GB.
     pub step_limit: u64,
     /// At most this many operations are printed per anomaly window (the last ones).
     pub window_ops: usize,
@@ -95,7 +97,7 @@ impl Default for CheckOptions {
     fn default() -> Self {
         CheckOptions {
             time_limit: Duration::from_secs(60),
-            step_limit: 200_000_000,
+            step_limit: 100_000_000,
             window_ops: 30,
             max_anomalies: 100,
         }
@@ -277,7 +279,7 @@ impl Report {
         if let Some(c) = &self.cdc {
             let _ = writeln!(
                 s,
-                "cdc: cache-reads with min_lsn {}, without {} · final checks verified {}/{} · \
+                "cdc stats: cache-reads with min_lsn {}, without {} · final checks verified {}/{} · \
                  staleness over {} db-writes ({} stale): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
                 c.cache_reads_with_min_lsn,
                 c.cache_reads_without_min_lsn,
