@@ -207,6 +207,29 @@ pub fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// Makes a child started from `cmd` get SIGKILL when the thread that spawned it
+/// dies (Linux `PR_SET_PDEATHSIG`), so a harness killed with SIGKILL does not leave
+/// its nodes running. A no-op off Linux.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs between fork and exec and only calls prctl(2),
+        // which is async-signal-safe and touches no memory of the parent.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 /// Whether a process with this pid exists (and is not a zombie we could reap).
 pub fn process_alive(pid: u32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -119,6 +119,8 @@ impl CdcEnv {
             .open(&self.log)?;
         use std::io::Write;
         writeln!(log, "=== raftcache-jepsen: worker start {}", self.starts)?;
+        // No die_with_parent here: restarts run on tokio's blocking pool, whose threads
+        // exit when idle, and PR_SET_PDEATHSIG fires on the spawning *thread*'s exit.
         let child = Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config)

@@ -239,7 +239,14 @@ fn run_test(opts: &RunOptions) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run(opts)) {
+    // Ctrl-C drops the run, whose guards kill the nodes, the worker and Postgres.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(opts) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    match outcome {
         Ok(result) => {
             println!("{}", result.report.summary());
             if result.report.valid != Validity::Valid {

@@ -352,7 +352,10 @@ async fn spawn(
         slot.incarnations, join
     )?;
     let addr = slot.addr.to_string();
-    let mut cmd = Command::new(&opts.bin);
+    let mut std_cmd = std::process::Command::new(&opts.bin);
+    // Nodes die with the harness even when it is killed with SIGKILL.
+    crate::die_with_parent(&mut std_cmd);
+    let mut cmd = Command::from(std_cmd);
     cmd.args(["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(&data)
