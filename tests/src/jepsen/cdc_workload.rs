@@ -16,17 +16,18 @@
 //! LSN), a `cache-read` at that `min_lsn`, a fill, and another `cache-read`: after
 //! quiescence every cached value must equal its row.
 
-use super::history::{Extra, HistoryWriter};
+use super::history::{Extra, HistoryWriter, OpHandle};
 use super::nemesis::External;
-use super::workload::{pause, process_client, record_error, WorkloadOptions, OP_TIMEOUT};
+use super::workload::{attempt, process_client, Ended, Proc, Steps, OP_TIMEOUT};
 use crate::pg::PgCluster;
 use anyhow::{bail, Context, Result};
 use raftcache_client::{Client, Consistency, Lsn, ReadOptions};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::{json, Value};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -193,7 +194,7 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 }
 
 /// A process's database connection, reopened after it breaks.
-struct Db {
+pub struct Db {
     url: String,
     client: Option<tokio_postgres::Client>,
 }
@@ -230,57 +231,74 @@ impl Db {
     }
 }
 
-/// Newest LSN any db-write returned.
-type Newest = Arc<AtomicU64>;
-
-/// Runs the cdc workload until `until`.
-pub async fn run(
+/// The `cdc` workload's steps.
+pub struct Cdc {
     h: Arc<HistoryWriter>,
-    endpoints: Vec<String>,
     url: String,
-    opts: WorkloadOptions,
-    until: Instant,
-) -> Result<()> {
-    let newest: Newest = Arc::default();
-    let mut tasks = Vec::new();
-    for worker in 0..opts.concurrency {
-        let (h, endpoints, url, opts, newest) = (
-            h.clone(),
-            endpoints.clone(),
-            url.clone(),
-            opts.clone(),
-            newest.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let client = process_client(&endpoints).await?;
-            let mut db = Db { url, client: None };
-            let mut rng = SmallRng::seed_from_u64(opts.seed ^ (worker as u64 * 0x9E37_79B9));
-            let mut process = worker as u64;
-            while Instant::now() < until {
-                let id = rng.random_range(0..opts.keys);
-                let unknown = if rng.random_bool(0.3) {
-                    db_write(&h, &mut db, process, id, &newest).await
-                } else {
-                    let min = newest.load(Ordering::SeqCst);
-                    let min = (min > 0 && rng.random_bool(0.5)).then_some(Lsn(min));
-                    match cache_read(&h, &client, process, id, min).await {
-                        Read::Miss => fill(&h, &client, &mut db, process, id).await,
-                        Read::Unknown => true,
-                        Read::Done => false,
-                    }
-                };
-                if unknown {
-                    process += opts.concurrency as u64;
-                }
-                tokio::time::sleep(pause(&mut rng, &opts)).await;
+    keys: usize,
+    /// Newest LSN any db-write returned.
+    newest: AtomicU64,
+}
+
+impl Cdc {
+    /// Over `keys` rows of the database at `url`, recording into `h`.
+    pub fn new(h: Arc<HistoryWriter>, url: String, keys: usize) -> Cdc {
+        Cdc {
+            h,
+            url,
+            keys,
+            newest: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Steps for Cdc {
+    type State = Db;
+
+    fn state(&self) -> Db {
+        Db {
+            url: self.url.clone(),
+            client: None,
+        }
+    }
+
+    fn step<'a>(
+        &'a self,
+        p: &'a mut Proc,
+        db: &'a mut Db,
+    ) -> Pin<Box<dyn Future<Output = Ended> + Send + 'a>> {
+        Box::pin(async move {
+            let id = p.rng.random_range(0..self.keys);
+            if p.rng.random_bool(0.3) {
+                return db_write(&self.h, db, p.process, id, &self.newest).await;
             }
-            Ok::<(), anyhow::Error>(())
-        }));
+            let min = self.newest.load(Ordering::SeqCst);
+            let min = (min > 0 && p.rng.random_bool(0.5)).then_some(Lsn(min));
+            match cache_read(&self.h, &p.client, p.process, id, min).await {
+                Read::Miss => fill(&self.h, &p.client, db, p.process, id).await,
+                Read::Done(ended) => ended,
+            }
+        })
     }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(())
+}
+
+/// Completes a database step that ran under [`OP_TIMEOUT`]: hands back its answer
+/// and the handle, or records `info` (it may have committed before the connection
+/// broke) and drops the connection.
+fn db_done<T>(
+    h: &HistoryWriter,
+    op: OpHandle,
+    db: &mut Db,
+    result: Result<Result<T>, tokio::time::error::Elapsed>,
+) -> Result<(T, OpHandle), Ended> {
+    let error = match result {
+        Ok(Ok(v)) => return Ok((v, op)),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(_) => "timeout".to_owned(),
+    };
+    db.client = None;
+    h.info(op, error);
+    Err(Ended::Info)
 }
 
 async fn db_write(
@@ -288,39 +306,29 @@ async fn db_write(
     db: &mut Db,
     process: u64,
     id: usize,
-    newest: &Newest,
-) -> bool {
+    newest: &AtomicU64,
+) -> Ended {
     let key = key_of(id);
     let op = h.invoke(process, "db-write", &key, Value::Null, Extra::default());
-    let attempt = async {
+    let write = async {
         let ver = db.bump(id as i32).await?;
         let lsn = db.lsn().await.context("committed; LSN unknown")?;
-        Ok::<_, anyhow::Error>((ver, lsn))
+        Ok((ver, lsn))
     };
-    match tokio::time::timeout(OP_TIMEOUT, attempt).await {
-        Ok(Ok((ver, lsn))) => {
+    let result = tokio::time::timeout(OP_TIMEOUT, write).await;
+    match db_done(h, op, db, result) {
+        Ok(((ver, lsn), op)) => {
             newest.fetch_max(lsn.0, Ordering::SeqCst);
             h.ok(op, json!(ver.to_string()), Extra::default().with_lsn(lsn));
-            false
+            Ended::Ok
         }
-        Ok(Err(e)) => {
-            db.client = None;
-            // The commit may have happened (the connection broke after it).
-            h.info(op, format!("{e:#}"));
-            true
-        }
-        Err(_) => {
-            db.client = None;
-            h.info(op, "timeout");
-            true
-        }
+        Err(ended) => ended,
     }
 }
 
 enum Read {
     Miss,
-    Done,
-    Unknown,
+    Done(Ended),
 }
 
 async fn cache_read(
@@ -340,60 +348,43 @@ async fn cache_read(
         consistency: Consistency::Lease,
         min_lsn: min,
     };
-    match tokio::time::timeout(OP_TIMEOUT, client.get_with(&key, options)).await {
-        Ok(Ok(Some(v))) => {
+    match attempt(h, op, client.get_with(&key, options)).await {
+        Ok((Some(v), op)) => {
             let got = String::from_utf8_lossy(&v.value).into_owned();
             h.ok(op, json!(got), Extra::default());
-            Read::Done
+            Read::Done(Ended::Ok)
         }
-        Ok(Ok(None)) => {
+        Ok((None, op)) => {
             h.ok(op, Value::Null, Extra::default());
             Read::Miss
         }
-        Ok(Err(e)) => {
-            if record_error(h, op, &e) {
-                Read::Unknown
-            } else {
-                Read::Done
-            }
-        }
-        Err(_) => {
-            h.info(op, "timeout");
-            Read::Unknown
-        }
+        Err(ended) => Read::Done(ended),
     }
 }
 
-/// The cache-aside fill after a miss; returns whether it ended as `info`.
-async fn fill(h: &HistoryWriter, client: &Client, db: &mut Db, process: u64, id: usize) -> bool {
+/// The cache-aside fill after a miss.
+async fn fill(h: &HistoryWriter, client: &Client, db: &mut Db, process: u64, id: usize) -> Ended {
     let key = key_of(id);
     let op = h.invoke(process, "cache-fill", &key, Value::Null, Extra::default());
-    let attempt = async {
+    let filled = async {
         let lsn = db.lsn().await?;
         let ver = db.row(id as i32).await?;
         let outcome = client
             .set_if_newer(&key, ver.to_string(), lsn, None)
             .await?;
-        Ok::<_, anyhow::Error>((ver, lsn, outcome.applied))
+        Ok((ver, lsn, outcome.applied))
     };
-    match tokio::time::timeout(OP_TIMEOUT, attempt).await {
-        Ok(Ok((ver, lsn, applied))) => {
+    let result = tokio::time::timeout(OP_TIMEOUT, filled).await;
+    match db_done(h, op, db, result) {
+        Ok(((ver, lsn, applied), op)) => {
             let mut extra = Extra::default().with_lsn(lsn);
             if !applied {
                 extra = extra.with_error("refused: a newer change is known");
             }
             h.ok(op, json!(ver.to_string()), extra);
-            false
+            Ended::Ok
         }
-        Ok(Err(e)) => {
-            db.client = None;
-            h.info(op, format!("{e:#}"));
-            true
-        }
-        Err(_) => {
-            h.info(op, "timeout");
-            true
-        }
+        Err(ended) => ended,
     }
 }
 
@@ -454,8 +445,12 @@ pub async fn final_phase(
         h.ok(op, json!(ver.to_string()), Extra::default().with_lsn(lsn));
         for round in 0..2 {
             match cache_read(h, &client, p, id, Some(lsn)).await {
-                Read::Miss if round == 0 && fill(h, &client, &mut db, p, id).await => p += 1,
-                Read::Unknown => p += 1,
+                Read::Miss
+                    if round == 0 && fill(h, &client, &mut db, p, id).await == Ended::Info =>
+                {
+                    p += 1
+                }
+                Read::Done(Ended::Info) => p += 1,
                 _ => {}
             }
         }

@@ -11,13 +11,13 @@
 //! DIR/report.txt      the checker's verdict and anomalies; report.json the same as JSON
 //! ```
 
-use super::cdc_workload::{self, CdcEnv};
+use super::cdc_workload::{self, Cdc, CdcEnv};
 use super::check::{check_file, CheckOptions, Report};
 use super::cluster::{JCluster, NodeOptions};
 use super::history::HistoryWriter;
 use super::nemesis::{External, Fault, Nemesis, NemesisLog, Schedule};
 use super::proxy::Net;
-use super::workload::{self, WorkloadOptions};
+use super::workload::{self, run_processes, Counter, Register, WorkloadOptions};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -165,9 +165,18 @@ pub async fn run(opts: &RunOptions) -> Result<RunResult> {
         let workload = opts.workload;
         tokio::spawn(async move {
             match workload {
-                Workload::Register => workload::register(h, endpoints, wopts, until).await,
-                Workload::Counter => workload::counter(h, endpoints, wopts, until).await,
-                Workload::Cdc => cdc_workload::run(h, endpoints, url, wopts, until).await,
+                Workload::Register => {
+                    let steps = Register::new(h, wopts.keys, wopts.follower_reads);
+                    run_processes(Arc::new(steps), endpoints, wopts, until).await
+                }
+                Workload::Counter => {
+                    let steps = Counter::new(h, wopts.keys);
+                    run_processes(Arc::new(steps), endpoints, wopts, until).await
+                }
+                Workload::Cdc => {
+                    let steps = Cdc::new(h, url, wopts.keys);
+                    run_processes(Arc::new(steps), endpoints, wopts, until).await
+                }
             }
         })
     };
@@ -184,15 +193,9 @@ pub async fn run(opts: &RunOptions) -> Result<RunResult> {
     log.event("final", "-", "final reads");
     let final_process = (opts.concurrency as u64 + 1) * 1_000_000;
     match opts.workload {
-        Workload::Register => {
-            let client = workload::process_client(&endpoints).await?;
-            let keys = workload::register_keys(opts.keys);
-            workload::final_reads(&h, &client, final_process, &keys, false).await;
-        }
-        Workload::Counter => {
-            let client = workload::process_client(&endpoints).await?;
-            let keys = workload::counter_keys(opts.keys);
-            workload::final_reads(&h, &client, final_process, &keys, true).await;
+        Workload::Register | Workload::Counter => {
+            let counter = opts.workload == Workload::Counter;
+            workload::final_reads(&h, &endpoints, final_process, opts.keys, counter).await?;
         }
         Workload::Cdc => {
             cdc_workload::final_phase(&h, &endpoints, &pg_url, opts.keys, final_process).await?;
