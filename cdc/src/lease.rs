@@ -10,7 +10,7 @@
 //! partitioned) cannot write behind its successor's back.
 
 use bytes::Bytes;
-use raftcache_client::{Client, Condition, SetOptions};
+use raftcache_client::{Client, ClientError, Condition, SetOptions};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -52,10 +52,17 @@ impl Lease {
             ..SetOptions::default()
         };
         let taken_at = Instant::now();
-        let outcome = client
+        let version = match client
             .set_with(&key, Bytes::from(holder.to_owned()), options)
-            .await?;
-        if !outcome.applied {
+            .await
+        {
+            Ok(outcome) if outcome.applied => Some(outcome.version),
+            Ok(_) => None,
+            // An attempt's answer was lost: whether it applied is read back below.
+            Err(ClientError::Indeterminate(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let Some(version) = version else {
             // Our own earlier attempt may have applied with its answer lost.
             match client.get(&key).await? {
                 Some(v) if v.value.as_ref() == holder.as_bytes() => {
@@ -65,14 +72,9 @@ impl Lease {
                 }
                 _ => return Ok(None),
             }
-        }
+        };
         Ok(Some(Lease::start(
-            client,
-            key,
-            holder,
-            ttl,
-            outcome.version,
-            taken_at,
+            client, key, holder, ttl, version, taken_at,
         )))
     }
 
@@ -146,12 +148,26 @@ async fn renew_loop(
             condition: Condition::IfVersion(version.load(Ordering::SeqCst)),
             ..SetOptions::default()
         };
-        match client
+        let renewed = match client
             .set_with(&key, Bytes::from(holder.clone()), options)
             .await
         {
-            Ok(o) if o.applied => {
-                version.store(o.version, Ordering::SeqCst);
+            // The renewal may have applied with its answer lost: a version newer than
+            // ours that holds our name can only be our own write.
+            Err(ClientError::Indeterminate(why)) => match client.get(&key).await {
+                Ok(Some(v))
+                    if v.value.as_ref() == holder.as_bytes()
+                        && v.version > version.load(Ordering::SeqCst) =>
+                {
+                    Ok((true, v.version))
+                }
+                _ => Err(ClientError::Indeterminate(why)),
+            },
+            other => other.map(|o| (o.applied, o.version)),
+        };
+        match renewed {
+            Ok((true, renewed_version)) => {
+                version.store(renewed_version, Ordering::SeqCst);
                 valid_from = attempt_at;
             }
             Ok(_) => {

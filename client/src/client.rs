@@ -389,11 +389,13 @@ impl Client {
         // and answers "not applied", so that answer is not trusted after such an
         // attempt: the caller gets the ambiguity instead (found building raftcache-jepsen's
         // register workload: a CAS reported as failed whose value was later read).
-        let maybe_applied = &AtomicBool::new(false);
+        let maybe_applied = AtomicBool::new(false);
         let r = self
-            .keyed(
+            .keyed_to(
                 key,
                 Retry::Transient,
+                false,
+                Some(&maybe_applied),
                 |key, route| v1::SetRequest {
                     key,
                     value: value.clone(),
@@ -404,23 +406,7 @@ impl Client {
                     keep_ttl: options.keep_ttl,
                     source_lsn: options.source_lsn.map_or(0, |l| l.0),
                 },
-                |mut c, r| async move {
-                    // Set on drop unless the call gets a definite answer (a timeout
-                    // drops this future mid-call).
-                    let pending = MaybeApplied(Some(maybe_applied));
-                    let answer = c.set(r).await;
-                    let definite = match &answer {
-                        Ok(_) => true,
-                        Err(status) => {
-                            let e = ClientError::from_status(status);
-                            !e.is_transient() || e.is_unapplied()
-                        }
-                    };
-                    if definite {
-                        pending.disarm();
-                    }
-                    answer
-                },
+                |mut c, r| async move { c.set(r).await },
             )
             .await?;
         let conditional = condition != v1::SetCondition::None || options.source_lsn.is_some();
@@ -862,15 +848,18 @@ impl Client {
     where
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
-        self.keyed_to(key, retry, false, build, rpc).await
+        self.keyed_to(key, retry, false, None, build, rpc).await
     }
 
-    /// [`Client::keyed`], optionally sending the first attempt to a replica.
+    /// [`Client::keyed`], optionally sending the first attempt to a replica, and
+    /// optionally setting `maybe_applied` when an attempt fails in a way that leaves
+    /// its effect unknown (a timeout, a broken connection, an unavailable node).
     async fn keyed_to<Req, Resp, Fut>(
         &self,
         key: &[u8],
         retry: Retry,
         to_replica: bool,
+        maybe_applied: Option<&AtomicBool>,
         build: impl Fn(Bytes, v1::Route) -> Req,
         rpc: impl Fn(CacheClient<Channel>, Request<Req>) -> Fut,
     ) -> Result<Resp>
@@ -890,9 +879,15 @@ impl Client {
             };
             let partition = target.route.partition;
             let request = build(key.clone(), target.route);
-            call(&self.inner.config, target.channel, request, limit, rpc)
+            let result = call(&self.inner.config, target.channel, request, limit, rpc)
                 .await
-                .map_err(|e| with_partition(e, partition))
+                .map_err(|e| with_partition(e, partition));
+            if let (Err(e), Some(flag)) = (&result, maybe_applied) {
+                if e.is_transient() && !e.is_unapplied() {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            }
+            result
         };
         self.routed(retry, attempt).await
     }
@@ -1051,6 +1046,7 @@ impl Client {
             key,
             Retry::Transient,
             to_replica,
+            None,
             |key, route| v1::GetRequest {
                 key,
                 route: Some(route),
@@ -1322,24 +1318,6 @@ fn ttl_ms(ttl: Option<Duration>) -> u64 {
         Some(ttl) => u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
             .unwrap_or(u64::MAX)
             .max(1),
-    }
-}
-
-/// Marks a conditional write as possibly applied when dropped armed (its attempt ended
-/// without a definite answer).
-struct MaybeApplied<'a>(Option<&'a AtomicBool>);
-
-impl MaybeApplied<'_> {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for MaybeApplied<'_> {
-    fn drop(&mut self) {
-        if let Some(flag) = self.0 {
-            flag.store(true, Ordering::Relaxed);
-        }
     }
 }
 
