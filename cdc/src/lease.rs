@@ -10,7 +10,7 @@
 //! partitioned) cannot write behind its successor's back.
 
 use bytes::Bytes;
-use raftcache_client::{Client, ClientError, Condition, SetOptions};
+use raftcache_client::{Client, Condition, SetOptions};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -58,8 +58,6 @@ impl Lease {
         {
             Ok(outcome) if outcome.applied => Some(outcome.version),
             Ok(_) => None,
-            // An attempt's answer was lost: whether it applied is read back below.
-            Err(ClientError::Indeterminate(_)) => None,
             Err(e) => return Err(e),
         };
         let Some(version) = version else {
@@ -148,23 +146,12 @@ async fn renew_loop(
             condition: Condition::IfVersion(version.load(Ordering::SeqCst)),
             ..SetOptions::default()
         };
-        let renewed = match client
+        // Retries of one renewal carry one request id: applied at most once, and a
+        // retry answers the first outcome.
+        let renewed = client
             .set_with(&key, Bytes::from(holder.clone()), options)
             .await
-        {
-            // The renewal may have applied with its answer lost: a version newer than
-            // ours that holds our name can only be our own write.
-            Err(ClientError::Indeterminate(why)) => match client.get(&key).await {
-                Ok(Some(v))
-                    if v.value.as_ref() == holder.as_bytes()
-                        && v.version > version.load(Ordering::SeqCst) =>
-                {
-                    Ok((true, v.version))
-                }
-                _ => Err(ClientError::Indeterminate(why)),
-            },
-            other => other.map(|o| (o.applied, o.version)),
-        };
+            .map(|o| (o.applied, o.version));
         match renewed {
             Ok((true, renewed_version)) => {
                 version.store(renewed_version, Ordering::SeqCst);

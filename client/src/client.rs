@@ -16,11 +16,13 @@
 //! - Anything else (a key too large, out of memory, ...) fails at once.
 //!
 //! Reads, [`Client::set_with`], [`Client::delete`] and [`Client::expire`] retry on
-//! all of these (a conditional set that was applied before its answer was lost
-//! reports `applied: false` on the retry). [`Client::incr`] is not idempotent: it
-//! retries only when the request surely had no effect (`NOT_LEADER`, `WRONG_EPOCH`,
-//! no connection), never after a broken connection or a timeout. The final error is
-//! the last attempt's.
+//! all of these. Every write call carries one request id (random client id, growing
+//! sequence) on all its attempts, and a partition applies an id at most once,
+//! answering a retry with the first outcome (it remembers ids for 60 s, at most 32,768
+//! per partition): a write whose answer was lost is neither applied twice nor
+//! reported as "not applied". [`Client::incr`] still retries only when the request
+//! surely had no effect (`NOT_LEADER`, `WRONG_EPOCH`, no connection), never after a
+//! broken connection or a timeout. The final error is the last attempt's.
 
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
@@ -37,7 +39,7 @@ use rand::Rng;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -61,6 +63,10 @@ struct Inner {
     topology: RwLock<Arc<Topology>>,
     /// Rotates FOLLOWER reads over the replicas of a partition.
     follower_reads: AtomicUsize,
+    /// Random, non-zero: this client's half of every write's request id.
+    client_id: u64,
+    /// The sequence half of the next write's request id.
+    next_seq: AtomicU64,
 }
 
 /// A value read from the cache.
@@ -265,6 +271,8 @@ impl Client {
                             config,
                             pool,
                             follower_reads: AtomicUsize::new(0),
+                            client_id: rand::random::<u64>().max(1),
+                            next_seq: AtomicU64::new(1),
                         }),
                     });
                 }
@@ -362,9 +370,9 @@ impl Client {
 
     /// Writes `key` with a TTL and a condition.
     ///
-    /// Retried on every transient failure (see the [module](self) docs): a write
-    /// whose answer was lost may be applied again, and a conditional one then
-    /// reports `applied: false`.
+    /// Retried on every transient failure, exactly once (see the [module](self) docs):
+    /// a retry of a write that was applied before its answer was lost gets the first
+    /// outcome.
     ///
     /// # Errors
     /// Any [`ClientError`]: sizes over the node's limits, a TTL out of range, out of
@@ -384,18 +392,14 @@ impl Client {
             Condition::IfPresent => (v1::SetCondition::IfPresent, 0),
             Condition::IfVersion(v) => (v1::SetCondition::IfVersion, v),
         };
-        // An attempt whose answer was lost (timeout, broken connection, unavailable)
-        // may have applied. A retry of a conditional write then finds its own write
-        // and answers "not applied", so that answer is not trusted after such an
-        // attempt: the caller gets the ambiguity instead (found building raftcache-jepsen's
-        // register workload: a CAS reported as failed whose value was later read).
-        let maybe_applied = AtomicBool::new(false);
+        // One id for every attempt of this call: the partition applies it once and
+        // answers a retry with the first outcome, so a retried write whose first answer
+        // was lost is neither applied twice nor reported as "not applied".
+        let request = self.request_id();
         let r = self
-            .keyed_to(
+            .keyed(
                 key,
                 Retry::Transient,
-                false,
-                Some(&maybe_applied),
                 |key, route| v1::SetRequest {
                     key,
                     value: value.clone(),
@@ -405,19 +409,11 @@ impl Client {
                     expected_version,
                     keep_ttl: options.keep_ttl,
                     source_lsn: options.source_lsn.map_or(0, |l| l.0),
+                    request: Some(request),
                 },
                 |mut c, r| async move { c.set(r).await },
             )
             .await?;
-        let conditional = condition != v1::SetCondition::None || options.source_lsn.is_some();
-        if conditional && !r.applied && maybe_applied.load(Ordering::Relaxed) {
-            return Err(ClientError::Indeterminate(
-                "a conditional write was retried after an attempt whose outcome is unknown, \
-                 and the retry found the condition false (possibly because the first attempt \
-                 applied)"
-                    .into(),
-            ));
-        }
         Ok(SetOutcome {
             applied: r.applied,
             version: r.version,
@@ -504,6 +500,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        let request = self.request_id();
         let r = self
             .keyed(
                 key.as_ref(),
@@ -511,6 +508,7 @@ impl Client {
                 |key, route| v1::DeleteRequest {
                     key,
                     route: Some(route),
+                    request: Some(request),
                 },
                 |mut c, r| async move { c.delete(r).await },
             )
@@ -531,6 +529,7 @@ impl Client {
     /// [`ClientError::IncrOverflow`] when the sum leaves the `i64` range, or any other
     /// [`ClientError`].
     pub async fn incr(&self, key: impl AsRef<[u8]>, delta: i64) -> Result<i64> {
+        let request = self.request_id();
         let r = self
             .keyed(
                 key.as_ref(),
@@ -539,6 +538,7 @@ impl Client {
                     key,
                     route: Some(route),
                     delta,
+                    request: Some(request),
                 },
                 |mut c, r| async move { c.incr(r).await },
             )
@@ -554,6 +554,7 @@ impl Client {
     /// [`ClientError::TtlOutOfRange`] for a TTL the node cannot represent, or any
     /// other [`ClientError`].
     pub async fn expire(&self, key: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<bool> {
+        let request = self.request_id();
         let r = self
             .keyed(
                 key.as_ref(),
@@ -562,6 +563,7 @@ impl Client {
                     key,
                     route: Some(route),
                     ttl_ms: ttl_ms(ttl),
+                    request: Some(request),
                 },
                 |mut c, r| async move { c.expire(r).await },
             )
@@ -848,18 +850,15 @@ impl Client {
     where
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
-        self.keyed_to(key, retry, false, None, build, rpc).await
+        self.keyed_to(key, retry, false, build, rpc).await
     }
 
-    /// [`Client::keyed`], optionally sending the first attempt to a replica, and
-    /// optionally setting `maybe_applied` when an attempt fails in a way that leaves
-    /// its effect unknown (a timeout, a broken connection, an unavailable node).
+    /// [`Client::keyed`], optionally sending the first attempt to a replica.
     async fn keyed_to<Req, Resp, Fut>(
         &self,
         key: &[u8],
         retry: Retry,
         to_replica: bool,
-        maybe_applied: Option<&AtomicBool>,
         build: impl Fn(Bytes, v1::Route) -> Req,
         rpc: impl Fn(CacheClient<Channel>, Request<Req>) -> Fut,
     ) -> Result<Resp>
@@ -879,17 +878,19 @@ impl Client {
             };
             let partition = target.route.partition;
             let request = build(key.clone(), target.route);
-            let result = call(&self.inner.config, target.channel, request, limit, rpc)
+            call(&self.inner.config, target.channel, request, limit, rpc)
                 .await
-                .map_err(|e| with_partition(e, partition));
-            if let (Err(e), Some(flag)) = (&result, maybe_applied) {
-                if e.is_transient() && !e.is_unapplied() {
-                    flag.store(true, Ordering::Relaxed);
-                }
-            }
-            result
+                .map_err(|e| with_partition(e, partition))
         };
         self.routed(retry, attempt).await
+    }
+
+    /// A fresh request id for one write call (the same on all its attempts).
+    fn request_id(&self) -> v1::RequestId {
+        v1::RequestId {
+            client: self.inner.client_id,
+            seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     /// Runs `attempt` (given its number, from 0, and its time limit) until it
@@ -1046,7 +1047,6 @@ impl Client {
             key,
             Retry::Transient,
             to_replica,
-            None,
             |key, route| v1::GetRequest {
                 key,
                 route: Some(route),
@@ -1135,8 +1135,8 @@ impl Client {
 /// Which failures a call retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
-    /// Every transient failure ([`ClientError::is_transient`]): reads and the
-    /// writes that may be applied twice.
+    /// Every transient failure ([`ClientError::is_transient`]): reads, and writes
+    /// (applied once per request id by the node).
     Transient,
     /// Only failures that surely had no effect ([`ClientError::is_unapplied`]).
     Unapplied,

@@ -101,9 +101,6 @@ pub enum ClientError {
     /// No answer came within the request timeout.
     #[error("request timed out after {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    /// A write's outcome is unknown: it may or may not have been applied.
-    #[error("outcome unknown: {0}")]
-    Indeterminate(String),
     /// Connecting to an endpoint (and fetching its cluster map) failed.
     #[error("cannot connect to {endpoint}: {message}")]
     Connect {

@@ -56,6 +56,8 @@ struct Fake {
     /// The epoch of the map the fake serves (normally `epoch`).
     map_epoch: AtomicU64,
     data: Mutex<HashMap<Bytes, Entry>>,
+    /// First answers to sets by request id (what a real partition remembers).
+    answered: Mutex<HashMap<(u64, u64), SetResponse>>,
     next_version: AtomicU64,
     calls: Counters,
 }
@@ -211,6 +213,10 @@ impl Cache for Service {
         let r = r.into_inner();
         self.check_leader(&r.key, r.route)?;
         self.maybe_fail()?;
+        let id = r.request.map(|id| (id.client, id.seq));
+        if let Some(first) = id.and_then(|id| self.answered.lock().unwrap().get(&id).copied()) {
+            return Ok(Response::new(first));
+        }
         let current = self.read(&r.key, true);
         let applies = match r.condition() {
             SetCondition::None => true,
@@ -222,11 +228,15 @@ impl Cache for Service {
             }
         };
         if !applies {
-            return Ok(Response::new(SetResponse {
+            let answer = SetResponse {
                 applied: false,
                 version: current.version,
                 ..Default::default()
-            }));
+            };
+            if let Some(id) = id {
+                self.answered.lock().unwrap().insert(id, answer);
+            }
+            return Ok(Response::new(answer));
         }
         let version = self.next_version.fetch_add(1, Ordering::SeqCst) + 1;
         let deadline = (r.ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(r.ttl_ms));
@@ -235,15 +245,19 @@ impl Cache for Service {
             .lock()
             .unwrap()
             .insert(r.key, (r.value, version, deadline));
+        let answer = SetResponse {
+            applied: true,
+            version,
+            ..Default::default()
+        };
+        if let Some(id) = id {
+            self.answered.lock().unwrap().insert(id, answer);
+        }
         if slow {
             // Applied, but the answer is lost in a slow network.
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
-        Ok(Response::new(SetResponse {
-            applied: true,
-            version,
-            ..Default::default()
-        }))
+        Ok(Response::new(answer))
     }
 
     async fn delete(&self, r: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
@@ -339,6 +353,7 @@ async fn start_fake_with_id(id: u64) -> Arc<Fake> {
         epoch: AtomicU64::new(1),
         map_epoch: AtomicU64::new(1),
         data: Mutex::default(),
+        answered: Mutex::default(),
         next_version: AtomicU64::new(0),
         calls: Counters::default(),
     });
@@ -674,12 +689,12 @@ async fn a_slow_node_times_out() {
     assert!(fake.calls.gets.load(Ordering::SeqCst) - gets_before >= 2);
 }
 
-/// Regression (found while building raftcache-jepsen's cas workload): a conditional write
-/// whose first attempt applied but timed out was retried, the retry found the
-/// condition false, and the client reported "not applied" — a CAS recorded as failed
-/// whose value was then read. The client must report the ambiguity instead.
+/// Regression (raftcache-jepsen's register workload found writes applied twice, and
+/// a retried conditional write reported "not applied" although its first attempt had
+/// applied): every attempt of one call carries the same request id, so a node that
+/// remembers ids answers the retry with the first outcome.
 #[tokio::test]
-async fn a_conditional_write_retried_after_a_lost_answer_is_indeterminate() {
+async fn a_retried_write_keeps_its_request_id_and_gets_the_first_outcome() {
     let fake = start_fake().await;
     let mut config = ClientConfig::new([fake.addr.as_str()]);
     config.request_timeout = Duration::from_millis(200);
@@ -689,21 +704,20 @@ async fn a_conditional_write_retried_after_a_lost_answer_is_indeterminate() {
         condition: Condition::IfAbsent,
         ..SetOptions::default()
     };
-    let err = client
-        .set_with(SLOW_KEY, "mine", options)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, ClientError::Indeterminate(_)), "{err:?}");
-    assert_eq!(client.get(b"k-unused").await.unwrap(), None);
-    // The write did apply.
+    let sets_before = fake.calls.sets.load(Ordering::SeqCst);
+    // The first attempt applies, then its answer is lost (the fake sleeps past the
+    // attempt's 200 ms); the retry finds the key present but gets the first outcome.
+    let outcome = client.set_with(SLOW_KEY, "mine", options).await.unwrap();
+    assert!(outcome.applied, "{outcome:?}");
+    assert!(
+        fake.calls.sets.load(Ordering::SeqCst) - sets_before >= 2,
+        "it was retried"
+    );
     let stored = fake.read(&Bytes::from_static(SLOW_KEY), false);
     assert_eq!(stored.value, Bytes::from_static(b"mine"));
+    assert_eq!(stored.version, outcome.version);
 
-    // A condition that is false on the first, definite answer is still "not applied".
-    let options = SetOptions {
-        condition: Condition::IfAbsent,
-        ..SetOptions::default()
-    };
+    // Separate calls get separate ids: a false condition is still "not applied".
     let outcome = client.set_with("k", "a", options).await.unwrap();
     assert!(outcome.applied);
     let outcome = client.set_with("k", "b", options).await.unwrap();

@@ -227,6 +227,23 @@ fn check_fails_planted_anomalies_and_passes_a_valid_history() {
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.starts_with("valid: true"), "{stdout}");
 
+    // The real anomaly raftcache-jepsen found (5-minute register run, `all`, 5 nodes,
+    // seed 1795372387902690602): a write applied twice, its first attempt committed by a
+    // new leader after the client had retried. The excerpt stays invalid; the fix
+    // (request ids applied once) is tested in the node and client crates.
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/jepsen-double-apply.jsonl"
+    );
+    let out = output_within(
+        Command::new(jepsen()).arg("check").arg(fixture),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.starts_with("valid: false"), "{stdout}");
+
     // Garbage is a clear error (exit 2), not a verdict.
     let (code, _, stderr) = check(dir.path(), "garbage.jsonl", &["{not json"]);
     assert_eq!(code, 2);

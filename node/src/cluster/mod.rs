@@ -45,7 +45,7 @@ use crate::raft::{
 };
 use crate::storage::{
     Clock, Command, Condition, Engine, EvictionPolicy, Op, Outcome, PartitionId, ReadView,
-    StorageConfig, WriteRequest,
+    RequestId, StorageConfig, WriteRequest,
 };
 use meta::{ClusterMeta, META_KEY};
 
@@ -968,6 +968,21 @@ impl ClusterNode {
     ///
     /// `NotLeader`, `Unavailable`, and the storage errors of the write.
     pub async fn write(&self, p: PartitionId, req: WriteRequest) -> Result<Outcome> {
+        self.write_once(p, req, None).await
+    }
+
+    /// [`write`](Self::write) of a client request identified by `request`: applied at
+    /// most once per id, a retry answers the first outcome.
+    ///
+    /// # Errors
+    ///
+    /// As [`write`](Self::write).
+    pub async fn write_once(
+        &self,
+        p: PartitionId,
+        req: WriteRequest,
+        request: Option<RequestId>,
+    ) -> Result<Outcome> {
         let group = self.data_group(p)?;
         if !group.is_leader() {
             return Err(self.not_leader(p, group.leader()));
@@ -980,6 +995,7 @@ impl ClusterNode {
             op,
             origin: self.node_id(),
             ticket,
+            request,
         };
         let result = group.write(proposal).await;
         // The apply took the reservation if it happened here; give back what is left.

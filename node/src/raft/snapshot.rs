@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! magic            8 bytes  b"RCSNAP\0\0"
-//! format version   u16      2 (version 1 is still read)
+//! format version   u16      3 (versions 1 and 2 are still read)
 //! partition id     u32
 //! last log id      opt-log-id            (Raft position covered by the snapshot)
 //! membership       opt-log-id, configs: u32 n × (u32 m × u64 voter id),
@@ -14,13 +14,16 @@
 //! cdc (v2)         u64 watermark, u64 fence, u64 tombstone floor,
 //!                  u64 n, n × (u32 len, key, u64 lsn, u64 until ms)   (keys ascending)
 //!                  u64 n, n × (u32 len, prefix, u64 lsn)              (prefixes ascending)
+//! requests (v3)    u64 n, n × (u64 client, u64 seq, u64 forget-at ms,
+//!                          u32 len, outcome as postcard)             (application order)
 //! checksum         u64                   xxh3-64 of every byte before it
 //!
 //! opt-log-id = u8 0 | u8 1, u64 term, u64 leader node id, u64 index
 //! ```
 //!
 //! Version 1 has no source LSN per entry and no CDC section; it decodes as source LSN 0
-//! and an empty [`CdcSnapshot`].
+//! and an empty [`CdcSnapshot`]. Versions 1 and 2 have no request section (exactly-once
+//! writes); they decode with no remembered requests.
 //!
 //! All integers are little-endian. The decoder checks magic, version and checksum before it
 //! parses, then reads every field with bounds checks and validates the result (no duplicate
@@ -36,12 +39,14 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::types::{
     CommittedLeaderId, LogId, Membership, ReplicaNode, SnapshotMeta, StoredMembership,
 };
-use crate::storage::{CdcSnapshot, PartitionId, PartitionSnapshot, SnapshotEntry};
+use crate::storage::{
+    CdcSnapshot, Outcome, PartitionId, PartitionSnapshot, RequestId, SnapshotEntry,
+};
 
 /// First bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"RCSNAP\0\0";
 /// The format version [`encode`] writes.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 /// The oldest format version [`decode`] reads.
 pub const OLDEST_FORMAT_VERSION: u16 = 1;
 
@@ -56,6 +61,8 @@ const MIN_ENTRY_LEN_V2: usize = MIN_ENTRY_LEN_V1 + 8;
 const MIN_TOMBSTONE_LEN: usize = 4 + 8 + 8;
 /// The smallest encoding of one prefix tombstone: an empty prefix, LSN.
 const MIN_PREFIX_LEN: usize = 4 + 8;
+/// The smallest encoding of one remembered request: ids, forget-at, an empty outcome.
+const MIN_REQUEST_LEN: usize = 8 + 8 + 8 + 4;
 
 /// A decoded snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +209,17 @@ fn encode_as(
             buf.put_u64_le(*lsn);
         }
     }
+    if version >= 3 {
+        buf.put_u64_le(state.requests.len() as u64);
+        for (id, until, outcome) in &state.requests {
+            buf.put_u64_le(id.client);
+            buf.put_u64_le(id.seq);
+            buf.put_u64_le(*until);
+            // An outcome is a few integers: encoding it into a Vec cannot fail.
+            let bytes = postcard::to_allocvec(outcome).unwrap_or_default();
+            put_bytes(&mut buf, &bytes);
+        }
+    }
     let checksum = xxh3_64(&buf);
     buf.put_u64_le(checksum);
     buf.freeze()
@@ -330,6 +348,11 @@ fn decode_body(r: &mut Reader<'_>, version: u16) -> Result<DecodedSnapshot, Snap
     } else {
         CdcSnapshot::default()
     };
+    let requests = if version >= 3 {
+        decode_requests(r)?
+    } else {
+        Vec::new()
+    };
     Ok(DecodedSnapshot {
         partition,
         meta: SnapshotMeta {
@@ -340,6 +363,7 @@ fn decode_body(r: &mut Reader<'_>, version: u16) -> Result<DecodedSnapshot, Snap
             applied_index,
             entries,
             cdc,
+            requests,
         },
     })
 }
@@ -394,6 +418,31 @@ fn decode_cdc(r: &mut Reader<'_>) -> Result<CdcSnapshot, SnapshotError> {
         tombstones,
         prefixes,
     })
+}
+
+/// The request section of a version-3 snapshot.
+fn decode_requests(r: &mut Reader<'_>) -> Result<Vec<(RequestId, u64, Outcome)>, SnapshotError> {
+    let count = r.u64("request count")?;
+    let possible = r.buf.len() / MIN_REQUEST_LEN;
+    if count > possible as u64 {
+        return Err(SnapshotError::Truncated { field: "requests" });
+    }
+    let mut requests = Vec::with_capacity(count as usize);
+    let mut seen = HashSet::with_capacity(requests.capacity());
+    for _ in 0..count {
+        let id = RequestId {
+            client: r.u64("request client")?,
+            seq: r.u64("request seq")?,
+        };
+        let until = r.u64("request forget-at")?;
+        let outcome: Outcome = postcard::from_bytes(r.bytes("request outcome")?)
+            .map_err(|_| invalid("request outcome does not decode"))?;
+        if !seen.insert(id) {
+            return Err(invalid("duplicate request id"));
+        }
+        requests.push((id, until, outcome));
+    }
+    Ok(requests)
 }
 
 fn invalid(what: &'static str) -> SnapshotError {

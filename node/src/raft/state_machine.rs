@@ -192,7 +192,13 @@ impl PartitionStateMachine {
                 let reserved = self.tickets.take(proposal.origin, proposal.ticket);
                 let outcome = self
                     .engine
-                    .apply_at(self.partition, log_id.index, &proposal.op, reserved)
+                    .apply_at(
+                        self.partition,
+                        log_id.index,
+                        &proposal.op,
+                        reserved,
+                        proposal.request,
+                    )
                     .map_err(|e| invalid_data(e.to_string()))?;
                 Some(outcome)
             }

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::storage::{
     CdcChange, CdcSnapshot, Command, Condition, Op, Outcome, PartitionId, PartitionSnapshot,
-    PartitionState,
+    PartitionState, RequestId, REQUEST_TTL_MS,
 };
 
 const P: PartitionId = PartitionId(3);
@@ -384,7 +384,7 @@ fn damaged_snapshots_are_errors() {
     wrong_magic[0] ^= 0xff;
     assert_eq!(snapshot::decode(&wrong_magic), Err(SnapshotError::BadMagic));
 
-    for version in [0, 3, 0x0102] {
+    for version in [0, snapshot::FORMAT_VERSION + 1, 0x0102] {
         let mut wrong_version = bytes.clone();
         wrong_version[8..10].copy_from_slice(&u16::to_le_bytes(version));
         assert_eq!(
@@ -430,7 +430,9 @@ fn damaged_snapshots_are_errors() {
                     + 8
             })
             .sum();
-        body - cdc_len - entries_len - 8
+        // After the CDC section: the request section, just its count when empty.
+        assert!(decoded.state.requests.is_empty());
+        body - 8 - cdc_len - entries_len - 8
     };
     let mut huge = bytes.clone();
     huge[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -447,8 +449,17 @@ fn damaged_snapshots_are_errors() {
         Err(SnapshotError::TrailingBytes { len: 3 })
     );
 
+    // The request section (format 3) is last: here just its count, 0.
+    let cdc_end = body - 8;
+    let mut huge = bytes.clone();
+    huge[cdc_end..body].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_eq!(
+        snapshot::decode(&reseal(huge)),
+        Err(SnapshotError::Truncated { field: "requests" })
+    );
+
     // The CDC section: counts larger than the bytes can hold, keys out of order.
-    let cdc_at = body - cdc_len;
+    let cdc_at = cdc_end - cdc_len;
     let tombstones_at = cdc_at + 24;
     let mut huge = bytes.clone();
     huge[tombstones_at..tombstones_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -458,7 +469,7 @@ fn damaged_snapshots_are_errors() {
             field: "tombstones"
         })
     );
-    let prefixes_at = body
+    let prefixes_at = cdc_end
         - 8
         - decoded
             .state
@@ -563,6 +574,68 @@ fn version_2_carries_source_lsns_and_cdc_state() {
     );
 }
 
+/// Exactly-once writes: a second entry with the same request id (a client's retry,
+/// committed after the first attempt also committed) answers the first outcome and
+/// changes nothing, also on a replica restored from a snapshot; the id is forgotten
+/// after `REQUEST_TTL_MS` of op time.
+#[test]
+fn a_request_id_applies_once_and_survives_snapshots() {
+    let set = |value: &'static [u8], now_ms: u64| Op {
+        now_ms,
+        cmd: Command::Set {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(value),
+            expire_at_ms: None,
+            keep_ttl: false,
+            condition: Condition::Always,
+            source_lsn: 0,
+        },
+    };
+    let id = Some(RequestId { client: 9, seq: 1 });
+    let mut state = PartitionState::new(P);
+    let first = state.apply_once(1, &set(b"a", 1_000), id, false);
+    assert_eq!(
+        first,
+        Outcome::Set {
+            applied: true,
+            version: 1,
+            newer_lsn: 0
+        }
+    );
+    state.apply_once(2, &set(b"other", 1_001), None, false);
+    // The retry of the first write (a later log entry) is not applied again.
+    assert_eq!(state.apply_once(3, &set(b"a", 1_002), id, false), first);
+    assert_eq!(
+        state.get(b"k", 1_002).map(|e| e.value),
+        Some(Bytes::from_static(b"other"))
+    );
+    assert_eq!(state.applied_index(), 3);
+
+    // The remembered ids travel in snapshots (format 3).
+    let meta = snapshot::decode(&encoded()).unwrap().meta;
+    let bytes = snapshot::encode(P, &meta, &state.snapshot());
+    let decoded = snapshot::decode(&bytes).unwrap();
+    assert_eq!(decoded.state.requests.len(), 1);
+    let mut restored = PartitionState::restore(P, decoded.state);
+    assert_eq!(restored.apply_once(4, &set(b"a", 1_003), id, false), first);
+    assert_eq!(
+        restored.get(b"k", 1_003).map(|e| e.value),
+        Some(Bytes::from_static(b"other"))
+    );
+
+    // Forgotten after the TTL: the same id applies as a new write.
+    let later = 1_000 + REQUEST_TTL_MS;
+    assert_eq!(
+        restored.apply_once(5, &set(b"a", later), id, false),
+        Outcome::Set {
+            applied: true,
+            version: 5,
+            newer_lsn: 0
+        }
+    );
+    assert_eq!(restored.remembered_requests(), 1);
+}
+
 #[test]
 fn version_1_snapshots_still_decode() {
     let decoded = snapshot::decode(&encoded()).unwrap();
@@ -580,6 +653,7 @@ fn version_1_snapshots_still_decode() {
             })
             .collect(),
         cdc: CdcSnapshot::default(),
+        requests: Vec::new(),
     };
     let v1 = snapshot::encode_v1(P, &decoded.meta, &decoded.state);
     assert_eq!(u16::from_le_bytes([v1[8], v1[9]]), 1);

@@ -9,7 +9,7 @@ use std::fmt;
 use bytes::Bytes;
 use openraft::type_config::alias;
 
-use crate::storage::{Command, Op, Outcome};
+use crate::storage::{Command, Op, Outcome, RequestId};
 
 /// A log entry's application data: the prepared [`Op`] plus who proposed it.
 ///
@@ -24,6 +24,9 @@ pub struct Proposal {
     pub origin: u64,
     /// The proposer's reservation ticket (0: nothing reserved).
     pub ticket: u64,
+    /// The client request this op carries out: applied at most once per id (see
+    /// `storage::RequestLog`).
+    pub request: Option<RequestId>,
 }
 
 impl From<Op> for Proposal {
@@ -32,6 +35,7 @@ impl From<Op> for Proposal {
             op,
             origin: 0,
             ticket: 0,
+            request: None,
         }
     }
 }

@@ -15,7 +15,8 @@ use crate::error::{NodeError, Result};
 use crate::metrics;
 use crate::service::status::{error_code, to_status};
 use crate::storage::{
-    CdcError, CdcWrite, Condition, Outcome, PartitionId, ReadView, StorageError, WriteRequest,
+    CdcError, CdcWrite, Condition, Outcome, PartitionId, ReadView, RequestId, StorageError,
+    WriteRequest,
 };
 use bytes::Bytes;
 use raftcache_proto::tonic::{self, Request, Response, Status};
@@ -160,9 +161,23 @@ impl CacheService {
     }
 
     async fn write(&self, route: Option<&Route>, req: WriteRequest) -> Result<Outcome> {
+        self.write_once(route, req, None).await
+    }
+
+    /// A client write, applied at most once per request id (see `storage::RequestLog`).
+    async fn write_once(
+        &self,
+        route: Option<&Route>,
+        req: WriteRequest,
+        request: Option<&raftcache_proto::v1::RequestId>,
+    ) -> Result<Outcome> {
         let p = self.route(route)?;
+        let request = request.filter(|r| r.client != 0).map(|r| RequestId {
+            client: r.client,
+            seq: r.seq,
+        });
         self.node
-            .write(p, req)
+            .write_once(p, req, request)
             .await
             .map_err(|e| self.epoch_aware(route, e))
     }
@@ -198,7 +213,10 @@ impl CacheService {
             condition,
             source_lsn: r.source_lsn,
         };
-        match self.write(r.route.as_ref(), req).await? {
+        match self
+            .write_once(r.route.as_ref(), req, r.request.as_ref())
+            .await?
+        {
             Outcome::Set {
                 applied,
                 version,
@@ -215,7 +233,10 @@ impl CacheService {
 
     async fn do_delete(&self, r: DeleteRequest) -> Result<DeleteResponse> {
         let req = WriteRequest::Delete { key: exact(&r.key) };
-        match self.write(r.route.as_ref(), req).await? {
+        match self
+            .write_once(r.route.as_ref(), req, r.request.as_ref())
+            .await?
+        {
             Outcome::Deleted(deleted) => Ok(DeleteResponse { deleted }),
             other => Err(unexpected("delete", &other)),
         }
@@ -226,7 +247,10 @@ impl CacheService {
             key: exact(&r.key),
             delta: r.delta,
         };
-        match self.write(r.route.as_ref(), req).await? {
+        match self
+            .write_once(r.route.as_ref(), req, r.request.as_ref())
+            .await?
+        {
             // The node returns INCR failures as errors, so only success is left.
             Outcome::Incr(Ok((value, version))) => Ok(IncrResponse { value, version }),
             other => Err(unexpected("incr", &other)),
@@ -238,7 +262,10 @@ impl CacheService {
             key: exact(&r.key),
             ttl_ms: nonzero(r.ttl_ms),
         };
-        match self.write(r.route.as_ref(), req).await? {
+        match self
+            .write_once(r.route.as_ref(), req, r.request.as_ref())
+            .await?
+        {
             Outcome::Expire(updated) => Ok(ExpireResponse { updated }),
             other => Err(unexpected("expire", &other)),
         }

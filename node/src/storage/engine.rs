@@ -11,7 +11,7 @@ use super::evict::{Candidate, EvictionPool};
 use super::mem::entry_cost;
 use super::{
     CdcChange, Clock, Command, Condition, EvictionPolicy, Op, Outcome, PartitionId, PartitionState,
-    StorageConfig, StorageError,
+    RequestId, StorageConfig, StorageError,
 };
 
 /// The longest TTL accepted: 100 Julian years, in ms.
@@ -585,11 +585,12 @@ impl Engine {
         index: u64,
         op: &Op,
         reserved: u64,
+        request: Option<RequestId>,
     ) -> Result<Outcome, StorageError> {
         let partition = self.partition(p)?;
         let mut state = lock(&partition.state);
         let reserved = (reserved > 0).then_some(reserved);
-        Ok(self.apply_locked_at(partition, &mut state, index, op, reserved, true))
+        Ok(self.apply_locked_at(partition, &mut state, index, op, reserved, Some(request)))
     }
 
     /// Chooses up to about `to_free` bytes of eviction victims among the partitions for
@@ -720,10 +721,12 @@ impl Engine {
         reserved: Option<u64>,
     ) -> Outcome {
         let index = state.applied_index() + 1;
-        self.apply_locked_at(partition, state, index, op, reserved, false)
+        self.apply_locked_at(partition, state, index, op, reserved, None)
     }
 
-    /// [`apply_locked`](Self::apply_locked) at a given index (a Raft log index).
+    /// [`apply_locked`](Self::apply_locked) at a given index (a Raft log index);
+    /// `raft` = `Some(request id)` for a committed Raft entry (shared bytes, applied once
+    /// per request id), `None` for a local apply.
     fn apply_locked_at(
         &self,
         partition: &Partition,
@@ -731,14 +734,13 @@ impl Engine {
         index: u64,
         op: &Op,
         reserved: Option<u64>,
-        shared: bool,
+        raft: Option<Option<RequestId>>,
     ) -> Outcome {
         let memory_before = state.memory_used();
         let expired_before = state.expired_removed();
-        let outcome = if shared {
-            state.apply_shared(index, op)
-        } else {
-            state.apply(index, op)
+        let outcome = match raft {
+            Some(request) => state.apply_once(index, op, request, true),
+            None => state.apply(index, op),
         };
         let memory_after = state.memory_used();
         let expired = state.expired_removed() - expired_before;

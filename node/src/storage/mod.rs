@@ -60,6 +60,7 @@ mod entry;
 mod error;
 mod evict;
 mod mem;
+mod requests;
 mod state_machine;
 mod ttl;
 
@@ -83,6 +84,7 @@ pub use config::{EvictionPolicy, ParsePolicyError, StorageConfig};
 pub use engine::{CdcWrite, Engine, EngineStats, ReadView, WriteRequest, MAX_TTL_MS};
 pub use error::StorageError;
 pub use mem::{ENTRY_OVERHEAD, TTL_OVERHEAD};
+pub use requests::{RequestId, RequestLog, MAX_REQUESTS, REQUEST_TTL_MS};
 pub use state_machine::{EntryView, PartitionSnapshot, PartitionState, SnapshotEntry};
 
 /// Identifies one partition (one Raft group) of the keyspace: `0..partitions`.

@@ -10,6 +10,7 @@ use super::command::parse_i64;
 use super::entry::Entry;
 use super::evict::{Access, Candidate};
 use super::mem::entry_cost;
+use super::requests::{RequestId, RequestLog};
 use super::ttl::TtlIndex;
 use super::{
     CdcApplied, CdcChange, CdcError, Command, Condition, EvictionPolicy, IncrError, Op, Outcome,
@@ -62,6 +63,8 @@ pub struct PartitionState {
     memory_used: u64,
     /// Fence, watermark, tombstones and floor of the Postgres change stream.
     cdc: CdcState,
+    /// Outcomes of recently applied client requests (exactly-once writes).
+    requests: RequestLog,
     /// Entries removed because they were expired (by `Reclaim`, by being overwritten or
     /// touched while expired, or evicted while expired). Derived from replicated state,
     /// but kept for statistics only: not part of snapshots.
@@ -94,6 +97,8 @@ pub struct PartitionSnapshot {
     pub entries: Vec<SnapshotEntry>,
     /// The CDC fence, watermark, floor and tombstones.
     pub cdc: CdcSnapshot,
+    /// Remembered request ids: (id, forget at ms, first outcome), in application order.
+    pub requests: Vec<(RequestId, u64, Outcome)>,
 }
 
 /// One entry of a [`PartitionSnapshot`].
@@ -145,6 +150,7 @@ impl PartitionState {
             applied_index: 0,
             memory_used: 0,
             cdc: CdcState::default(),
+            requests: RequestLog::default(),
             expired_removed: 0,
             share_bytes: false,
         }
@@ -205,6 +211,40 @@ impl PartitionState {
                 self.execute(key, index, now, plan)
             }
         }
+    }
+
+    /// [`apply`](Self::apply) (or [`apply_shared`](Self::apply_shared) when `shared`)
+    /// at most once per client request: when `request` was already applied (and is still
+    /// remembered, see [`RequestLog`]), the op only takes up its index and answers the
+    /// first outcome. `None` (or client id 0) applies as usual.
+    pub fn apply_once(
+        &mut self,
+        index: u64,
+        op: &Op,
+        request: Option<RequestId>,
+        shared: bool,
+    ) -> Outcome {
+        let request = request.filter(|id| id.client != 0);
+        self.requests.forget(op.now_ms);
+        if let Some(first) = request.and_then(|id| self.requests.get(&id)).cloned() {
+            debug_assert!(index > self.applied_index);
+            self.applied_index = index;
+            return first;
+        }
+        let outcome = if shared {
+            self.apply_shared(index, op)
+        } else {
+            self.apply(index, op)
+        };
+        if let Some(id) = request {
+            self.requests.insert(id, outcome.clone(), op.now_ms);
+        }
+        outcome
+    }
+
+    /// Request ids remembered (see [`apply_once`](Self::apply_once)).
+    pub fn remembered_requests(&self) -> usize {
+        self.requests.len()
     }
 
     /// [`apply`](Self::apply) for ops whose keys and values are already exact-size
@@ -375,6 +415,7 @@ impl PartitionState {
                 })
                 .collect(),
             cdc: self.cdc.snapshot(),
+            requests: self.requests.export(),
         }
     }
 
@@ -388,6 +429,7 @@ impl PartitionState {
             state.insert_new(e.key, e.value, e.version, e.expire_at_ms, e.source_lsn, 0);
         }
         state.cdc = CdcState::restore(snap.cdc, exact);
+        state.requests = RequestLog::restore(snap.requests);
         state
     }
 

@@ -252,6 +252,12 @@ fn run_test(opts: &RunOptions) -> ExitCode {
             if result.report.valid != Validity::Valid {
                 eprint!("{}", result.report.details());
             }
+            let faults: Vec<String> = result
+                .faults
+                .iter()
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            eprintln!("raftcache-jepsen: faults injected: {}", faults.join(", "));
             eprintln!(
                 "raftcache-jepsen: history {}, report {}",
                 result.history.display(),

@@ -225,7 +225,7 @@ pub struct Nemesis {
     rng: SmallRng,
     log: Arc<NemesisLog>,
     external: Option<Box<dyn External>>,
-    /// Faults started, by name.
+    /// Faults started (successfully), by name.
     pub counts: std::collections::BTreeMap<&'static str, u32>,
 }
 
@@ -270,13 +270,15 @@ impl Nemesis {
                 continue;
             }
             let undo = match self.start(fault, cluster).await {
-                Ok(undo) => undo,
+                Ok(undo) => {
+                    *self.counts.entry(fault.name()).or_default() += 1;
+                    undo
+                }
                 Err(e) => {
                     self.log.event("error", fault.name(), &format!("{e:#}"));
                     Undo::Nothing
                 }
             };
-            *self.counts.entry(fault.name()).or_default() += 1;
             let hold = self.pick(self.schedule.fault);
             sleep_until_or(hold, until).await;
             if let Err(e) = self.heal(undo, cluster).await {

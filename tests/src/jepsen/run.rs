@@ -202,6 +202,7 @@ pub async fn run(opts: &RunOptions) -> Result<RunResult> {
         }
     }
     h.flush().context("write the history")?;
+    let faults = nemesis.counts.iter().map(|(k, v)| (*k, *v)).collect();
     drop(nemesis);
     drop(cluster);
     let check_opts = CheckOptions {
@@ -217,7 +218,7 @@ pub async fn run(opts: &RunOptions) -> Result<RunResult> {
     )?;
     Ok(RunResult {
         report,
-        faults: Vec::new(),
+        faults,
         history: history_path,
     })
 }
