@@ -18,7 +18,7 @@
 //! Reads, [`Client::set_with`], [`Client::delete`] and [`Client::expire`] retry on
 //! all of these. Every write call carries one request id (random client id, growing
 //! sequence) on all its attempts, and a partition applies an id at most once,
-//! answering a retry with the first outcome (it remembers ids for 60 s, at most 32,768
+//! answering a retry with the first outcome (it remembers ids for 30 s, at most 4,096
 //! per partition): a write whose answer was lost is neither applied twice nor
 //! reported as "not applied". [`Client::incr`] still retries only when the request
 //! surely had no effect (`NOT_LEADER`, `WRONG_EPOCH`, no connection), never after a

@@ -13,17 +13,21 @@
 //! snapshots) and forgets deterministically: an id is kept for [`REQUEST_TTL_MS`] of
 //! the *op's* clock (`Op::now_ms`), and at most [`MAX_REQUESTS`] ids per partition,
 //! oldest first. A client's retries end within its request deadline (5 s by default),
-//! well inside that window unless a partition takes more than `MAX_REQUESTS` writes in
-//! that time.
+//! inside that window unless a partition takes more than `MAX_REQUESTS` writes in that
+//! time.
 
 use std::collections::{HashMap, VecDeque};
 
 use super::command::Outcome;
 
-/// How long (op clock) an applied request id is remembered.
-pub const REQUEST_TTL_MS: u64 = 60_000;
-/// The most request ids remembered per partition.
-pub const MAX_REQUESTS: usize = 32_768;
+/// How long (op clock) an applied request id is remembered: well past the client's
+/// default 5 s request deadline, within which all retries of a call happen.
+pub const REQUEST_TTL_MS: u64 = 30_000;
+/// The most request ids remembered per partition (about 120 bytes each, not counted
+/// against `max-memory`: 16 partitions hold at most ~8 MiB of them). A retry stays
+/// exactly-once unless the partition applied more writes than this in between — over
+/// 800 writes/s to one partition for a whole 5 s deadline.
+pub const MAX_REQUESTS: usize = 4_096;
 
 /// Identifies one client call across its retries.
 #[derive(
