@@ -20,9 +20,8 @@
 //! sequence) on all its attempts, and a partition applies an id at most once,
 //! answering a retry with the first outcome (it remembers ids for 30 s, at most 4,096
 //! per partition): a write whose answer was lost is neither applied twice nor
-//! reported as "not applied". [`Client::incr`] still retries only when the request
-//! surely had no effect (`NOT_LEADER`, `WRONG_EPOCH`, no connection), never after a
-//! broken connection or a timeout. The final error is the last attempt's.
+//! reported as "not applied". [`Client::incr`] retries the same way. The final error
+//! is the last attempt's.
 
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
@@ -519,10 +518,9 @@ impl Client {
     /// Adds `delta` to the integer at `key` (a missing key counts as 0) and returns
     /// the result.
     ///
-    /// Not idempotent, so retried only when the request surely had no effect
-    /// (`NOT_LEADER`, `WRONG_EPOCH`, no connection could be made); a broken
-    /// connection, an unavailable node or a timeout is returned as it is, since the
-    /// increment may have been applied.
+    /// Retried on every transient failure, exactly once: every attempt carries the
+    /// call's request id, so a retry of an increment that was applied before its answer
+    /// was lost gets the first result instead of incrementing again.
     ///
     /// # Errors
     /// [`ClientError::NotAnInteger`] when the value is not a base-10 `i64`,
@@ -533,7 +531,7 @@ impl Client {
         let r = self
             .keyed(
                 key.as_ref(),
-                Retry::Unapplied,
+                Retry::Transient,
                 |key, route| v1::IncrRequest {
                     key,
                     route: Some(route),
@@ -916,7 +914,6 @@ impl Client {
             attempts += 1;
             let retriable = match retry {
                 Retry::Transient => error.is_transient(),
-                Retry::Unapplied => error.is_unapplied(),
             };
             if !retriable || attempts >= config.max_attempts {
                 if retriable {
@@ -1136,10 +1133,9 @@ impl Client {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
     /// Every transient failure ([`ClientError::is_transient`]): reads, and writes
-    /// (applied once per request id by the node).
+    /// (applied once per request id by the node). A write that cannot carry a request
+    /// id would need a policy that retries only what surely had no effect.
     Transient,
-    /// Only failures that surely had no effect ([`ClientError::is_unapplied`]).
-    Unapplied,
 }
 
 /// What a map refresh looks for.

@@ -58,6 +58,8 @@ struct Fake {
     data: Mutex<HashMap<Bytes, Entry>>,
     /// First answers to sets by request id (what a real partition remembers).
     answered: Mutex<HashMap<(u64, u64), SetResponse>>,
+    /// First answers to incrs by request id.
+    incremented: Mutex<HashMap<(u64, u64), IncrResponse>>,
     next_version: AtomicU64,
     calls: Counters,
 }
@@ -273,6 +275,10 @@ impl Cache for Service {
         let r = r.into_inner();
         self.check_leader(&r.key, r.route)?;
         self.maybe_fail()?;
+        let id = r.request.map(|id| (id.client, id.seq));
+        if let Some(first) = id.and_then(|id| self.incremented.lock().unwrap().get(&id).copied()) {
+            return Ok(Response::new(first));
+        }
         let current = self.read(&r.key, false);
         let old: i64 = if current.found {
             std::str::from_utf8(&current.value)
@@ -286,11 +292,20 @@ impl Cache for Service {
             .checked_add(r.delta)
             .ok_or_else(|| ErrorDetail::of(ErrorCode::IncrOverflow).into_status("overflow"))?;
         let version = self.next_version.fetch_add(1, Ordering::SeqCst) + 1;
+        let slow = r.key == SLOW_KEY;
         self.data
             .lock()
             .unwrap()
             .insert(r.key, (value.to_string().into(), version, None));
-        Ok(Response::new(IncrResponse { value, version }))
+        let answer = IncrResponse { value, version };
+        if let Some(id) = id {
+            self.incremented.lock().unwrap().insert(id, answer);
+        }
+        if slow {
+            // Applied, but the answer is lost in a slow network.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Ok(Response::new(answer))
     }
 
     async fn expire(&self, r: Request<ExpireRequest>) -> Result<Response<ExpireResponse>, Status> {
@@ -354,6 +369,7 @@ async fn start_fake_with_id(id: u64) -> Arc<Fake> {
         map_epoch: AtomicU64::new(1),
         data: Mutex::default(),
         answered: Mutex::default(),
+        incremented: Mutex::default(),
         next_version: AtomicU64::new(0),
         calls: Counters::default(),
     });
@@ -569,24 +585,33 @@ async fn a_leader_hint_is_followed_at_once_and_remembered() {
 }
 
 #[tokio::test]
-async fn incr_is_not_retried_when_it_may_have_been_applied() {
+async fn incr_is_retried_and_applied_once() {
     let fake = start_fake().await;
     let client = connect(&fake).await;
 
+    // Failures that did not apply are retried.
     fake.fail_writes.store(2, Ordering::SeqCst);
-    assert!(matches!(
-        client.incr("n", 1).await.unwrap_err(),
-        ClientError::Unavailable(_)
-    ));
-    assert_eq!(fake.calls.incrs.load(Ordering::SeqCst), 1);
+    assert_eq!(client.incr("n", 1).await.unwrap(), 1);
+    assert_eq!(fake.calls.incrs.load(Ordering::SeqCst), 3);
 
-    // A set is retried through the same failure.
-    client.set("k", "v").await.unwrap();
-    assert_eq!(fake.calls.sets.load(Ordering::SeqCst), 2);
+    // An increment applied before its answer was lost is retried with the same request
+    // id and gets the first result: counted once.
+    let mut config = ClientConfig::new([fake.addr.as_str()]);
+    config.request_timeout = Duration::from_millis(200);
+    config.request_deadline = Duration::from_secs(2);
+    let client = Client::connect(config).await.unwrap();
+    let before = fake.calls.incrs.load(Ordering::SeqCst);
+    assert_eq!(client.incr(SLOW_KEY, 5).await.unwrap(), 5);
+    assert!(
+        fake.calls.incrs.load(Ordering::SeqCst) - before >= 2,
+        "it was retried"
+    );
+    let stored = fake.read(&Bytes::from_static(SLOW_KEY), false);
+    assert_eq!(stored.value, Bytes::from_static(b"5"));
 }
 
 #[tokio::test]
-async fn an_unreachable_leader_is_retried_even_for_incr() {
+async fn an_unreachable_leader_is_retried_for_incr() {
     let fake = start_fake().await;
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
