@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context};
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -18,15 +18,7 @@ const POLL: Duration = Duration::from_millis(50);
 /// How long one metrics scrape may take.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A free loopback address (bound and released at once).
-///
-/// # Errors
-/// When no port can be bound.
-pub fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .context("binding a free port")?
-        .local_addr()?)
-}
+pub use raftcache_tests::free_addr;
 
 /// One running `raftcache-cdc` child. Dropping it kills the process (SIGKILL).
 pub struct CdcWorker {

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -22,13 +22,7 @@ pub struct CdcProc {
     _dir: tempfile::TempDir,
 }
 
-/// A free loopback port (bound and released; good enough for tests).
-///
-/// # Errors
-/// When no port can be bound.
-pub fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
+pub use crate::free_addr;
 
 /// A worker config: `[postgres]` at `pg_url`, the cache at `endpoints`, metrics at
 /// `metrics`, a short lease, and `tables` (TOML `[[table]]` entries) appended.
@@ -111,10 +105,7 @@ impl CdcProc {
 
     /// SIGKILL now, and reap.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::kill_reap(&mut self.child);
     }
 
     /// A metric of the worker (unlabelled), scraped now.

@@ -150,10 +150,7 @@ impl NodeProc {
 
     /// Kills the process at once (SIGKILL) and reaps it.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_reap(&mut self.child);
     }
 
     /// Sends SIGTERM and waits up to `timeout` for the process to exit.
@@ -171,10 +168,7 @@ impl NodeProc {
 
 impl Drop for NodeProc {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_reap(&mut self.child);
         if std::thread::panicking() {
             print_log_tail(&format!("node {}", self.pid), &self.log());
         }
@@ -192,6 +186,24 @@ pub fn print_log_tail(what: &str, log: &str) {
     eprintln!("--- last lines of {what} log ---");
     for l in tail.iter().rev() {
         eprintln!("{l}");
+    }
+}
+
+/// A free loopback address (bound and released; the race is acceptable for tests).
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_addr() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .context("binding a free port")?
+        .local_addr()?)
+}
+
+/// SIGKILLs and reaps the child in `slot`, if any (an error means it already exited).
+pub fn kill_reap(slot: &mut Option<Child>) {
+    if let Some(mut child) = slot.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

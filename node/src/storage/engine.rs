@@ -590,7 +590,7 @@ impl Engine {
         let partition = self.partition(p)?;
         let mut state = lock(&partition.state);
         let reserved = (reserved > 0).then_some(reserved);
-        Ok(self.apply_locked_at(partition, &mut state, index, op, reserved, Some(request)))
+        Ok(self.apply_locked_at(partition, &mut state, index, op, reserved, true, request))
     }
 
     /// Chooses up to about `to_free` bytes of eviction victims among the partitions for
@@ -721,12 +721,13 @@ impl Engine {
         reserved: Option<u64>,
     ) -> Outcome {
         let index = state.applied_index() + 1;
-        self.apply_locked_at(partition, state, index, op, reserved, None)
+        self.apply_locked_at(partition, state, index, op, reserved, false, None)
     }
 
-    /// [`apply_locked`](Self::apply_locked) at a given index (a Raft log index);
-    /// `raft` = `Some(request id)` for a committed Raft entry (shared bytes, applied once
-    /// per request id), `None` for a local apply.
+    /// [`apply_locked`](Self::apply_locked) at a given index (a Raft log index), once
+    /// per `request` id, keeping the op's bytes when `shared` (see
+    /// [`PartitionState::apply_once`]).
+    #[allow(clippy::too_many_arguments)]
     fn apply_locked_at(
         &self,
         partition: &Partition,
@@ -734,14 +735,12 @@ impl Engine {
         index: u64,
         op: &Op,
         reserved: Option<u64>,
-        raft: Option<Option<RequestId>>,
+        shared: bool,
+        request: Option<RequestId>,
     ) -> Outcome {
         let memory_before = state.memory_used();
         let expired_before = state.expired_removed();
-        let outcome = match raft {
-            Some(request) => state.apply_once(index, op, request, true),
-            None => state.apply(index, op),
-        };
+        let outcome = state.apply_once(index, op, request, shared);
         let memory_after = state.memory_used();
         let expired = state.expired_removed() - expired_before;
         partition.len.store(state.len(), Ordering::Relaxed);

@@ -243,6 +243,7 @@ impl PartitionState {
     }
 
     /// Request ids remembered (see [`apply_once`](Self::apply_once)).
+    #[cfg(test)]
     pub fn remembered_requests(&self) -> usize {
         self.requests.len()
     }

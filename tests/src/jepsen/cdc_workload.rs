@@ -76,7 +76,7 @@ impl CdcEnv {
         ))
         .await
         .context("create the workload table")?;
-        let metrics = super::cluster::free_addr()?;
+        let metrics = crate::free_addr()?;
         let tables = format!(
             "[[table]]\nname = \"public.{TABLE}\"\nkeys = [\"row:{{id}}\"]\nmode = \"invalidate\"\n"
         );
@@ -101,7 +101,7 @@ impl CdcEnv {
     fn spawn_worker(&mut self) -> Result<()> {
         // A fresh metrics port each time (the old one may linger after SIGKILL).
         let text = std::fs::read_to_string(&self.config)?;
-        let metrics: SocketAddr = super::cluster::free_addr()?;
+        let metrics: SocketAddr = crate::free_addr()?;
         let text = text
             .lines()
             .map(|l| {
@@ -147,10 +147,7 @@ impl CdcEnv {
 
 impl External for CdcEnv {
     fn kill_cdc(&mut self) -> Result<()> {
-        if let Some(mut child) = self.worker.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::kill_reap(&mut self.worker);
         Ok(())
     }
 

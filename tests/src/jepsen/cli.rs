@@ -190,17 +190,12 @@ fn build_options(t: TestArgs) -> Result<RunOptions, String> {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
     });
-    let workload_name = match t.workload {
-        Workload::Register => "register",
-        Workload::Counter => "counter",
-        Workload::Cdc => "cdc",
-    };
     let out = t.out.unwrap_or_else(|| {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        PathBuf::from(format!("jepsen-runs/{workload_name}-{secs}"))
+        PathBuf::from(format!("jepsen-runs/{}-{secs}", t.workload.name()))
     });
     let node_bin = existing(t.node_bin, &["raftcache-node", "test-node"], "node")?;
     let cdc_bin = if cdc {

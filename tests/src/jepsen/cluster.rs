@@ -13,6 +13,7 @@
 //! stderr is appended to `n<i>.log` in the run folder, one header line per incarnation.
 
 use super::proxy::Net;
+use crate::free_addr;
 use anyhow::{bail, Context, Result};
 use raftcache_client::{Client, ClientConfig, ClusterStatus};
 use std::io::Write;
@@ -80,12 +81,6 @@ pub struct JCluster {
     opts: NodeOptions,
 }
 
-/// A free loopback address (bound and released; the race is acceptable for tests).
-pub fn free_addr() -> Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
-}
-
 impl JCluster {
     /// Starts `n` nodes (slot 0 founds the cluster, the others join it) with proxied
     /// peer links, logs in `dir`, and waits until the cluster is healthy.
@@ -111,7 +106,7 @@ impl JCluster {
             }
             *route = pairs.join(",");
         }
-        let slots = addrs
+        let mut slots: Vec<Slot> = addrs
             .iter()
             .enumerate()
             .map(|(index, &addr)| Slot {
@@ -125,11 +120,8 @@ impl JCluster {
             })
             .collect();
         let endpoints: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-        let mut slots: Vec<Slot> = slots;
         spawn(&opts, dir, &mut slots[0], &routes[0], None).await?;
-        let mut config = ClientConfig::new(endpoints);
-        config.request_deadline = Duration::from_secs(5);
-        let client = Client::connect(config)
+        let client = Client::connect(ClientConfig::new(endpoints))
             .await
             .context("connect a client to node 0")?;
         let mut cluster = JCluster {

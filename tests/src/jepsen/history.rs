@@ -37,33 +37,11 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// A Postgres WAL position, written `HI/LO` in hex (`0/16B3748` = `(HI << 32) | LO`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
-pub struct Lsn(pub u64);
-
-impl FromStr for Lsn {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Lsn> {
-        let (hi, lo) = s
-            .trim()
-            .split_once('/')
-            .with_context(|| format!("LSN {s:?} is not of the form HI/LO"))?;
-        let hi = u32::from_str_radix(hi, 16).with_context(|| format!("bad LSN {s:?}"))?;
-        let lo = u32::from_str_radix(lo, 16).with_context(|| format!("bad LSN {s:?}"))?;
-        Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
-    }
-}
-
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
-    }
-}
+/// A Postgres WAL position (`HI/LO` in hex), the client crate's type.
+pub use raftcache_client::Lsn;
 
 /// The `type` of an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

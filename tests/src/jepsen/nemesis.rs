@@ -55,6 +55,18 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// Every fault, in the order `all` lists them.
+    pub const ALL: [Fault; 8] = [
+        Fault::Partition,
+        Fault::Net,
+        Fault::Kill,
+        Fault::Pause,
+        Fault::Member,
+        Fault::Clock,
+        Fault::CdcKill,
+        Fault::PgRestart,
+    ];
+
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -78,22 +90,13 @@ impl Fault {
 impl FromStr for Fault {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s.trim() {
-            "partition" => Fault::Partition,
-            "net" => Fault::Net,
-            "kill" => Fault::Kill,
-            "pause" => Fault::Pause,
-            "member" => Fault::Member,
-            "clock" => Fault::Clock,
-            "cdc-kill" => Fault::CdcKill,
-            "pg-restart" => Fault::PgRestart,
-            other => {
-                return Err(format!(
-                    "unknown nemesis {other:?} (partition, net, kill, pause, member, clock, \
-                     cdc-kill, pg-restart, all, none)"
-                ))
-            }
-        })
+        Fault::ALL
+            .into_iter()
+            .find(|f| f.name() == s.trim())
+            .ok_or_else(|| {
+                let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown nemesis {s:?} ({}, all, none)", names.join(", "))
+            })
     }
 }
 
@@ -107,19 +110,7 @@ pub fn parse_faults(spec: &str, cdc: bool) -> Result<Vec<Fault>, String> {
     for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
         match part.trim() {
             "none" => {}
-            "all" => {
-                faults.extend([
-                    Fault::Partition,
-                    Fault::Net,
-                    Fault::Kill,
-                    Fault::Pause,
-                    Fault::Member,
-                    Fault::Clock,
-                ]);
-                if cdc {
-                    faults.extend([Fault::CdcKill, Fault::PgRestart]);
-                }
-            }
+            "all" => faults.extend(Fault::ALL.into_iter().filter(|f| cdc || !f.needs_cdc())),
             name => {
                 let f: Fault = name.parse()?;
                 if f.needs_cdc() && !cdc {

@@ -36,17 +36,24 @@ pub enum Workload {
     Cdc,
 }
 
+impl Workload {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Register => "register",
+            Workload::Counter => "counter",
+            Workload::Cdc => "cdc",
+        }
+    }
+}
+
 impl std::str::FromStr for Workload {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "register" => Ok(Workload::Register),
-            "counter" => Ok(Workload::Counter),
-            "cdc" => Ok(Workload::Cdc),
-            other => Err(format!(
-                "unknown workload {other:?} (register, counter, cdc)"
-            )),
-        }
+        [Workload::Register, Workload::Counter, Workload::Cdc]
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| format!("unknown workload {s:?} (register, counter, cdc)"))
     }
 }
 

@@ -106,16 +106,13 @@ pub fn record_error(h: &HistoryWriter, op: OpHandle, e: &ClientError) -> Ended {
     }
 }
 
-/// A client for one process: short per-attempt limits so that operations end well
-/// within [`OP_TIMEOUT`].
+/// A client for one process. Its default limits (2 s per attempt, 5 s per call) end
+/// every operation within [`OP_TIMEOUT`].
 ///
 /// # Errors
 /// When no endpoint answers.
 pub async fn process_client(endpoints: &[String]) -> Result<Client> {
-    let mut config = ClientConfig::new(endpoints.to_vec());
-    config.request_deadline = Duration::from_secs(5);
-    config.request_timeout = Duration::from_secs(2);
-    Ok(Client::connect(config).await?)
+    Ok(Client::connect(ClientConfig::new(endpoints.to_vec())).await?)
 }
 
 /// The pause between two operations of one process for a total of `rate` ops/s.
