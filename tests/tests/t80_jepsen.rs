@@ -65,7 +65,18 @@ fn short_run(workload: &str) {
     if let Ok(seed) = std::env::var("RAFTCACHE_JEPSEN_SEED") {
         cmd.args(["--seed", &seed]);
     }
-    let output = output_within(&mut cmd, Duration::from_secs(600)).unwrap();
+    let output = match output_within(&mut cmd, Duration::from_secs(600)) {
+        Ok(output) => output,
+        Err(e) => {
+            let kept = dir.keep();
+            let nemesis =
+                std::fs::read_to_string(kept.join("run/nemesis.jsonl")).unwrap_or_default();
+            panic!(
+                "raftcache-jepsen {workload}: {e:#}; run folder kept at {}\n--- nemesis log ---\n{nemesis}",
+                kept.display()
+            );
+        }
+    };
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let ok = output.status.success() && stdout.starts_with("valid: true");

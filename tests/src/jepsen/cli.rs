@@ -222,6 +222,10 @@ fn build_options(t: TestArgs) -> Result<RunOptions, String> {
     })
 }
 
+/// Time a run may take beyond its workload and check: start-up, recovery after the
+/// nemesis and the final reads (each of those steps is bounded on its own well below).
+const WATCHDOG_SLACK: Duration = Duration::from_secs(300);
+
 fn run_test(opts: &RunOptions) -> ExitCode {
     eprintln!(
         "raftcache-jepsen: seed {} (rerun with --seed {})",
@@ -235,12 +239,24 @@ fn run_test(opts: &RunOptions) -> ExitCode {
         }
     };
     // Ctrl-C drops the run, whose guards kill the nodes, the worker and Postgres.
+    // A watchdog bounds the whole run (start-up, workload, recovery, final reads,
+    // check), so a stuck step ends as a harness error that names the run folder
+    // instead of a silent hang. Dropping the run kills its processes.
+    let bound = opts.time_limit + opts.check_time_limit + WATCHDOG_SLACK;
     let outcome = rt.block_on(async {
         tokio::select! {
-            r = run(opts) => r,
+            r = tokio::time::timeout(bound, run(opts)) => r.unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the run did not finish within {bound:?}; the nemesis log, node logs and \
+                     history so far are in {}",
+                    opts.out.display()
+                ))
+            }),
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         }
     });
+    // A blocking step left behind by the watchdog must not hold the exit.
+    rt.shutdown_timeout(Duration::from_secs(10));
     match outcome {
         Ok(result) => {
             println!("{}", result.report.summary());
@@ -252,7 +268,12 @@ fn run_test(opts: &RunOptions) -> ExitCode {
                 .iter()
                 .map(|(name, n)| format!("{name} {n}"))
                 .collect();
-            eprintln!("raftcache-jepsen: faults injected: {}", faults.join(", "));
+            let faults = if faults.is_empty() {
+                "none".to_owned()
+            } else {
+                faults.join(", ")
+            };
+            eprintln!("raftcache-jepsen: faults injected: {faults}");
             eprintln!(
                 "raftcache-jepsen: history {}, report {}",
                 result.history.display(),
