@@ -21,7 +21,11 @@
 //! answering a retry with the first outcome (it remembers ids for 30 s, at most 4,096
 //! per partition): a write whose answer was lost is neither applied twice nor
 //! reported as "not applied". [`Client::incr`] retries the same way. The final error
-//! is the last attempt's.
+//! is the last attempt's, except that a write whose last attempt was surely refused
+//! ([`ClientError::is_unapplied`]) after an earlier attempt that may have applied
+//! fails with [`ClientError::MaybeApplied`]: a `NOT_LEADER` at the end says nothing
+//! about an attempt that timed out before it (a Jepsen counter run caught increments
+//! reported "not applied" that a new leader had committed).
 
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
@@ -352,7 +356,7 @@ impl Client {
             .iter()
             .map(|k| Bytes::copy_from_slice(k.as_ref()))
             .collect();
-        self.routed(Retry::Transient, |attempt, limit| {
+        self.routed(Retry::Read, |attempt, limit| {
             self.mget_once(&keys, options, attempt, limit)
         })
         .await
@@ -398,7 +402,7 @@ impl Client {
         let r = self
             .keyed(
                 key,
-                Retry::Transient,
+                Retry::Write,
                 |key, route| v1::SetRequest {
                     key,
                     value: value.clone(),
@@ -477,7 +481,7 @@ impl Client {
         request: v1::ApplyChangesRequest,
     ) -> Result<v1::ApplyChangesResponse> {
         let request = &request;
-        self.routed(Retry::Transient, |_, limit| async move {
+        self.routed(Retry::Write, |_, limit| async move {
             let target = self.topology().partition_target(partition)?;
             let mut request = request.clone();
             request.route = Some(target.route);
@@ -503,7 +507,7 @@ impl Client {
         let r = self
             .keyed(
                 key.as_ref(),
-                Retry::Transient,
+                Retry::Write,
                 |key, route| v1::DeleteRequest {
                     key,
                     route: Some(route),
@@ -531,7 +535,7 @@ impl Client {
         let r = self
             .keyed(
                 key.as_ref(),
-                Retry::Transient,
+                Retry::Write,
                 |key, route| v1::IncrRequest {
                     key,
                     route: Some(route),
@@ -556,7 +560,7 @@ impl Client {
         let r = self
             .keyed(
                 key.as_ref(),
-                Retry::Transient,
+                Retry::Write,
                 |key, route| v1::ExpireRequest {
                     key,
                     route: Some(route),
@@ -903,6 +907,7 @@ impl Client {
         let mut backoff = Backoff::new(config);
         let mut hinted_once = false;
         let mut attempts = 0;
+        let mut maybe_applied = false;
         loop {
             let Some(limit) = Limit::until(config, deadline) else {
                 return Err(ClientError::Timeout(config.request_deadline));
@@ -912,14 +917,20 @@ impl Client {
                 Err(error) => error,
             };
             attempts += 1;
-            let retriable = match retry {
-                Retry::Transient => error.is_transient(),
+            maybe_applied |= retry == Retry::Write && !error.is_unapplied();
+            // The call's final error: surely unapplied only if every attempt was.
+            let fail = |error: ClientError| {
+                if maybe_applied && error.is_unapplied() {
+                    ClientError::MaybeApplied(Box::new(error))
+                } else {
+                    error
+                }
             };
-            if !retriable || attempts >= config.max_attempts {
-                if retriable {
+            if !error.is_transient() || attempts >= config.max_attempts {
+                if error.is_transient() {
                     self.refresh_soon();
                 }
-                return Err(error);
+                return Err(fail(error));
             }
             let mut want = Want::default();
             match &error {
@@ -944,12 +955,12 @@ impl Client {
             if Instant::now() + pause >= deadline {
                 // Out of time, but the next call must not go to the same dead end.
                 self.refresh_soon();
-                return Err(error);
+                return Err(fail(error));
             }
             tracing::debug!(%error, attempts, ?pause, "backing off, then refreshing the map");
             tokio::time::sleep(pause).await;
             let Some(limit) = Limit::until(config, deadline) else {
-                return Err(error);
+                return Err(fail(error));
             };
             if let Err(refresh) = self.refresh(want, limit).await {
                 tracing::debug!(error = %refresh, "cluster map refresh failed");
@@ -1042,7 +1053,7 @@ impl Client {
         let to_replica = matches!(options.consistency, Consistency::Follower { .. });
         self.keyed_to(
             key,
-            Retry::Transient,
+            Retry::Read,
             to_replica,
             |key, route| v1::GetRequest {
                 key,
@@ -1129,13 +1140,14 @@ impl Client {
     }
 }
 
-/// Which failures a call retries.
+/// Which failures a call retries, and what its final error says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
-    /// Every transient failure ([`ClientError::is_transient`]): reads, and writes
-    /// (applied once per request id by the node). A write that cannot carry a request
-    /// id would need a policy that retries only what surely had no effect.
-    Transient,
+    /// A read: every transient failure ([`ClientError::is_transient`]).
+    Read,
+    /// A write (applied once per request id by the node): every transient failure,
+    /// and a final error that is surely unapplied only if every attempt was.
+    Write,
 }
 
 /// What a map refresh looks for.

@@ -101,6 +101,11 @@ pub enum ClientError {
     /// No answer came within the request timeout.
     #[error("request timed out after {}", humantime::format_duration(*.0))]
     Timeout(Duration),
+    /// A write's outcome is unknown: an earlier attempt may have applied (it timed out
+    /// or its connection broke after sending), and the last attempt, refused for routing,
+    /// says nothing about it. The write's request id makes it apply at most once.
+    #[error("outcome unknown: an earlier attempt may have applied; the last one failed: {0}")]
+    MaybeApplied(Box<ClientError>),
     /// Connecting to an endpoint (and fetching its cluster map) failed.
     #[error("cannot connect to {endpoint}: {message}")]
     Connect {
@@ -210,7 +215,13 @@ impl ClientError {
     /// [`ClientError::is_unapplied`] failures, an unavailable node, a timeout. The
     /// request may have been applied when this is true but `is_unapplied` is not.
     pub fn is_transient(&self) -> bool {
-        self.is_unapplied() || matches!(self, ClientError::Unavailable(_) | ClientError::Timeout(_))
+        self.is_unapplied()
+            || matches!(
+                self,
+                ClientError::Unavailable(_)
+                    | ClientError::Timeout(_)
+                    | ClientError::MaybeApplied(_)
+            )
     }
 }
 

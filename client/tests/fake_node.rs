@@ -50,6 +50,9 @@ struct Fake {
     not_leader: Mutex<Option<(u64, String)>>,
     /// Sets and incrs to answer UNAVAILABLE (without applying them) before serving.
     fail_writes: AtomicU64,
+    /// When set, a slow incr (applied, answer lost) also makes the node lose its
+    /// leadership: later requests get NOT_LEADER.
+    step_down_on_slow: std::sync::atomic::AtomicBool,
     ring: Ring,
     /// The epoch requests must carry.
     epoch: AtomicU64,
@@ -256,6 +259,9 @@ impl Cache for Service {
             self.answered.lock().unwrap().insert(id, answer);
         }
         if slow {
+            if self.step_down_on_slow.load(Ordering::SeqCst) {
+                *self.not_leader.lock().unwrap() = Some((self.id, self.addr.clone()));
+            }
             // Applied, but the answer is lost in a slow network.
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
@@ -302,6 +308,9 @@ impl Cache for Service {
             self.incremented.lock().unwrap().insert(id, answer);
         }
         if slow {
+            if self.step_down_on_slow.load(Ordering::SeqCst) {
+                *self.not_leader.lock().unwrap() = Some((self.id, self.addr.clone()));
+            }
             // Applied, but the answer is lost in a slow network.
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
@@ -364,6 +373,7 @@ async fn start_fake_with_id(id: u64) -> Arc<Fake> {
         map_override: Mutex::default(),
         not_leader: Mutex::default(),
         fail_writes: AtomicU64::new(0),
+        step_down_on_slow: std::sync::atomic::AtomicBool::new(false),
         ring: Ring::new(PARTITIONS, DEFAULT_VNODES),
         epoch: AtomicU64::new(1),
         map_epoch: AtomicU64::new(1),
@@ -747,6 +757,39 @@ async fn a_retried_write_keeps_its_request_id_and_gets_the_first_outcome() {
     assert!(outcome.applied);
     let outcome = client.set_with("k", "b", options).await.unwrap();
     assert!(!outcome.applied);
+}
+
+/// Regression (raftcache-jepsen's counter workload found increments reported "not
+/// applied" that a new leader had committed): a write whose first attempt may have
+/// applied, and whose later attempts were all refused with NOT_LEADER, fails with
+/// `MaybeApplied`, not with the last attempt's "surely unapplied" NOT_LEADER.
+#[tokio::test]
+async fn a_write_refused_after_an_ambiguous_attempt_is_not_reported_unapplied() {
+    let fake = start_fake().await;
+    let mut config = ClientConfig::new([fake.addr.as_str()]);
+    config.request_timeout = Duration::from_millis(200);
+    config.request_deadline = Duration::from_secs(2);
+    let client = Client::connect(config).await.unwrap();
+    fake.step_down_on_slow.store(true, Ordering::SeqCst);
+    let err = client.incr(SLOW_KEY, 5).await.unwrap_err();
+    let ClientError::MaybeApplied(last) = &err else {
+        panic!("expected MaybeApplied, got {err:?}");
+    };
+    assert!(matches!(**last, ClientError::NotLeader { .. }), "{err:?}");
+    assert!(!err.is_unapplied() && err.is_transient());
+    assert!(
+        fake.calls.incrs.load(Ordering::SeqCst) >= 2,
+        "it was retried"
+    );
+    // It did apply, once.
+    let stored = fake.read(&Bytes::from_static(SLOW_KEY), false);
+    assert_eq!(stored.value, Bytes::from_static(b"5"));
+
+    // A write refused on every attempt is still surely unapplied, and so is a read.
+    let err = client.incr("other", 1).await.unwrap_err();
+    assert!(err.is_unapplied(), "{err:?}");
+    let err = client.get("other").await.unwrap_err();
+    assert!(err.is_unapplied(), "{err:?}");
 }
 
 /// Runs the `raftcache` binary against `fake`.

@@ -298,7 +298,9 @@ pub fn wait_ready_line(
 }
 
 /// Runs `cmd` to completion with stdin closed and stdout/stderr captured, killing it
-/// after `timeout`. Meant for commands with short outputs.
+/// after `timeout`. Both pipes are drained while it runs: a child that writes more
+/// than a pipe holds (a long Jepsen report on stderr) must not block on the write and
+/// be taken for a hang.
 ///
 /// # Errors
 /// When it cannot be started or overruns its deadline.
@@ -309,8 +311,38 @@ pub fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawn {cmd:?}"))?;
-    wait_with_deadline(&mut child, timeout)?;
-    child.wait_with_output().map_err(Into::into)
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let status = wait_with_deadline(&mut child, timeout)?;
+    // A grandchild that inherited a pipe could keep it open: the output is what came
+    // before the child exited, at most a moment later.
+    let join = |h: std::thread::JoinHandle<Vec<u8>>| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !h.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if h.is_finished() {
+            h.join().unwrap_or_default()
+        } else {
+            b"(output still open 5 s after exit; not collected)".to_vec()
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: join(stdout),
+        stderr: join(stderr),
+    })
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 /// Runs the CLI with `args` against `endpoint`, killing it after `timeout`.
