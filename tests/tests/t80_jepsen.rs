@@ -255,6 +255,25 @@ fn check_fails_planted_anomalies_and_passes_a_valid_history() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.starts_with("valid: false"), "{stdout}");
 
+    // Regression (a CI counter run, seed 1795379175834686442): increments recorded as
+    // `fail` (the last attempt got NOT_LEADER) that a new leader had committed, as the
+    // client reported them before it learnt `MaybeApplied`. The key's excerpt stays
+    // invalid; the fix is tested in client/tests/fake_node.rs.
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/jepsen-fail-then-applied.jsonl"
+    );
+    let out = output_within(
+        Command::new(jepsen()).arg("check").arg(fixture),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.starts_with("valid: false"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("double-or-phantom-increment"), "{stderr}");
+
     // Garbage is a clear error (exit 2), not a verdict.
     let (code, _, stderr) = check(dir.path(), "garbage.jsonl", &["{not json"]);
     assert_eq!(code, 2);
