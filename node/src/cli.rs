@@ -7,6 +7,7 @@
 //! `"node":0`; it logs when it is added). Logs go to stderr.
 
 use crate::config::{Config, ConfigError};
+use crate::persist::Persistence;
 use crate::server::{self, Listeners};
 use crate::storage::EvictionPolicy;
 use bytesize::ByteSize;
@@ -66,6 +67,19 @@ pub struct Args {
     /// Longest accepted value, e.g. 16MiB.
     #[arg(long, env = "RAFTCACHE_MAX_VALUE_SIZE")]
     pub max_value_size: Option<ByteSize>,
+    /// none, snapshot (RDB-style) or durable (Raft log and vote flushed too).
+    #[arg(long, env = "RAFTCACHE_PERSISTENCE")]
+    pub persistence: Option<Persistence>,
+    /// Write a partition with new writes at least this often, e.g. 60s.
+    #[arg(long, env = "RAFTCACHE_SNAPSHOT_INTERVAL", value_parser = humantime::parse_duration)]
+    pub snapshot_interval: Option<std::time::Duration>,
+    /// ... and after this many writes since its last snapshot.
+    #[arg(long, env = "RAFTCACHE_SNAPSHOT_WRITES")]
+    pub snapshot_writes: Option<u64>,
+    /// After every node crashed in snapshot mode: come back from the last snapshots
+    /// (writes after them are lost).
+    #[arg(long, env = "RAFTCACHE_RESTORE_SNAPSHOTS")]
+    pub restore_snapshots: bool,
 }
 
 impl Args {
@@ -102,6 +116,13 @@ impl Args {
         }
         if self.fault_injection {
             c.server.fault_injection = true;
+        }
+        let p = &mut c.persistence;
+        set(&mut p.mode, self.persistence);
+        set(&mut p.snapshot_interval, self.snapshot_interval);
+        set(&mut p.snapshot_writes, self.snapshot_writes);
+        if self.restore_snapshots {
+            p.restore_snapshots = true;
         }
         c.validate()
     }

@@ -19,6 +19,7 @@
 //!   deterministic state machines (what Raft applies), TTL, memory accounting,
 //!   eviction. No tonic, no tokio networking inside.
 //! - [`metrics`]: Prometheus recorder and endpoint.
+//! - [`persist`]: the sled store (identity, snapshots, durable Raft log and vote).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -27,6 +28,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod persist;
 pub mod raft;
 pub mod server;
 pub mod service;

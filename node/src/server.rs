@@ -2,11 +2,12 @@
 //! the background, shut down in order.
 //!
 //! Shutdown order, bounded by `server.shutdown-timeout`: stop accepting gRPC
-//! connections and let in-flight requests finish, then stop the background tasks
-//! (reclaim, metrics). The cache is memory-only in this version, so there is nothing
-//! to flush.
+//! connections and let in-flight requests finish, stop the Raft groups, write the
+//! shutdown checkpoint (with persistence: every group's snapshot, vote and log tail,
+//! then the clean mark), then stop the background tasks (reclaim, metrics).
 
-use crate::cluster::{ClusterNode, NodeSettings};
+use crate::cluster::{ClusterNode, NodeSettings, PersistSettings, Restart};
+use crate::persist::{Persistence, Store};
 use crate::config::Config;
 use crate::metrics;
 use crate::service::{CacheService, RaftService};
@@ -96,18 +97,45 @@ pub async fn run(
     })?;
     let handle = metrics::install()?;
     let cancel = CancellationToken::new();
+    let advertise = config
+        .server
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| bound.grpc.to_string());
+    let persistence = &config.persistence;
+    let store = match persistence.mode {
+        Persistence::None => None,
+        _ => Some(Store::open(&config.server.data_dir).with_context(|| {
+            format!(
+                "cannot open the data directory {} (is another node using it?)",
+                config.server.data_dir.display()
+            )
+        })?),
+    };
+    let restart = match &store {
+        Some(store) => Restart::plan(
+            store,
+            persistence.mode,
+            &advertise,
+            persistence.restore_snapshots,
+            &config.cluster.join,
+        )?,
+        None => Restart::Fresh,
+    };
     let settings = NodeSettings {
-        advertise: config
-            .server
-            .advertise_addr
-            .clone()
-            .unwrap_or_else(|| bound.grpc.to_string()),
+        advertise,
         storage: config.storage_config(),
         vnodes: config.storage.vnodes,
         replication_factor: config.cluster.replicas,
         // Validated by Config::validate.
         peer_routes: config.cluster.peer_route_map().unwrap_or_default(),
         fault_injection: config.server.fault_injection,
+        persist: PersistSettings {
+            mode: persistence.mode,
+            store,
+            snapshot_interval: persistence.snapshot_interval,
+            snapshot_writes: persistence.snapshot_writes,
+        },
     };
     let node = ClusterNode::new(settings, Arc::new(SystemClock), cancel.clone())?;
     let max_msg = config.max_message_bytes();
@@ -146,6 +174,36 @@ pub async fn run(
     // Become a member: found, join, or wait in standby.
     let cluster = &config.cluster;
     let membership = async {
+        match restart {
+            Restart::Restore {
+                identity,
+                meta,
+                groups,
+                snapshots_only,
+            } => {
+                return node
+                    .restore(identity, meta, groups, snapshots_only)
+                    .await
+                    .map(|()| node.node_id());
+            }
+            Restart::Rejoin { seeds, why } => {
+                warn!("{why}");
+                let join = node.join(&seeds);
+                let mut join = std::pin::pin!(join);
+                loop {
+                    tokio::select! {
+                        joined = &mut join => return joined,
+                        () = tokio::time::sleep(Duration::from_secs(15)) => warn!(
+                            seeds = ?seeds,
+                            "no cluster member accepts this node yet; if every node stopped \
+                             without a clean shutdown in snapshot mode, restart them all with \
+                             --restore-snapshots"
+                        ),
+                    }
+                }
+            }
+            Restart::Fresh => {}
+        }
         if cluster.standby {
             info!(grpc = %bound.grpc, "standby: waiting for `raftcache admin add-node`");
             Ok(0)

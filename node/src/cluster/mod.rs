@@ -22,6 +22,9 @@
 //! so a replica never votes with state it forgot.
 
 pub mod meta;
+mod persist;
+
+pub use persist::{PersistSettings, Restart, SnapshotStats};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,6 +83,8 @@ pub struct NodeSettings {
     pub peer_routes: HashMap<String, String>,
     /// Whether `Admin/InjectFault` is accepted.
     pub fault_injection: bool,
+    /// What is persisted, and how often snapshots are written.
+    pub persist: PersistSettings,
 }
 
 /// One node of the cluster (shared through an `Arc`).
@@ -105,6 +110,8 @@ pub struct ClusterNode {
     assigned: tokio::sync::watch::Sender<u64>,
     started: Instant,
     shutdown: CancellationToken,
+    /// Snapshot bookkeeping (persistence `snapshot` or `durable`).
+    snapshots: persist::SnapshotBook,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -151,6 +158,7 @@ impl ClusterNode {
             assigned: tokio::sync::watch::channel(0).0,
             started: Instant::now(),
             shutdown,
+            snapshots: persist::SnapshotBook::default(),
         }))
     }
 
@@ -379,7 +387,10 @@ impl ClusterNode {
             .set(Arc::new(Engine::new(storage, self.clock.clone())));
         self.transport.set_node_id(node_id);
         self.tickets.set_node(node_id);
+        // A new identity: whatever the data directory held belongs to an older one.
+        self.persist_new_identity(node_id)?;
         self.install_meta(meta);
+        self.persist_replica(META_GROUP, meta_replica)?;
         let group = Group::start(
             META_GROUP,
             meta_replica,
@@ -387,6 +398,7 @@ impl ClusterNode {
             self.transport.clone(),
             self.meta_engine.clone(),
             self.tickets.clone(),
+            self.group_disk(None),
         )
         .await
         .map_err(anyhow::Error::msg)?;
@@ -415,6 +427,7 @@ impl ClusterNode {
                     }
                 }
             }
+            self.persist_meta(&meta);
             *slot = Some(Arc::new(meta));
         }
     }
@@ -450,6 +463,7 @@ impl ClusterNode {
         // A replica starts from nothing: stop an older replica of the partition here and
         // drop whatever data it left, before the new one applies anything.
         self.stop_group(p, None).await;
+        self.persist_replica(p, replica)?;
         let group = Group::start(
             p,
             replica,
@@ -457,6 +471,7 @@ impl ClusterNode {
             self.transport.clone(),
             engine,
             self.tickets.clone(),
+            self.group_disk(None),
         )
         .await
         .map_err(anyhow::Error::msg)?;
@@ -481,6 +496,7 @@ impl ClusterNode {
         };
         let Some(g) = removed else { return false };
         let _ = g.raft.shutdown().await;
+        self.forget_replica(p);
         if p != META_GROUP {
             if let Some(engine) = self.engine.get() {
                 let _ = engine.clear(PartitionId(p));
@@ -533,6 +549,11 @@ impl ClusterNode {
             RECONCILE_EVERY,
             |node| async move { node.reconcile().await },
         );
+        if self.settings.persist.store.is_some() {
+            self.every(persist::SNAPSHOT_CHECK_EVERY, |node| async move {
+                node.snapshot_due().await;
+            });
+        }
     }
 
     /// Runs `f` every `period` (skipping missed ticks) until the node shuts down.
@@ -1264,7 +1285,8 @@ impl ClusterNode {
         self.group(p).is_some_and(|g| g.is_leader())
     }
 
-    /// Stops every group (graceful shutdown).
+    /// Stops every group (graceful shutdown); with persistence, then writes the
+    /// checkpoint that makes the restart exact and marks the directory clean.
     pub async fn shutdown_groups(&self) {
         let groups: Vec<Arc<Group>> = self
             .groups
@@ -1273,9 +1295,10 @@ impl ClusterNode {
             .drain()
             .map(|(_, g)| g)
             .collect();
-        for g in groups {
+        for g in &groups {
             let _ = g.raft.shutdown().await;
         }
+        self.checkpoint(&groups).await;
     }
 }
 

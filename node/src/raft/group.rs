@@ -11,8 +11,10 @@ use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
 
 use super::network::{GroupId, GroupNetwork, Transport, META_GROUP};
 use super::state_machine::{PartitionStateMachine, Tickets};
+use super::disk::LoadedGroup;
 use super::types::{Proposal, ReplicaId, ReplicaNode, Response, TypeConfig, Vote};
 use super::MemLogStore;
+use crate::persist::Store;
 use crate::storage::{Clock, Engine, PartitionId, SystemClock};
 
 /// The openraft settings shared by every group.
@@ -86,6 +88,8 @@ pub struct Group {
     pub raft: RaftHandle,
     /// The state machine (data in the engine).
     pub sm: PartitionStateMachine,
+    /// The log store (a handle sharing openraft's), read for the shutdown checkpoint.
+    pub(crate) log: MemLogStore,
     fresh: Mutex<Option<Freshness>>,
     /// When this replica was first seen missing from the desired placement.
     pub(crate) unwanted_since: Mutex<Option<Instant>>,
@@ -132,6 +136,15 @@ impl GroupView {
     }
 }
 
+/// How a group's replica uses the disk.
+#[derive(Debug, Default)]
+pub struct GroupDisk {
+    /// Durable mode: the store its vote, log and installed snapshots are written to.
+    pub durable: Option<Arc<Store>>,
+    /// State loaded from disk to start from (a restart).
+    pub restored: Option<LoadedGroup>,
+}
+
 /// A failed write: not the leader (with the leader's replica id and address when known),
 /// or the group cannot take writes now.
 #[derive(Debug)]
@@ -144,11 +157,13 @@ pub enum WriteError {
 
 impl Group {
     /// Starts a replica of `id` with an empty log (it learns everything from the leader,
-    /// or from [`initialize`](Self::initialize) when it founds the group).
+    /// or from [`initialize`](Self::initialize) when it founds the group), or with the
+    /// state `disk.restored` loaded from disk. With `disk.durable`, its vote and log are
+    /// written through to the store.
     ///
     /// # Errors
     ///
-    /// When openraft cannot start the group.
+    /// When openraft cannot start the group or the loaded snapshot does not fit.
     pub async fn start(
         id: GroupId,
         replica: ReplicaId,
@@ -156,18 +171,33 @@ impl Group {
         transport: Transport,
         engine: Arc<Engine>,
         tickets: Arc<Tickets>,
+        disk: GroupDisk,
     ) -> Result<Arc<Group>, String> {
         let partition = if id == META_GROUP {
             PartitionId(0)
         } else {
             PartitionId(id)
         };
-        let sm = PartitionStateMachine::with_engine(partition, engine, tickets);
+        let mut sm = PartitionStateMachine::with_engine(partition, engine, tickets);
+        let durable = disk.durable.map(|store| (store, id));
+        if let Some((store, _)) = &durable {
+            sm = sm.with_disk(store.clone(), id);
+        }
+        let log = match disk.restored {
+            None => MemLogStore::restored(Default::default(), durable),
+            Some(loaded) => {
+                if let Some(snapshot) = loaded.snapshot {
+                    sm.restore(snapshot)
+                        .map_err(|e| format!("cannot restore group {id}: {e}"))?;
+                }
+                MemLogStore::restored(loaded.log, durable)
+            }
+        };
         let raft = openraft::Raft::new(
             replica,
             config,
             GroupNetwork::new(transport, id),
-            MemLogStore::new(),
+            log.clone(),
             sm.clone(),
         )
         .await
@@ -177,6 +207,7 @@ impl Group {
             replica,
             raft,
             sm,
+            log,
             fresh: Mutex::new(None),
             unwanted_since: Mutex::new(None),
             last_transfer: Mutex::new(None),

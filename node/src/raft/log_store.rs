@@ -1,19 +1,16 @@
-//! [`MemLogStore`]: the Raft log and vote of one partition, held in memory.
+//! [`MemLogStore`]: the Raft log and vote of one partition, held in memory, and in
+//! `durable` mode also written through to the node's sled [`Store`].
 //!
-//! # Replacing it with a durable store
-//!
-//! A sled-backed store keeps the same shape (one handle, `Clone`, reader = a clone) and
-//! must make these durable, each before the step named:
+//! Durable mode makes these durable, each before the step named:
 //! - `save_vote`: the vote, flushed **before returning** (a node must never vote twice in a
 //!   term after a crash).
-//! - `append`: the entries, flushed before calling the `IOFlushed` callback (the callback
-//!   may fire after `append` returns, so a flush can be batched; but the entries must be
-//!   readable as soon as `append` returns).
-//! - `truncate_after` and `purge`: applied in order with the other writes (all write I/O
-//!   is serialised); `purge` must persist `last_purged` no later than it deletes entries,
-//!   so that `get_log_state` never reports a hole.
-//! - `save_committed`: optional for correctness, but lets a restarted node re-apply
-//!   committed entries without waiting for the leader.
+//! - `append`: the entries, written before returning (readable at once) and flushed
+//!   before the `IOFlushed` callback fires; the store's flush thread batches the
+//!   callbacks of every group into one flush (group commit).
+//! - `truncate_after`: applied in order with the other writes (one writer per group).
+//! - `purge`: memory only. On disk, entries stay until a written snapshot covers them
+//!   (`Store::trim_log`), so a restart finds "snapshot S, entries S+1.." and no hole.
+//! - `save_committed`: written, not flushed (it only saves re-applying work).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -24,7 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
 
+use super::network::{encode, GroupId};
 use super::types::{Entry, LogId, TypeConfig, Vote};
+use crate::persist::Store;
 
 /// The in-memory log store of one partition: vote, committed log id and log entries.
 ///
@@ -33,6 +32,21 @@ use super::types::{Entry, LogId, TypeConfig, Vote};
 #[derive(Debug, Clone, Default)]
 pub struct MemLogStore {
     inner: Arc<Mutex<LogInner>>,
+    /// Durable mode: the store and this log's group.
+    disk: Option<(Arc<Store>, GroupId)>,
+}
+
+/// Everything a log store holds (a checkpoint, or what a restart loaded).
+#[derive(Debug, Clone, Default)]
+pub struct LogContents {
+    /// The last saved vote.
+    pub vote: Option<Vote>,
+    /// The last saved committed log id.
+    pub committed: Option<LogId>,
+    /// Entries up to this one are gone (covered by the snapshot).
+    pub last_purged: Option<LogId>,
+    /// The entries after it, in index order, no holes.
+    pub entries: Vec<Entry>,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +65,37 @@ impl MemLogStore {
     /// An empty log with no vote.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A log holding `contents`, written through to `disk` (durable mode) when given.
+    pub fn restored(contents: LogContents, disk: Option<(Arc<Store>, GroupId)>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(LogInner {
+                vote: contents.vote,
+                committed: contents.committed,
+                last_purged: contents.last_purged,
+                entries: contents
+                    .entries
+                    .into_iter()
+                    .map(|e| (e.log_id.index, e))
+                    .collect(),
+            })),
+            disk,
+        }
+    }
+
+    /// A copy of everything held (for a checkpoint at shutdown).
+    ///
+    /// # Errors
+    /// If the lock is poisoned.
+    pub fn contents(&self) -> io::Result<LogContents> {
+        let inner = self.lock()?;
+        Ok(LogContents {
+            vote: inner.vote,
+            committed: inner.committed,
+            last_purged: inner.last_purged,
+            entries: inner.entries.values().cloned().collect(),
+        })
     }
 
     fn lock(&self) -> io::Result<MutexGuard<'_, LogInner>> {
@@ -121,11 +166,18 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        if let Some((store, group)) = &self.disk {
+            store.put_raft(*group, "vote", &encode(vote).map_err(io::Error::other)?)?;
+            store.flushed().await?;
+        }
         self.lock()?.vote = Some(*vote);
         Ok(())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        if let Some((store, group)) = &self.disk {
+            store.put_raft(*group, "committed", &encode(&committed).map_err(io::Error::other)?)?;
+        }
         self.lock()?.committed = committed;
         Ok(())
     }
@@ -143,18 +195,40 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some((store, group)) = &self.disk {
+            let encoded = entries
+                .iter()
+                .map(|e| Ok((e.log_id.index, encode(e).map_err(io::Error::other)?.to_vec())))
+                .collect::<io::Result<Vec<_>>>()?;
+            store.append(*group, encoded)?;
+        }
         {
             let mut inner = self.lock()?;
             for entry in entries {
                 inner.entries.insert(entry.log_id.index, entry);
             }
         }
-        // In memory, "persisted" is "stored": report it at once.
-        callback.io_completed(Ok(()));
+        match &self.disk {
+            // Group commit: the flush thread answers once these bytes are on disk.
+            Some((store, _)) => store.flush_then(move |r| callback.io_completed(r)),
+            // In memory, "persisted" is "stored": report it at once.
+            None => callback.io_completed(Ok(())),
+        }
         Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        if let Some((store, group)) = &self.disk {
+            match last_log_id {
+                Some(id) => {
+                    if let Some(from) = id.index.checked_add(1) {
+                        store.remove_log_from(*group, from)?;
+                    }
+                }
+                None => store.remove_log_from(*group, 0)?,
+            }
+        }
         let mut inner = self.lock()?;
         match last_log_id {
             Some(id) => remove_from(&mut inner.entries, id.index.checked_add(1)),

@@ -10,11 +10,13 @@ use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::OptionalSend;
 
-use super::snapshot;
+use super::network::GroupId;
+use super::snapshot::{self, DecodedSnapshot};
 use super::types::{
     Entry, EntryPayload, LogId, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership,
     TypeConfig,
 };
+use crate::persist::Store;
 use crate::storage::{Engine, PartitionId, PartitionState, StorageConfig, SystemClock};
 
 /// Memory reservations this node made for ops it proposed, by ticket.
@@ -82,6 +84,20 @@ pub struct PartitionStateMachine {
     engine: Arc<Engine>,
     tickets: Arc<Tickets>,
     inner: Arc<Mutex<SmInner>>,
+    /// Durable mode: where an installed snapshot is written (before the log it replaces
+    /// is purged) and the group's key there.
+    disk: Option<(Arc<Store>, GroupId)>,
+}
+
+/// A snapshot encoded for writing, and how long the partition's writes waited for it.
+#[derive(Debug)]
+pub struct Encoded {
+    /// The snapshot (metadata and bytes).
+    pub snapshot: Snapshot,
+    /// The applied index it covers (0 before any entry).
+    pub index: u64,
+    /// How long the state machine's lock was held to copy the state (the write pause).
+    pub pause: std::time::Duration,
 }
 
 #[derive(Debug)]
@@ -108,7 +124,37 @@ impl PartitionStateMachine {
                 last_membership: StoredMembership::default(),
                 snapshot_meta: None,
             })),
+            disk: None,
         }
+    }
+
+    /// Writes installed snapshots to `store` under `group` (durable mode).
+    #[must_use]
+    pub fn with_disk(mut self, store: Arc<Store>, group: GroupId) -> Self {
+        self.disk = Some((store, group));
+        self
+    }
+
+    /// Takes a snapshot loaded from disk as the state (before the group starts).
+    ///
+    /// # Errors
+    /// When the snapshot belongs to another partition or the engine refuses it.
+    pub fn restore(&self, decoded: DecodedSnapshot) -> io::Result<()> {
+        if decoded.partition != self.partition {
+            return Err(invalid_data(format!(
+                "snapshot of partition {} loaded for partition {}",
+                decoded.partition, self.partition
+            )));
+        }
+        let state = PartitionState::restore(self.partition, decoded.state);
+        let mut inner = self.lock()?;
+        self.engine
+            .restore(self.partition, state)
+            .map_err(|e| invalid_data(e.to_string()))?;
+        inner.last_applied = decoded.meta.last_log_id;
+        inner.last_membership = decoded.meta.last_membership.clone();
+        inner.snapshot_meta = Some(decoded.meta);
+        Ok(())
     }
 
     /// A standalone state machine for `partition` over its own unlimited engine (tests).
@@ -211,9 +257,14 @@ impl PartitionStateMachine {
         Ok(response)
     }
 
-    /// Encodes the current state as a snapshot.
-    fn build(&self) -> io::Result<Snapshot> {
-        let (meta, state) = {
+    /// Encodes the current state as a snapshot. Applying waits only while the state is
+    /// copied (measured as [`Encoded::pause`]); encoding happens outside the lock.
+    ///
+    /// # Errors
+    /// If the partition is missing from the engine.
+    pub fn encode(&self) -> io::Result<Encoded> {
+        let started = std::time::Instant::now();
+        let (meta, state, pause) = {
             let inner = self.lock()?;
             let meta = SnapshotMeta {
                 last_log_id: inner.last_applied,
@@ -224,11 +275,16 @@ impl PartitionStateMachine {
                 .engine
                 .snapshot(self.partition)
                 .ok_or_else(|| io::Error::other("no such partition in the engine"))?;
-            (meta, state)
+            (meta, state, started.elapsed())
         };
-        Ok(Snapshot {
-            snapshot: snapshot::encode(self.partition, &meta, &state),
-            meta,
+        let index = meta.last_log_id.map_or(0, |id| id.index);
+        Ok(Encoded {
+            snapshot: Snapshot {
+                snapshot: snapshot::encode(self.partition, &meta, &state),
+                meta,
+            },
+            index,
+            pause,
         })
     }
 }
@@ -318,6 +374,15 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 decoded.meta
             )));
         }
+        // Durable mode: on disk before openraft purges the log it replaces, so that a
+        // restart finds this snapshot and the entries after it, without a hole.
+        if let Some((store, group)) = &self.disk {
+            let index = meta.last_log_id.map_or(0, |id| id.index);
+            if store.put_snapshot(*group, index, &snapshot)? {
+                store.trim_log(*group, index)?;
+            }
+            store.flushed().await?;
+        }
         let state = PartitionState::restore(self.partition, decoded.state);
         let mut inner = self.lock()?;
         self.engine
@@ -335,6 +400,6 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         if self.lock()?.snapshot_meta.is_none() {
             return Ok(None);
         }
-        self.build().map(Some)
+        self.encode().map(|e| Some(e.snapshot))
     }
 }
