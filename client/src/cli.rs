@@ -12,8 +12,8 @@ mod dev;
 
 use crate::bench::{self, BenchConfig, BenchReport, Ratio};
 use crate::{
-    Client, ClientConfig, ClusterStatus, Condition, Consistency, Lsn, NodeStats, ReadOptions,
-    SetOptions, Ttl, DEFAULT_ENDPOINT,
+    Client, ClientConfig, ClusterStatus, Condition, Consistency, Lsn, NodeSnapshots, NodeStats,
+    ReadOptions, SetOptions, Ttl, DEFAULT_ENDPOINT,
 };
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Command-line client of a raftcache cluster.
 #[derive(Debug, Parser)]
@@ -188,6 +188,12 @@ enum AdminCommand {
     },
     /// Recompute placement: min(R, active nodes) replicas per partition, spread evenly.
     Rebalance,
+    /// Make every node write a snapshot of its partitions (or of PARTITION) to its data
+    /// directory now (nodes run with --persistence snapshot or durable).
+    Snapshot {
+        /// Only this partition.
+        partition: Option<u32>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -249,6 +255,10 @@ struct DevArgs {
     /// Eviction policy: noeviction, allkeys-lru or allkeys-lfu.
     #[arg(long, value_name = "POLICY")]
     eviction_policy: Option<String>,
+    /// Persistence of every node: none, snapshot or durable. With snapshot or durable,
+    /// running `dev` again on the same --data-dir brings the cluster back with its data.
+    #[arg(long, value_name = "MODE")]
+    persistence: Option<String>,
 }
 
 /// The entry point of the `raftcache` binary.
@@ -296,6 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 replicas: args.replicas.unwrap_or(args.nodes.min(3)),
                 max_memory: args.max_memory,
                 eviction_policy: args.eviction_policy,
+                persistence: args.persistence,
             })
             .await
         }
@@ -525,6 +536,13 @@ async fn run_admin(
             let (epoch, moved) = client.rebalance().await.context("cannot rebalance")?;
             write_stdout(format!("epoch {epoch}, {moved} replicas moved\n").as_bytes())?;
         }
+        AdminCommand::Snapshot { partition } => {
+            let nodes = client
+                .snapshot(partition)
+                .await
+                .context("cannot write snapshots")?;
+            write_stdout(snapshots_text(&nodes).as_bytes())?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -614,6 +632,35 @@ fn cluster_table(status: &ClusterStatus) -> String {
     out
 }
 
+/// The human view of `admin snapshot`.
+fn snapshots_text(nodes: &[NodeSnapshots]) -> String {
+    let mut out = String::new();
+    for n in nodes {
+        let bytes: u64 = n.snapshots.iter().map(|s| s.2).sum();
+        let pause = n.snapshots.iter().map(|s| s.3).max().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "node {} at {}: {} snapshots, {bytes} bytes in {} ms (longest write pause {pause} µs)",
+            n.node_id,
+            n.addr,
+            n.snapshots.len(),
+            n.duration_ms
+        );
+        for (p, index, bytes, pause) in &n.snapshots {
+            let name = if *p == u32::MAX {
+                "meta".to_owned()
+            } else {
+                format!("partition {p}")
+            };
+            let _ = writeln!(
+                out,
+                "  {name:<14} index {index:<10} {bytes} bytes, pause {pause} µs"
+            );
+        }
+    }
+    out
+}
+
 /// The human view of the nodes' counters.
 fn stats_text(stats: &[NodeStats]) -> String {
     let mut out = String::new();
@@ -647,6 +694,30 @@ fn stats_text(stats: &[NodeStats]) -> String {
         let _ = writeln!(out, "  evictions    {}", s.evictions);
         let _ = writeln!(out, "  expirations  {}", s.expirations);
         let _ = writeln!(out, "  uptime       {uptime}");
+        let _ = writeln!(out, "  persistence  {}", s.persistence);
+        if s.snapshots_written > 0 {
+            let ago = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .saturating_sub(s.last_snapshot_unix_ms);
+            let ago = humantime::format_duration(Duration::from_secs(ago / 1000));
+            let _ = writeln!(
+                out,
+                "  snapshots    {} written; last {ago} ago, {} bytes in {} ms; longest write pause {} µs",
+                s.snapshots_written, s.last_snapshot_bytes, s.last_snapshot_ms, s.snapshot_max_pause_us
+            );
+            let _ = writeln!(
+                out,
+                "  on disk      {} bytes of snapshots, {} bytes in all",
+                s.snapshot_stored_bytes, s.disk_bytes
+            );
+        } else if s.persistence != "none" {
+            let _ = writeln!(
+                out,
+                "  snapshots    none written yet ({} bytes on disk)",
+                s.disk_bytes
+            );
+        }
     }
     out
 }
@@ -864,6 +935,14 @@ mod tests {
             uptime_seconds: 61,
             partitions: 16,
             version: "0.1.0".into(),
+            persistence: "snapshot".into(),
+            snapshots_written: 4,
+            last_snapshot_unix_ms: 1,
+            last_snapshot_bytes: 4096,
+            last_snapshot_ms: 3,
+            snapshot_max_pause_us: 250,
+            snapshot_stored_bytes: 8192,
+            disk_bytes: 10000,
         }]);
         for want in [
             "node 1 at 127.0.0.1:7001",
@@ -875,6 +954,10 @@ mod tests {
             "evictions    1",
             "expirations  3",
             "uptime       1m 1s",
+            "persistence  snapshot",
+            "4 written",
+            "4096 bytes in 3 ms; longest write pause 250 µs",
+            "8192 bytes of snapshots, 10000 bytes in all",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }

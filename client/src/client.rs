@@ -219,6 +219,39 @@ pub struct NodeStats {
     pub partitions: u32,
     /// The node's version string.
     pub version: String,
+    /// `none`, `snapshot` or `durable`.
+    pub persistence: String,
+    /// Snapshots written since the node started.
+    pub snapshots_written: u64,
+    /// When the last snapshot was written, Unix ms (0 = never).
+    pub last_snapshot_unix_ms: u64,
+    /// Its size in bytes.
+    pub last_snapshot_bytes: u64,
+    /// How long writing it took, in ms.
+    pub last_snapshot_ms: u64,
+    /// The longest write pause a snapshot caused, in µs.
+    pub snapshot_max_pause_us: u64,
+    /// Bytes of the latest snapshot of every partition on the node.
+    pub snapshot_stored_bytes: u64,
+    /// Bytes the node's data directory takes.
+    pub disk_bytes: u64,
+}
+
+/// How long [`Client::snapshot`] waits for a node.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The snapshots one node wrote on request ([`Client::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeSnapshots {
+    /// The node's address.
+    pub addr: String,
+    /// The node id.
+    pub node_id: u64,
+    /// (partition, Raft index covered, bytes, write pause in µs); the meta group is
+    /// partition `u32::MAX`.
+    pub snapshots: Vec<(u32, u64, u64, u64)>,
+    /// How long it took, in ms.
+    pub duration_ms: u64,
 }
 
 impl NodeStats {
@@ -237,6 +270,14 @@ impl NodeStats {
             uptime_seconds: s.uptime_seconds,
             partitions: s.partitions,
             version: s.version,
+            persistence: s.persistence,
+            snapshots_written: s.snapshots_written,
+            last_snapshot_unix_ms: s.last_snapshot_unix_ms,
+            last_snapshot_bytes: s.last_snapshot_bytes,
+            last_snapshot_ms: s.last_snapshot_ms,
+            snapshot_max_pause_us: s.snapshot_max_pause_us,
+            snapshot_stored_bytes: s.snapshot_stored_bytes,
+            disk_bytes: s.disk_bytes,
         }
     }
 }
@@ -725,6 +766,55 @@ impl Client {
             Ok(NodeStats::new(node.info.addr.clone(), s))
         }))
         .await
+    }
+
+    /// Makes every node in the cached map (all at once) write a snapshot of each
+    /// partition it holds, or of `partition` only (nodes without a replica of it are
+    /// left out), to its data directory.
+    ///
+    /// # Errors
+    /// The first error of any node (e.g. `FAILED_PRECONDITION` from a node without
+    /// persistence).
+    pub async fn snapshot(&self, partition: Option<u32>) -> Result<Vec<NodeSnapshots>> {
+        let topology = self.topology();
+        let config = &self.inner.config;
+        let listed = topology.map.nodes.len().min(topology.nodes.len());
+        // Writing a large partition takes longer than a request timeout.
+        let limit = Limit {
+            wait: SNAPSHOT_TIMEOUT,
+            reported: SNAPSHOT_TIMEOUT,
+        };
+        let answers = join_all(topology.nodes[..listed].iter().map(|node| async move {
+            let client = AdminClient::new(node.channel.clone())
+                .max_decoding_message_size(config.max_message_bytes);
+            let r = bounded(limit, v1::SnapshotRequest { partition }, |r| async move {
+                let mut client = client;
+                client.snapshot(r).await
+            })
+            .await;
+            (node.info.addr.clone(), r)
+        }))
+        .await;
+        let mut out = Vec::new();
+        for (addr, r) in answers {
+            match r {
+                Ok(r) => out.push(NodeSnapshots {
+                    addr,
+                    node_id: r.node_id,
+                    snapshots: r
+                        .snapshots
+                        .iter()
+                        .map(|s| (s.partition, s.applied_index, s.bytes, s.pause_us))
+                        .collect(),
+                    duration_ms: r.duration_ms,
+                }),
+                // With one partition asked for, a node without it says so; skip it.
+                Err(ClientError::Unavailable(m))
+                    if partition.is_some() && m.contains("holds no replica") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// The partition `key` belongs to under the cached cluster map.

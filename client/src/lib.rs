@@ -53,7 +53,8 @@ pub mod ring;
 pub mod routing;
 
 pub use client::{
-    Client, Condition, Consistency, NodeStats, ReadOptions, SetOptions, SetOutcome, Ttl, Value,
+    Client, Condition, Consistency, NodeSnapshots, NodeStats, ReadOptions, SetOptions, SetOutcome,
+    Ttl, Value,
 };
 pub use config::{ClientConfig, DEFAULT_ENDPOINT};
 pub use error::{ClientError, Result};

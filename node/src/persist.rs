@@ -269,7 +269,11 @@ impl Store {
     /// # Errors
     /// On I/O errors.
     pub fn meta(&self) -> io::Result<Option<Vec<u8>>> {
-        Ok(self.node.get("meta").map_err(sled_error)?.map(|v| v.to_vec()))
+        Ok(self
+            .node
+            .get("meta")
+            .map_err(sled_error)?
+            .map(|v| v.to_vec()))
     }
 
     /// Replaces the stored identity (same node, e.g. another persistence mode). Flushed.
@@ -346,7 +350,9 @@ impl Store {
     fn forget_group(&self, group: u32) -> io::Result<()> {
         self.written_lock().remove(&group);
         self.replicas.remove(group_key(group)).map_err(sled_error)?;
-        self.snapshots.remove(group_key(group)).map_err(sled_error)?;
+        self.snapshots
+            .remove(group_key(group))
+            .map_err(sled_error)?;
         for tag in ["vote", "committed"] {
             self.raft.remove(raft_key(group, tag)).map_err(sled_error)?;
         }
@@ -592,7 +598,11 @@ mod tests {
 
     #[test]
     fn persistence_names_parse() {
-        for p in [Persistence::None, Persistence::Snapshot, Persistence::Durable] {
+        for p in [
+            Persistence::None,
+            Persistence::Snapshot,
+            Persistence::Durable,
+        ] {
             assert_eq!(p.name().parse::<Persistence>().unwrap(), p);
         }
         assert!("fsync".parse::<Persistence>().is_err());

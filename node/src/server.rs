@@ -7,9 +7,9 @@
 //! then the clean mark), then stop the background tasks (reclaim, metrics).
 
 use crate::cluster::{ClusterNode, NodeSettings, PersistSettings, Restart};
-use crate::persist::{Persistence, Store};
 use crate::config::Config;
 use crate::metrics;
+use crate::persist::{Persistence, Store};
 use crate::service::{CacheService, RaftService};
 use crate::storage::SystemClock;
 use anyhow::Context;

@@ -8,6 +8,10 @@
 //! node, `{"node":1,"pid":…,"grpc":"…","metrics":"…"}`, then `ready`. On SIGTERM or
 //! ctrl-c it stops the nodes (SIGTERM, up to 10 s, then SIGKILL) and exits 0; if a
 //! node dies on its own, it stops the others and exits 1.
+//!
+//! With `--persistence snapshot|durable`, every node writes to its `node-<i>` folder,
+//! and running `dev` again on the same `--data-dir` (and ports) brings the same cluster
+//! back with its data: each node finds its identity there and ignores found/join.
 
 use crate::{Client, ClientConfig, ClusterStatus};
 use anyhow::{bail, ensure, Context};
@@ -47,6 +51,8 @@ pub(crate) struct DevConfig {
     pub(crate) replicas: u32,
     pub(crate) max_memory: Option<String>,
     pub(crate) eviction_policy: Option<String>,
+    /// `none`, `snapshot` or `durable`, passed to every node.
+    pub(crate) persistence: Option<String>,
 }
 
 /// A node's ready line, and the line `dev` prints for it.
@@ -73,6 +79,11 @@ struct DevNode {
 pub(crate) async fn run(config: DevConfig) -> anyhow::Result<ExitCode> {
     ensure!(config.nodes >= 1, "--nodes must be at least 1");
     ensure!(config.replicas >= 1, "--replicas must be at least 1");
+    ensure!(
+        config.base_port != 0 || config.persistence.as_deref().is_none_or(|p| p == "none"),
+        "--persistence needs fixed ports (a node's data directory belongs to its address): \
+         use --base-port"
+    );
     let binary = find_node_binary(
         std::env::var_os("RAFTCACHE_NODE_BIN"),
         &std::env::current_exe().context("cannot locate the raftcache executable")?,
@@ -307,6 +318,9 @@ fn node_args(config: &DevConfig, index: u32, seed: Option<&str>) -> anyhow::Resu
     if let Some(policy) = &config.eviction_policy {
         args.extend(["--eviction-policy".into(), policy.into()]);
     }
+    if let Some(persistence) = &config.persistence {
+        args.extend(["--persistence".into(), persistence.into()]);
+    }
     Ok(args)
 }
 
@@ -430,6 +444,7 @@ mod tests {
             replicas: 3,
             max_memory: None,
             eviction_policy: None,
+            persistence: None,
         }
     }
 

@@ -203,15 +203,11 @@ impl Restart {
                     groups.insert(group, (replica, loaded));
                 }
                 Err(e) => {
-                    error!(
-                        "{e}: not serving it; the data directory {dir} cannot be used as it is"
-                    );
+                    error!("{e}: not serving it; the data directory {dir} cannot be used as it is");
                     let only_copy = match &e {
                         LoadError::CorruptSnapshot { group, .. }
                         | LoadError::DamagedLog { group, .. }
-                        | LoadError::Io(_, group) => {
-                            only_copy(&meta, identity.node_id, *group)
-                        }
+                        | LoadError::Io(_, group) => only_copy(&meta, identity.node_id, *group),
                     };
                     anyhow::ensure!(
                         !only_copy,
@@ -236,7 +232,12 @@ impl Restart {
         })
     }
 
-    fn lost(identity: &Identity, dir: &str, seeds: Vec<String>, why: String) -> anyhow::Result<Restart> {
+    fn lost(
+        identity: &Identity,
+        dir: &str,
+        seeds: Vec<String>,
+        why: String,
+    ) -> anyhow::Result<Restart> {
         anyhow::ensure!(
             !seeds.is_empty(),
             "{why} in {dir}, and node {} knows no peer to recover from: restore the directory \
@@ -310,7 +311,10 @@ impl ClusterNode {
         let Some(store) = self.store() else { return };
         self.snapshots.lock().groups.remove(&group);
         if let Err(e) = store.drop_replica(group) {
-            warn!(group, "cannot remove a stopped replica's data from disk: {e}");
+            warn!(
+                group,
+                "cannot remove a stopped replica's data from disk: {e}"
+            );
         }
     }
 
@@ -337,6 +341,11 @@ impl ClusterNode {
         self.settings.persist.mode
     }
 
+    /// Bytes the data directory's database takes (0 without persistence).
+    pub fn disk_bytes(&self) -> u64 {
+        self.store().map_or(0, |s| s.size_on_disk())
+    }
+
     /// Writes a snapshot of every group (or of `partition`) hosted here now. Returns
     /// (group, applied index, bytes, write pause) per written snapshot.
     ///
@@ -354,7 +363,10 @@ impl ClusterNode {
         groups.sort_by_key(|g| g.id);
         if let Some(p) = partition {
             groups.retain(|g| g.id == p);
-            anyhow::ensure!(!groups.is_empty(), "this node holds no replica of partition {p}");
+            anyhow::ensure!(
+                !groups.is_empty(),
+                "this node holds no replica of partition {p}"
+            );
         }
         let mut out = Vec::new();
         for g in groups {
@@ -389,10 +401,7 @@ impl ClusterNode {
     }
 
     async fn write_snapshot(&self, g: &Arc<Group>) -> anyhow::Result<Written> {
-        let store = self
-            .store()
-            .cloned()
-            .context("persistence is off")?;
+        let store = self.store().cloned().context("persistence is off")?;
         let _one = self.snapshots.writing.lock().await;
         let started = Instant::now();
         let group = g.clone();
@@ -491,10 +500,7 @@ impl ClusterNode {
         let mut keys = 0;
         for (p, (replica, state)) in groups {
             started.push((p, replica, state.snapshot_index(), state.log.entries.len()));
-            keys += state
-                .snapshot
-                .as_ref()
-                .map_or(0, |s| s.state.entries.len());
+            keys += state.snapshot.as_ref().map_or(0, |s| s.state.entries.len());
             let group = Group::start(
                 p,
                 replica,
@@ -528,7 +534,8 @@ impl ClusterNode {
             ..identity
         })?;
         store.set_clean(false)?;
-        self.node_id.store(node_id, std::sync::atomic::Ordering::Release);
+        self.node_id
+            .store(node_id, std::sync::atomic::Ordering::Release);
         self.assigned.send_replace(node_id);
         self.clone().spawn_loops();
         info!(

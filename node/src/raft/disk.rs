@@ -193,7 +193,12 @@ pub fn checkpoint(store: &Store, group: &Group) -> io::Result<Written> {
         .entries
         .iter()
         .filter(|e| e.log_id.index > index)
-        .map(|e| Ok((e.log_id.index, encode(e).map_err(io::Error::other)?.to_vec())))
+        .map(|e| {
+            Ok((
+                e.log_id.index,
+                encode(e).map_err(io::Error::other)?.to_vec(),
+            ))
+        })
         .collect::<io::Result<Vec<_>>>()?;
     store.append(group.id, tail)?;
     Ok(Written {

@@ -9,9 +9,9 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use openraft::rt::WatchReceiver;
 use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
 
+use super::disk::LoadedGroup;
 use super::network::{GroupId, GroupNetwork, Transport, META_GROUP};
 use super::state_machine::{PartitionStateMachine, Tickets};
-use super::disk::LoadedGroup;
 use super::types::{Proposal, ReplicaId, ReplicaNode, Response, TypeConfig, Vote};
 use super::MemLogStore;
 use crate::persist::Store;

@@ -176,7 +176,11 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         if let Some((store, group)) = &self.disk {
-            store.put_raft(*group, "committed", &encode(&committed).map_err(io::Error::other)?)?;
+            store.put_raft(
+                *group,
+                "committed",
+                &encode(&committed).map_err(io::Error::other)?,
+            )?;
         }
         self.lock()?.committed = committed;
         Ok(())
@@ -199,7 +203,12 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
         if let Some((store, group)) = &self.disk {
             let encoded = entries
                 .iter()
-                .map(|e| Ok((e.log_id.index, encode(e).map_err(io::Error::other)?.to_vec())))
+                .map(|e| {
+                    Ok((
+                        e.log_id.index,
+                        encode(e).map_err(io::Error::other)?.to_vec(),
+                    ))
+                })
                 .collect::<io::Result<Vec<_>>>()?;
             store.append(*group, encoded)?;
         }

@@ -343,7 +343,16 @@ impl CacheService {
             NodeError::Unavailable("this node is not part of a cluster yet".into())
         })?;
         let s = engine.stats();
+        let snap = self.node.snapshot_stats();
         Ok(StatsResponse {
+            persistence: self.node.persistence().to_string(),
+            snapshots_written: snap.written,
+            last_snapshot_unix_ms: snap.last_at_unix_ms,
+            last_snapshot_bytes: snap.last_bytes,
+            last_snapshot_ms: snap.last_duration_ms,
+            snapshot_max_pause_us: snap.max_pause_us,
+            snapshot_stored_bytes: snap.stored_bytes,
+            disk_bytes: self.node.disk_bytes(),
             node_id: self.node.node_id(),
             keys: s.keys,
             memory_used_bytes: s.memory_used,

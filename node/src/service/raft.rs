@@ -21,7 +21,8 @@ use raftcache_proto::v1::{
     AddNodeRequest, AddNodeResponse, AssignRequest, AssignResponse, HelloRequest, HelloResponse,
     InjectFaultRequest, InjectFaultResponse, RaftBatch, RaftBatchReply, RaftKind, RaftMessage,
     RaftResult, RebalanceRequest, RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse,
-    SnapshotChunk, SnapshotReply, TransferLeaderRequest, TransferLeaderResponse,
+    SnapshotChunk, SnapshotReply, SnapshotRequest, SnapshotResponse, SnapshotWritten,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 
 use crate::cluster::ClusterNode;
@@ -370,6 +371,37 @@ impl Admin for RaftService {
         );
         Ok(Response::new(InjectFaultResponse {
             previous_clock_offset_ms: previous,
+        }))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> tonic::Result<Response<SnapshotResponse>> {
+        if self.node.persistence() == crate::persist::Persistence::None {
+            return Err(Status::failed_precondition(
+                "this node runs with persistence `none` (start it with --persistence snapshot \
+                 or durable to write snapshots)",
+            ));
+        }
+        let started = std::time::Instant::now();
+        let written = self
+            .node
+            .snapshot_now(req.into_inner().partition)
+            .await
+            .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+        Ok(Response::new(SnapshotResponse {
+            node_id: self.node.node_id(),
+            snapshots: written
+                .into_iter()
+                .map(|(partition, w)| SnapshotWritten {
+                    partition,
+                    applied_index: w.index,
+                    bytes: w.bytes,
+                    pause_us: u64::try_from(w.pause.as_micros()).unwrap_or(u64::MAX),
+                })
+                .collect(),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         }))
     }
 }
