@@ -87,6 +87,10 @@ struct TestArgs {
     /// checker finding real stale reads; such a run is expected to be invalid.
     #[arg(long)]
     follower_reads: bool,
+    /// The nodes' persistence: none, snapshot or durable. With durable, a killed node
+    /// comes back as itself, and `all` includes `kill-all` (every node at once).
+    #[arg(long, default_value = "none")]
+    persistence: String,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -174,7 +178,13 @@ fn test(t: TestArgs) -> ExitCode {
 
 fn build_options(t: TestArgs) -> Result<RunOptions, String> {
     let cdc = t.workload == Workload::Cdc;
-    let faults = parse_faults(&t.nemesis, cdc)?;
+    if !["none", "snapshot", "durable"].contains(&t.persistence.as_str()) {
+        return Err(format!(
+            "--persistence {:?}: expected none, snapshot or durable",
+            t.persistence
+        ));
+    }
+    let faults = parse_faults(&t.nemesis, cdc, t.persistence == "durable")?;
     if t.nodes == 0 || t.nodes > 9 {
         return Err(format!("--nodes {} is outside 1..=9", t.nodes));
     }
@@ -219,6 +229,7 @@ fn build_options(t: TestArgs) -> Result<RunOptions, String> {
         cdc_bin,
         check_time_limit: t.check_time_limit,
         follower_reads: t.follower_reads,
+        persistence: (t.persistence != "none").then_some(t.persistence),
     })
 }
 

@@ -54,6 +54,9 @@ pub struct Slot {
     pub pid: u32,
     /// How many times it was started.
     pub incarnations: u32,
+    /// Its data directory's generation: with persistence a restart reuses it (the node
+    /// comes back from it), and it changes only when the slot left the cluster.
+    data_gen: u32,
     child: Option<Child>,
 }
 
@@ -66,6 +69,9 @@ pub struct NodeOptions {
     pub partitions: u32,
     /// Replicas per partition.
     pub replicas: u32,
+    /// `--persistence` of every node (`None`: memory only, each incarnation in a fresh
+    /// data directory). With persistence a killed slot restarts on the same directory.
+    pub persistence: Option<String>,
 }
 
 /// The cluster under test.
@@ -116,6 +122,7 @@ impl JCluster {
                 state: SlotState::Down,
                 pid: 0,
                 incarnations: 0,
+                data_gen: 0,
                 child: None,
             })
             .collect();
@@ -160,6 +167,15 @@ impl JCluster {
             .iter()
             .find(|s| s.index != except && s.state == SlotState::Up)
             .map(|s| s.addr.to_string())
+    }
+
+    /// Sends SIGKILL to slot `i` without waiting (then [`kill`](Self::kill) reaps it);
+    /// lets several nodes die at the same instant.
+    pub fn signal_kill(&self, i: usize) {
+        let slot = &self.slots[i];
+        if slot.pid != 0 && slot.child.is_some() {
+            super::super::signal(slot.pid, libc::SIGKILL);
+        }
     }
 
     /// Kills slot `i` at once (SIGKILL) and reaps it.
@@ -207,10 +223,36 @@ impl JCluster {
         }
     }
 
-    /// Marks slot `i` removed (after `remove-node`) and stops its process.
+    /// Marks slot `i` removed (after `remove-node`) and stops its process. Its data
+    /// directory is left behind: the node it held is gone from the cluster.
     pub async fn retire(&mut self, i: usize) {
         self.kill(i).await;
         self.slots[i].state = SlotState::Removed;
+        self.slots[i].data_gen += 1;
+    }
+
+    /// Whether nodes keep their Raft state across a kill (`--persistence durable`).
+    pub fn durable(&self) -> bool {
+        self.opts.persistence.as_deref() == Some("durable")
+    }
+
+    /// Restarts every down slot at once (after every node was killed): each comes
+    /// back from its data directory, so no live member is needed.
+    ///
+    /// # Errors
+    /// When persistence is off or a node does not start.
+    pub async fn restart_all(&mut self) -> Result<()> {
+        anyhow::ensure!(
+            self.opts.persistence.is_some(),
+            "restarting a cluster with no live member needs persistence"
+        );
+        // One after the other: a node restoring itself is ready at once, without its
+        // peers. Join flags are ignored by such a node; name a peer anyway.
+        for i in self.in_state(SlotState::Down) {
+            let seed = self.slots[(i + 1) % self.slots.len()].addr.to_string();
+            self.spawn(i, Some(&seed)).await?;
+        }
+        Ok(())
     }
 
     /// The slot whose current incarnation has node id `id`.
@@ -331,7 +373,11 @@ async fn spawn(
 ) -> Result<()> {
     let i = slot.index;
     let slot_dir = dir.join(format!("n{i}"));
-    let data = slot_dir.join(format!("data-{}", slot.incarnations));
+    let generation = match opts.persistence {
+        Some(_) => slot.data_gen,
+        None => slot.incarnations,
+    };
+    let data = slot_dir.join(format!("data-{generation}"));
     std::fs::create_dir_all(&data)?;
     let log_path = dir.join(format!("n{i}.log"));
     let mut log = std::fs::OpenOptions::new()
@@ -354,6 +400,9 @@ async fn spawn(
         .arg("--fault-injection");
     if !route.is_empty() {
         cmd.args(["--peer-route", route]);
+    }
+    if let Some(mode) = &opts.persistence {
+        cmd.args(["--persistence", mode]);
     }
     match join {
         Some(seed) => {

@@ -11,7 +11,8 @@
 //! |---|---|---|
 //! | `partition` | one of: halves, one-way, isolate a leader, bridge (proxy blocks) | unblock |
 //! | `net` | delay 50–300 ms ± 50 ms and 5–20 % loss on every link of one node | clear |
-//! | `kill` | SIGKILL one node | restart it (a new node at the same address) |
+//! | `kill` | SIGKILL one node | restart it (a new node at the same address; with `--persistence durable` the same node, from its data directory) |
+//! | `kill-all` | SIGKILL every node at once (only with `--persistence durable`) | restart them all from their data directories |
 //! | `pause` | SIGSTOP one node | SIGCONT |
 //! | `member` | move a partition's leadership, or drain and remove a node | re-add it, rebalance |
 //! | `clock` | skew one node's wall clock by ±1–10 s (`Admin/InjectFault`) | reset it |
@@ -42,6 +43,8 @@ pub enum Fault {
     Net,
     /// SIGKILL and restart.
     Kill,
+    /// SIGKILL of every node at once, and restart (durable persistence only).
+    KillAll,
     /// SIGSTOP and SIGCONT.
     Pause,
     /// Leadership transfers, node removal and re-addition.
@@ -56,10 +59,11 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault, in the order `all` lists them.
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 9] = [
         Fault::Partition,
         Fault::Net,
         Fault::Kill,
+        Fault::KillAll,
         Fault::Pause,
         Fault::Member,
         Fault::Clock,
@@ -73,6 +77,7 @@ impl Fault {
             Fault::Partition => "partition",
             Fault::Net => "net",
             Fault::Kill => "kill",
+            Fault::KillAll => "kill-all",
             Fault::Pause => "pause",
             Fault::Member => "member",
             Fault::Clock => "clock",
@@ -84,6 +89,12 @@ impl Fault {
     /// Whether it needs the CDC workload's processes.
     pub fn needs_cdc(self) -> bool {
         matches!(self, Fault::CdcKill | Fault::PgRestart)
+    }
+
+    /// Whether it needs nodes that keep their Raft state (`--persistence durable`):
+    /// without it, killing every node loses the data by design.
+    pub fn needs_durable(self) -> bool {
+        self == Fault::KillAll
     }
 }
 
@@ -101,20 +112,28 @@ impl FromStr for Fault {
 }
 
 /// Parses `--nemesis` (comma-separated; `all` = every fault that applies to the
-/// workload; `none` = no faults).
+/// workload and the persistence; `none` = no faults).
 ///
 /// # Errors
-/// On an unknown name, or a CDC fault without the CDC workload.
-pub fn parse_faults(spec: &str, cdc: bool) -> Result<Vec<Fault>, String> {
+/// On an unknown name, a CDC fault without the CDC workload, or `kill-all` without
+/// durable persistence.
+pub fn parse_faults(spec: &str, cdc: bool, durable: bool) -> Result<Vec<Fault>, String> {
     let mut faults = Vec::new();
     for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
         match part.trim() {
             "none" => {}
-            "all" => faults.extend(Fault::ALL.into_iter().filter(|f| cdc || !f.needs_cdc())),
+            "all" => faults.extend(
+                Fault::ALL
+                    .into_iter()
+                    .filter(|f| (cdc || !f.needs_cdc()) && (durable || !f.needs_durable())),
+            ),
             name => {
                 let f: Fault = name.parse()?;
                 if f.needs_cdc() && !cdc {
                     return Err(format!("nemesis {name} needs --workload cdc"));
+                }
+                if f.needs_durable() && !durable {
+                    return Err(format!("nemesis {name} needs --persistence durable"));
                 }
                 faults.push(f);
             }
@@ -162,6 +181,7 @@ enum Undo {
     Nothing,
     Unblock,
     Restart(usize),
+    RestartAll,
     Resume(usize),
     Readd(usize),
     Clock(usize),
@@ -256,7 +276,7 @@ impl Nemesis {
                 .faults
                 .choose(&mut self.rng)
                 .unwrap_or(&Fault::Partition);
-            if matches!(fault, Fault::Kill | Fault::Member) && !healthy {
+            if matches!(fault, Fault::Kill | Fault::KillAll | Fault::Member) && !healthy {
                 healthy = cluster.wait_healthy(self.schedule.recover).await.is_ok();
                 continue;
             }
@@ -339,6 +359,21 @@ impl Nemesis {
                 self.log
                     .event("start", name, &format!("SIGKILL n{victim} (node {id})"));
                 Undo::Restart(victim)
+            }
+            Fault::KillAll => {
+                let victims = cluster.in_state(SlotState::Up);
+                for &i in &victims {
+                    cluster.signal_kill(i);
+                }
+                for &i in &victims {
+                    cluster.kill(i).await;
+                }
+                self.log.event(
+                    "start",
+                    name,
+                    &format!("SIGKILL of all {} nodes at once", victims.len()),
+                );
+                Undo::RestartAll
             }
             Fault::Pause => {
                 cluster.pause(victim);
@@ -448,6 +483,15 @@ impl Nemesis {
                 self.log.event("heal", "net", "all links healed");
                 Ok(())
             }
+            Undo::RestartAll => {
+                cluster.restart_all().await?;
+                self.log.event(
+                    "heal",
+                    "kill-all",
+                    &format!("restarted: {}", cluster.describe()),
+                );
+                Ok(())
+            }
             Undo::Restart(i) => {
                 cluster.restart(i).await?;
                 self.log.event(
@@ -503,6 +547,9 @@ impl Nemesis {
     /// When it does not recover within a minute.
     pub async fn heal_all(&mut self, cluster: &mut JCluster) -> Result<()> {
         cluster.net.heal_all();
+        if cluster.durable() && cluster.in_state(SlotState::Up).is_empty() {
+            cluster.restart_all().await?;
+        }
         for i in 0..cluster.slots.len() {
             match cluster.slots[i].state {
                 SlotState::Paused => cluster.resume(i),

@@ -92,6 +92,8 @@ pub struct RunOptions {
     /// Register reads from followers (a known non-linearizable mode, to see the
     /// checker catch stale reads).
     pub follower_reads: bool,
+    /// The nodes' `--persistence` (`None`: memory only).
+    pub persistence: Option<String>,
 }
 
 fn fault_names<S: serde::Serializer>(faults: &[Fault], s: S) -> Result<S::Ok, S::Error> {
@@ -125,6 +127,7 @@ pub async fn run(opts: &RunOptions) -> Result<RunResult> {
         bin: opts.node_bin.clone(),
         partitions: opts.partitions,
         replicas: opts.replicas,
+        persistence: opts.persistence.clone(),
     };
     eprintln!(
         "raftcache-jepsen: starting {} nodes (logs in {})",

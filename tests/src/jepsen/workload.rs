@@ -107,13 +107,24 @@ pub fn record_error(h: &HistoryWriter, op: OpHandle, e: &ClientError) -> Ended {
 }
 
 /// A client for one process. Its default limits (2 s per attempt, 5 s per call) end
-/// every operation within [`OP_TIMEOUT`].
+/// every operation within [`OP_TIMEOUT`]. Connecting is retried for up to
+/// [`CONNECT_PATIENCE`]: a nemesis may have every node down at that moment (`kill-all`).
 ///
 /// # Errors
-/// When no endpoint answers.
+/// When no endpoint answers within that time.
 pub async fn process_client(endpoints: &[String]) -> Result<Client> {
-    Ok(Client::connect(ClientConfig::new(endpoints.to_vec())).await?)
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match Client::connect(ClientConfig::new(endpoints.to_vec())).await {
+            Ok(client) => return Ok(client),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
 }
+
+/// How long [`process_client`] keeps trying to connect.
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The pause between two operations of one process for a total of `rate` ops/s.
 pub fn pause(rng: &mut SmallRng, opts: &WorkloadOptions) -> Duration {
