@@ -4,9 +4,11 @@
 //! Every node slot has a fixed gRPC address chosen before anything starts, and every
 //! directed link (i → j) has its own proxy listener; node i is started with
 //! `--peer-route addr(j)=link(i,j)` for every j, so its Raft, join and admin traffic to
-//! j passes the proxy while clients talk to the nodes directly. Nodes keep memory-only
-//! state: a node that is killed comes back at the same address as a *new* node
-//! (`--join`, new node id), as the node's docs require.
+//! j passes the proxy while clients talk to the nodes directly. Without persistence a
+//! node that is killed comes back at the same address as a *new* node (`--join`, new
+//! node id, a fresh data directory), as the node's docs require; with
+//! `--persistence durable` it comes back as itself from its data directory, and every
+//! node may be killed at once ([`JCluster::restart_all`]).
 //!
 //! Processes are `tokio::process::Child`ren with `kill_on_drop`, so dropping the
 //! [`JCluster`] kills them all (SIGCONT first, in case one was paused). Each slot's
