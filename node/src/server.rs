@@ -104,7 +104,15 @@ pub async fn run(
         .unwrap_or_else(|| bound.grpc.to_string());
     let persistence = &config.persistence;
     let store = match persistence.mode {
-        Persistence::None => None,
+        Persistence::None => {
+            if config.server.data_dir.join("sled").exists() {
+                warn!(
+                    dir = %config.server.data_dir.display(),
+                    "the data directory holds persisted state, ignored with persistence `none`"
+                );
+            }
+            None
+        }
         _ => Some(Store::open(&config.server.data_dir).with_context(|| {
             format!(
                 "cannot open the data directory {} (is another node using it?)",
