@@ -196,9 +196,37 @@ impl Restart {
                 "the cluster metadata is unreadable".into(),
             );
         };
+        // Reading, checking and rebuilding the partitions is CPU-bound: spread it over
+        // the cores (a node restarts faster than one thread decodes its snapshots).
+        let replicas: Vec<(GroupId, ReplicaId)> = store.replicas()?.into_iter().collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .clamp(1, replicas.len().max(1));
+        let loaded: Vec<(GroupId, ReplicaId, Result<LoadedGroup, LoadError>)> =
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let mine: Vec<(GroupId, ReplicaId)> =
+                            replicas.iter().copied().skip(t).step_by(threads).collect();
+                        scope.spawn(move || {
+                            mine.into_iter()
+                                .map(|(g, r)| (g, r, disk::load(store, g, r, snapshots_only)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|w| w.join().unwrap_or_default())
+                    .collect()
+            });
+        anyhow::ensure!(
+            loaded.len() == replicas.len(),
+            "a thread loading the data directory failed"
+        );
         let mut groups = BTreeMap::new();
-        for (group, replica) in store.replicas()? {
-            match disk::load(store, group, replica, snapshots_only) {
+        for (group, replica, result) in loaded {
+            match result {
                 Ok(loaded) => {
                     groups.insert(group, (replica, loaded));
                 }
@@ -500,7 +528,7 @@ impl ClusterNode {
         let mut keys = 0;
         for (p, (replica, state)) in groups {
             started.push((p, replica, state.snapshot_index(), state.log.entries.len()));
-            keys += state.snapshot.as_ref().map_or(0, |s| s.state.entries.len());
+            keys += state.snapshot.as_ref().map_or(0, |s| s.keys);
             let group = Group::start(
                 p,
                 replica,

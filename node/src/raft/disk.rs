@@ -7,15 +7,29 @@ use std::time::Duration;
 use super::group::Group;
 use super::log_store::LogContents;
 use super::network::{decode, encode, GroupId};
-use super::snapshot::{self, DecodedSnapshot};
-use super::types::{Entry, LogId, Vote};
+use super::snapshot;
+use super::types::{Entry, LogId, SnapshotMeta, Vote};
 use crate::persist::Store;
+use crate::storage::{PartitionId, PartitionState};
+
+/// A stored snapshot, checked and rebuilt into a partition's state.
+#[derive(Debug)]
+pub struct LoadedSnapshot {
+    /// The partition it belongs to.
+    pub partition: PartitionId,
+    /// The Raft position and membership it covers.
+    pub meta: SnapshotMeta,
+    /// The state, ready to be swapped into the engine.
+    pub state: PartitionState,
+    /// Its number of keys.
+    pub keys: usize,
+}
 
 /// A group's state as read back from disk.
 #[derive(Debug)]
 pub struct LoadedGroup {
     /// The stored snapshot, checked (magic, version, checksum, contents).
-    pub snapshot: Option<DecodedSnapshot>,
+    pub snapshot: Option<LoadedSnapshot>,
     /// The vote, committed id and log entries after the snapshot.
     pub log: LogContents,
 }
@@ -74,7 +88,14 @@ pub fn load(
         Some(bytes) => {
             let decoded = snapshot::decode(&bytes)
                 .map_err(|why| LoadError::CorruptSnapshot { group, why })?;
-            Some(decoded)
+            drop(bytes);
+            let keys = decoded.state.entries.len();
+            Some(LoadedSnapshot {
+                partition: decoded.partition,
+                meta: decoded.meta,
+                state: PartitionState::restore(decoded.partition, decoded.state),
+                keys,
+            })
         }
     };
     let last_purged = snapshot.as_ref().and_then(|s| s.meta.last_log_id);

@@ -10,8 +10,9 @@ use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::OptionalSend;
 
+use super::disk::LoadedSnapshot;
 use super::network::GroupId;
-use super::snapshot::{self, DecodedSnapshot};
+use super::snapshot;
 use super::types::{
     Entry, EntryPayload, LogId, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership,
     TypeConfig,
@@ -139,21 +140,20 @@ impl PartitionStateMachine {
     ///
     /// # Errors
     /// When the snapshot belongs to another partition or the engine refuses it.
-    pub fn restore(&self, decoded: DecodedSnapshot) -> io::Result<()> {
-        if decoded.partition != self.partition {
+    pub fn restore(&self, loaded: LoadedSnapshot) -> io::Result<()> {
+        if loaded.partition != self.partition {
             return Err(invalid_data(format!(
                 "snapshot of partition {} loaded for partition {}",
-                decoded.partition, self.partition
+                loaded.partition, self.partition
             )));
         }
-        let state = PartitionState::restore(self.partition, decoded.state);
         let mut inner = self.lock()?;
         self.engine
-            .restore(self.partition, state)
+            .restore(self.partition, loaded.state)
             .map_err(|e| invalid_data(e.to_string()))?;
-        inner.last_applied = decoded.meta.last_log_id;
-        inner.last_membership = decoded.meta.last_membership.clone();
-        inner.snapshot_meta = Some(decoded.meta);
+        inner.last_applied = loaded.meta.last_log_id;
+        inner.last_membership = loaded.meta.last_membership.clone();
+        inner.snapshot_meta = Some(loaded.meta);
         Ok(())
     }
 
