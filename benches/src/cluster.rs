@@ -240,6 +240,8 @@ pub struct Cluster {
     /// The live nodes (killed ones are removed from here).
     pub nodes: Vec<NodeProc>,
     started: u32,
+    /// Flags every node of this cluster gets (e.g. `--persistence durable`).
+    extra: Vec<OsString>,
 }
 
 impl Cluster {
@@ -254,6 +256,21 @@ impl Cluster {
         partitions: u32,
         replicas: u32,
     ) -> anyhow::Result<Cluster> {
+        Self::start_with(binary, count, partitions, replicas, &[]).await
+    }
+
+    /// [`Cluster::start`] with `extra` flags given to every node (also to nodes that
+    /// [`Cluster::join`] later), e.g. `--persistence durable`.
+    ///
+    /// # Errors
+    /// When a node fails to start or the cluster does not settle in time.
+    pub async fn start_with(
+        binary: &Path,
+        count: u32,
+        partitions: u32,
+        replicas: u32,
+        extra: &[OsString],
+    ) -> anyhow::Result<Cluster> {
         ensure!(count >= 1, "a cluster needs a node");
         let dir = tempfile::Builder::new()
             .prefix("raftcache-bench-")
@@ -266,6 +283,7 @@ impl Cluster {
             replicas,
             nodes: Vec::new(),
             started: 0,
+            extra: extra.to_vec(),
         };
         let mut founder = addr_args("127.0.0.1:0");
         founder.extend([
@@ -288,7 +306,9 @@ impl Cluster {
     async fn spawn(&mut self, args: &[OsString]) -> anyhow::Result<&NodeProc> {
         self.started += 1;
         let dir = self.dir.path().join(format!("node-{}", self.started));
-        let node = NodeProc::start(&self.binary, &dir, args).await?;
+        let mut args = args.to_vec();
+        args.extend(self.extra.iter().cloned());
+        let node = NodeProc::start(&self.binary, &dir, &args).await?;
         self.nodes.push(node);
         self.nodes.last().context("the node was just pushed")
     }

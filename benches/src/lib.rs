@@ -13,8 +13,14 @@
 //!   maximum row changes/s) with a throwaway PostgreSQL, `pgbench` and the
 //!   `raftcache-cdc` worker; [`cdc`] holds its worker guard, metrics scrape and pgbench
 //!   runner. Run it with `benches/scripts/cdc.sh`.
+//! - `src/bin/persist-bench.rs`: the persistence benchmark (save and load of 1M keys on
+//!   one node vs Redis `BGSAVE` and restart, set latency during a snapshot, write
+//!   throughput with persistence `none` / `snapshot` / `durable` on 3-node clusters);
+//!   [`persist`] holds its process guard, RESP client, keys and loads. Run it with
+//!   `benches/scripts/persist.sh`.
 //!
 //! Run the micro-benchmarks with `cargo bench -p raftcache-benches`.
 
 pub mod cdc;
 pub mod cluster;
+pub mod persist;
