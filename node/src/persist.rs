@@ -412,6 +412,12 @@ impl Store {
         Ok(true)
     }
 
+    /// The applied index `group`'s stored snapshot covers, if one was written or loaded
+    /// by this process.
+    pub fn snapshot_index(&self, group: u32) -> Option<u64> {
+        self.written_lock().get(&group).copied()
+    }
+
     /// Notes that `group`'s stored snapshot covers `index` (it was loaded at start).
     pub fn note_snapshot(&self, group: u32, index: u64) {
         self.written_lock().insert(group, index);

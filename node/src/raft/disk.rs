@@ -194,14 +194,25 @@ pub fn write_snapshot(store: &Store, group: &Group) -> io::Result<Written> {
 /// On I/O errors.
 pub fn checkpoint(store: &Store, group: &Group) -> io::Result<Written> {
     let log = group.log.contents()?;
-    let encoded = group.sm.encode()?;
-    let index = encoded.index;
+    // The group has stopped: a stored snapshot at its applied index is already this
+    // state (e.g. right after `admin snapshot`), and is not written again.
+    let applied = group.sm.last_applied_index()?;
+    let (index, bytes, pause) = if store.snapshot_index(group.id) == Some(applied) {
+        (applied, 0, Duration::ZERO)
+    } else {
+        let encoded = group.sm.encode()?;
+        // Stored unconditionally: this is the state the replica stops with.
+        store.note_snapshot(group.id, 0);
+        store.put_snapshot(group.id, encoded.index, &encoded.snapshot.snapshot)?;
+        (
+            encoded.index,
+            encoded.snapshot.snapshot.len() as u64,
+            encoded.pause,
+        )
+    };
     // Replace everything stored for the log: an older checkpoint's tail may hold
     // entries that were truncated since.
     store.remove_log_from(group.id, 0)?;
-    // Stored unconditionally: this is the state the replica stops with.
-    store.note_snapshot(group.id, 0);
-    store.put_snapshot(group.id, index, &encoded.snapshot.snapshot)?;
     if let Some(vote) = &log.vote {
         store.put_raft(group.id, "vote", &encode(vote).map_err(io::Error::other)?)?;
     }
@@ -224,8 +235,8 @@ pub fn checkpoint(store: &Store, group: &Group) -> io::Result<Written> {
     store.append(group.id, tail)?;
     Ok(Written {
         index,
-        bytes: encoded.snapshot.snapshot.len() as u64,
-        pause: encoded.pause,
-        stored: true,
+        bytes,
+        pause,
+        stored: bytes > 0,
     })
 }
