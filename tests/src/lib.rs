@@ -27,7 +27,7 @@ pub mod pg;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -91,12 +91,40 @@ impl NodeProc {
     /// As [`start`](Self::start).
     pub fn start_at(bins: &Bins, grpc: &str, extra: &[&str]) -> Result<NodeProc> {
         let dir = tempfile::tempdir()?;
-        let log = dir.path().join("node.log");
         let data = dir.path().join("data");
+        Self::spawn(bins, grpc, &data, dir, extra)
+    }
+
+    /// [`start_at`](Self::start_at) with a data directory the caller owns and keeps
+    /// across restarts (persistence tests: stop the node, then start it again on the
+    /// same `grpc` address and `data_dir`). The log still goes to a fresh temporary
+    /// directory of this process, so each run has its own log.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_with_dir(
+        bins: &Bins,
+        grpc: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Result<NodeProc> {
+        Self::spawn(bins, grpc, data_dir, tempfile::tempdir()?, extra)
+    }
+
+    /// Spawns the node with its data in `data` and its log in `dir`, and waits for
+    /// its ready line.
+    fn spawn(
+        bins: &Bins,
+        grpc: &str,
+        data: &Path,
+        dir: tempfile::TempDir,
+        extra: &[&str],
+    ) -> Result<NodeProc> {
+        let log = dir.path().join("node.log");
         let mut cmd = Command::new(&bins.node);
         cmd.args(["--grpc-addr", grpc, "--metrics-addr", "127.0.0.1:0"])
             .arg("--data-dir")
-            .arg(&data)
+            .arg(data)
             .args(extra)
             .env(
                 "RUST_LOG",
