@@ -108,6 +108,7 @@ type Flushed = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// The node's sled database (see the module docs). Cheap to share through an `Arc`.
 pub struct Store {
+    /// The node's data directory (`<data-dir>`).
     dir: PathBuf,
     db: sled::Db,
     node: sled::Tree,
@@ -181,7 +182,7 @@ impl Store {
             .name("raftcache-flush".into())
             .spawn(move || flush_loop(&flush_db, &rx))?;
         Ok(Arc::new(Store {
-            dir,
+            dir: data_dir.to_path_buf(),
             db,
             node,
             replicas,
@@ -194,7 +195,7 @@ impl Store {
         }))
     }
 
-    /// Where the database lives.
+    /// The data directory (`sled/` and `snapshots/` inside).
     pub fn dir(&self) -> &Path {
         &self.dir
     }

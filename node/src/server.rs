@@ -173,6 +173,11 @@ pub async fn run(
     let grpc_stop = cancel.clone();
     let mut grpc = tokio::spawn(
         Server::builder()
+            // A client gives up on a request after its attempt timeout; on a starved node
+            // many such streams are reset before they are accepted, and past h2's default
+            // of 20 the whole connection is closed (`too_many_resets`), failing every
+            // other call on it. Resets by our own clients are not an attack here.
+            .http2_max_pending_accept_reset_streams(Some(4096))
             .add_service(cache)
             .add_service(transport)
             .add_service(admin)
