@@ -116,6 +116,27 @@ fn short_run_with(workload: &str, extra: &[&str]) {
     eprintln!("{workload}: {stdout}{stderr}");
 }
 
+/// `check` must reject the kept excerpt `name` (exit 1, `valid: false`) and name
+/// `anomaly` in its report.
+fn rejects_fixture(name: &str, anomaly: &str) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    let out = output_within(
+        Command::new(jepsen()).arg("check").arg(&fixture),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{name}: {stdout}{stderr}");
+    assert!(stdout.starts_with("valid: false"), "{name}: {stdout}");
+    assert!(
+        stderr.contains(anomaly),
+        "{name}: no {anomaly:?} in\n{stderr}"
+    );
+}
+
 #[test]
 fn register_with_all_nemeses_is_linearizable() {
     short_run("register");
@@ -254,59 +275,23 @@ fn check_fails_planted_anomalies_and_passes_a_valid_history() {
 
     // The real anomaly raftcache-jepsen found (5-minute register run, `all`, 5 nodes,
     // seed 1795372387902690602): a write applied twice, its first attempt committed by a
-    // new leader after the client had retried. The excerpt stays invalid; the fix
-    // (request ids applied once) is tested in the node and client crates.
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/jepsen-double-apply.jsonl"
+    // new leader after the client had retried. The fix (request ids applied once) is
+    // tested in the node and client crates.
+    rejects_fixture("jepsen-double-apply.jsonl", "not-linearizable");
+    // A CI counter run (seed 1795379175834686442): increments recorded as `fail` (the
+    // last attempt got NOT_LEADER) that a new leader had committed, as the client
+    // reported them before it learnt `MaybeApplied` (tested in client/tests/fake_node.rs).
+    rejects_fixture(
+        "jepsen-fail-then-applied.jsonl",
+        "double-or-phantom-increment",
     );
-    let out = output_within(
-        Command::new(jepsen()).arg("check").arg(fixture),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.starts_with("valid: false"), "{stdout}");
-
-    // Regression (a CI counter run, seed 1795379175834686442): increments recorded as
-    // `fail` (the last attempt got NOT_LEADER) that a new leader had committed, as the
-    // client reported them before it learnt `MaybeApplied`. The key's excerpt stays
-    // invalid; the fix is tested in client/tests/fake_node.rs.
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/jepsen-fail-then-applied.jsonl"
-    );
-    let out = output_within(
-        Command::new(jepsen()).arg("check").arg(fixture),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.starts_with("valid: false"), "{stdout}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("double-or-phantom-increment"), "{stderr}");
-
-    // Regression (counter, --persistence durable, kill-all, seed 1795381656029941870):
-    // a LINEARIZABLE read right after every node was killed returned 255 although
-    // the increment to 256 had been acknowledged (and later increments went on from
-    // 256): openraft restored the old leader as leader at once, with a commit index
-    // stored behind the one it had acknowledged. Fixed by `enable_leader_restore:
-    // false` (a restarted leader must win a new election); `durable_counter_survives_kill_all`
-    // runs the same scenario.
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/jepsen-durable-stale-read.jsonl"
-    );
-    let out = output_within(
-        Command::new(jepsen()).arg("check").arg(fixture),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("lost-increment"), "{stderr}");
+    // Counter, --persistence durable, kill-all (seed 1795381656029941870): a
+    // LINEARIZABLE read right after every node was killed returned 255 although the
+    // increment to 256 had been acknowledged (later increments went on from 256):
+    // openraft restored the old leader at once, with a commit index stored behind the
+    // one it had acknowledged. Fixed by `enable_leader_restore: false`;
+    // `durable_counter_survives_kill_all` runs the same scenario.
+    rejects_fixture("jepsen-durable-stale-read.jsonl", "lost-increment");
 
     // Garbage is a clear error (exit 2), not a verdict.
     let (code, _, stderr) = check(dir.path(), "garbage.jsonl", &["{not json"]);

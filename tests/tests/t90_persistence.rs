@@ -722,29 +722,53 @@ fn a_corrupt_snapshot_is_detected_and_the_node_recovers_from_its_peers() {
     drop(nodes);
 }
 
+/// Flags of a lone `snapshot`-mode node (R=1, 4 partitions).
+const LONE: [&str; 6] = [
+    "--persistence",
+    "snapshot",
+    "--replicas",
+    "1",
+    "--partitions",
+    "4",
+];
+
+/// A client of the lone node at `addr`, once its partitions have leaders.
+async fn lone_client(addr: &str) -> Client {
+    let client = Client::connect(ClientConfig::new([addr.to_owned()]))
+        .await
+        .unwrap();
+    wait_status(&client, SETTLE, "settled", |s| settled(s, 4, 1))
+        .await
+        .unwrap();
+    client
+}
+
+/// Runs the node at `addr` on `data` with `flags` until it exits (it is expected to
+/// refuse to start), at most 30 s.
+fn run_to_exit(bins: &Bins, addr: &str, data: &Path, flags: &[&str]) -> std::process::Output {
+    output_within(
+        Command::new(&bins.node)
+            .args(["--grpc-addr", addr, "--metrics-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data)
+            .args(flags)
+            .env("RUST_LOG", "info,openraft=warn"),
+        Duration::from_secs(30),
+    )
+    .expect("the node neither became ready nor exited within 30 s")
+}
+
 #[test]
 fn a_lone_node_with_a_corrupt_snapshot_refuses_to_start() {
     let _one = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let bins = bins!();
     let addr = free_addr().unwrap().to_string();
     let data = tempfile::tempdir().unwrap();
-    let flags = [
-        "--persistence",
-        "snapshot",
-        "--replicas",
-        "1",
-        "--partitions",
-        "4",
-    ];
+    let flags = LONE;
     let mut node = NodeProc::start_with_dir(&bins, &addr, data.path(), &flags).unwrap();
     let rt = runtime();
     rt.block_on(async {
-        let client = Client::connect(ClientConfig::new([addr.clone()]))
-            .await
-            .unwrap();
-        wait_status(&client, SETTLE, "settled", |s| settled(s, 4, 1))
-            .await
-            .unwrap();
+        let client = lone_client(&addr).await;
         for i in 0..500 {
             client
                 .set(format!("lone{i}"), format!("v{i}"))
@@ -756,16 +780,7 @@ fn a_lone_node_with_a_corrupt_snapshot_refuses_to_start() {
     check_clean_exit(&node, r);
     let (partition, bad) = corrupt_a_partition_snapshot(data.path(), 4);
 
-    let out = output_within(
-        Command::new(&bins.node)
-            .args(["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(flags)
-            .env("RUST_LOG", "info,openraft=warn"),
-        Duration::from_secs(30),
-    )
-    .expect("the node with the only, corrupt copy neither started nor exited within 30 s");
+    let out = run_to_exit(&bins, &addr, data.path(), &flags);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -817,23 +832,11 @@ fn after_a_crash_in_snapshot_mode_restore_snapshots_brings_back_the_last_snapsho
     let bins = bins!();
     let addr = free_addr().unwrap().to_string();
     let data = tempfile::tempdir().unwrap();
-    let flags = [
-        "--persistence",
-        "snapshot",
-        "--replicas",
-        "1",
-        "--partitions",
-        "4",
-    ];
+    let flags = LONE;
     let mut node = NodeProc::start_with_dir(&bins, &addr, data.path(), &flags).unwrap();
     let rt = runtime();
     let versions: Vec<u64> = rt.block_on(async {
-        let client = Client::connect(ClientConfig::new([addr.clone()]))
-            .await
-            .unwrap();
-        wait_status(&client, SETTLE, "settled", |s| settled(s, 4, 1))
-            .await
-            .unwrap();
+        let client = lone_client(&addr).await;
         let mut versions = Vec::new();
         for i in 0..300 {
             versions.push(
@@ -859,16 +862,7 @@ fn after_a_crash_in_snapshot_mode_restore_snapshots_brings_back_the_last_snapsho
     drop(node);
 
     // Without the flag: no peer holds the data, so it refuses and says what to do.
-    let out = output_within(
-        Command::new(&bins.node)
-            .args(["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(flags)
-            .env("RUST_LOG", "info,openraft=warn"),
-        Duration::from_secs(30),
-    )
-    .expect("the crashed lone node neither started nor exited within 30 s");
+    let out = run_to_exit(&bins, &addr, data.path(), &flags);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -884,12 +878,7 @@ fn after_a_crash_in_snapshot_mode_restore_snapshots_brings_back_the_last_snapsho
     let node = NodeProc::start_with_dir(&bins, &addr, data.path(), &with_flag).unwrap();
     assert!(node.log().contains("snapshots_only=true"), "{}", node.log());
     rt.block_on(async {
-        let client = Client::connect(ClientConfig::new([addr.clone()]))
-            .await
-            .unwrap();
-        wait_status(&client, SETTLE, "settled", |s| settled(s, 4, 1))
-            .await
-            .unwrap();
+        let client = lone_client(&addr).await;
         for (i, version) in versions.iter().enumerate() {
             let got = get_retrying(&client, &format!("before{i}")).await;
             let got = got.unwrap_or_else(|| panic!("before{i} is missing after the restore"));
