@@ -152,6 +152,12 @@ impl ClientError {
                 // A connection that broke under the request (reset by a node that died):
                 // tonic reports it as `Unknown`. The node may or may not have applied it.
                 Code::Unknown if is_transport_failure(status) => ClientError::Unavailable(message),
+                // The connection was closed by an HTTP/2 protocol error (e.g. a starved
+                // node's `too_many_resets` GOAWAY): not the request's fault, and it may
+                // or may not have been applied.
+                _ if status.message().starts_with("h2 protocol error") => {
+                    ClientError::Unavailable(message)
+                }
                 _ => server(message),
             };
         };
@@ -346,6 +352,14 @@ mod tests {
         let e = ClientError::from_status(&Status::unknown("boom"));
         assert!(matches!(e, ClientError::Server { .. }), "{e:?}");
         assert!(!e.is_transient());
+        // A connection closed by an HTTP/2 protocol error (seen on a starved node).
+        let e = ClientError::from_status(&Status::resource_exhausted(
+            "h2 protocol error: error reading a body from connection: too_many_resets",
+        ));
+        assert!(matches!(e, ClientError::Unavailable(_)), "{e:?}");
+        assert!(e.is_transient() && !e.is_unapplied());
+        let e = ClientError::from_status(&Status::resource_exhausted("quota"));
+        assert!(matches!(e, ClientError::Server { .. }), "{e:?}");
     }
 
     fn status_with(detail: ErrorDetail, message: &str) -> Status {
