@@ -377,39 +377,65 @@ impl ClusterNode {
             anyhow::ensure!(self.node_id() == node_id, "already node {}", self.node_id());
             return Ok(());
         }
+        // A new identity: whatever the data directory held belongs to an older one.
+        self.persist_new_identity(node_id)?;
+        self.take_identity(node_id, meta)?;
+        self.persist_replica(META_GROUP, meta_replica)?;
+        self.host(META_GROUP, meta_replica, self.meta_engine.clone(), None)
+            .await?;
+        self.serve_as(node_id);
+        Ok(())
+    }
+
+    /// The first step of joining and of a restart: the data engine for `meta`'s
+    /// partitions, this node's id where it is needed, and the metadata.
+    fn take_identity(&self, node_id: u64, meta: ClusterMeta) -> anyhow::Result<Arc<Engine>> {
         let storage = StorageConfig {
             partitions: meta.partition_count,
             ..self.settings.storage.clone()
         };
         anyhow::ensure!(storage.partitions > 0, "cluster metadata has no partitions");
-        let _ = self
+        let engine = self
             .engine
-            .set(Arc::new(Engine::new(storage, self.clock.clone())));
+            .get_or_init(|| Arc::new(Engine::new(storage, self.clock.clone())))
+            .clone();
         self.transport.set_node_id(node_id);
         self.tickets.set_node(node_id);
-        // A new identity: whatever the data directory held belongs to an older one.
-        self.persist_new_identity(node_id)?;
         self.install_meta(meta);
-        self.persist_replica(META_GROUP, meta_replica)?;
-        let group = Group::start(
-            META_GROUP,
-            meta_replica,
+        Ok(engine)
+    }
+
+    /// Starts a replica of `group` over `engine`, empty or from `restored`, and hosts it.
+    async fn host(
+        &self,
+        group: GroupId,
+        replica: ReplicaId,
+        engine: Arc<Engine>,
+        restored: Option<crate::raft::disk::LoadedGroup>,
+    ) -> anyhow::Result<Arc<Group>> {
+        let g = Group::start(
+            group,
+            replica,
             self.raft_config.clone(),
             self.transport.clone(),
-            self.meta_engine.clone(),
+            engine,
             self.tickets.clone(),
-            self.group_disk(None),
+            self.group_disk(restored),
         )
         .await
         .map_err(anyhow::Error::msg)?;
         self.groups
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(META_GROUP, group);
+            .insert(group, g.clone());
+        Ok(g)
+    }
+
+    /// The last step of joining and of a restart: announce the node id, start the loops.
+    fn serve_as(self: &Arc<Self>, node_id: u64) {
         self.node_id.store(node_id, Ordering::Release);
         self.assigned.send_replace(node_id);
         self.clone().spawn_loops();
-        Ok(())
     }
 
     fn install_meta(&self, meta: ClusterMeta) {
@@ -464,21 +490,7 @@ impl ClusterNode {
         // drop whatever data it left, before the new one applies anything.
         self.stop_group(p, None).await;
         self.persist_replica(p, replica)?;
-        let group = Group::start(
-            p,
-            replica,
-            self.raft_config.clone(),
-            self.transport.clone(),
-            engine,
-            self.tickets.clone(),
-            self.group_disk(None),
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
-        self.groups
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(p, group.clone());
+        let group = self.host(p, replica, engine, None).await?;
         debug!(partition = p, replica, "started replica");
         Ok(group)
     }

@@ -28,7 +28,6 @@ use super::ClusterNode;
 use crate::persist::{Identity, Persistence, Store};
 use crate::raft::disk::{self, LoadError, LoadedGroup, Written};
 use crate::raft::{Group, GroupDisk, GroupId, ReplicaId, META_GROUP};
-use crate::storage::{Engine, StorageConfig};
 
 /// How often the snapshot loop looks for partitions due for a snapshot.
 pub const SNAPSHOT_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -489,65 +488,27 @@ impl ClusterNode {
         let _guard = self.assign_lock.lock().await;
         let node_id = identity.node_id;
         let store = self.store().cloned().context("persistence is off")?;
-        let storage = StorageConfig {
-            partitions: meta.partition_count,
-            ..self.settings.storage.clone()
-        };
-        anyhow::ensure!(storage.partitions > 0, "stored metadata has no partitions");
-        let _ = self
-            .engine
-            .set(Arc::new(Engine::new(storage, self.clock.clone())));
-        let engine = self.engine.get().context("engine")?.clone();
-        self.transport.set_node_id(node_id);
-        self.tickets.set_node(node_id);
-        self.install_meta(meta);
+        let engine = self.take_identity(node_id, meta)?;
         let (meta_replica, meta_state) = groups
             .remove(&META_GROUP)
             .context("no meta replica stored")?;
-        let mut started = vec![(
+        let mut indexes = vec![(META_GROUP, meta_state.snapshot_index())];
+        self.host(
             META_GROUP,
             meta_replica,
-            meta_state.snapshot_index(),
-            meta_state.log.entries.len(),
-        )];
-        let meta_group = Group::start(
-            META_GROUP,
-            meta_replica,
-            self.raft_config.clone(),
-            self.transport.clone(),
             self.meta_engine.clone(),
-            self.tickets.clone(),
-            self.group_disk(Some(meta_state)),
+            Some(meta_state),
         )
-        .await
-        .map_err(anyhow::Error::msg)?;
-        self.groups
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(META_GROUP, meta_group);
+        .await?;
         let mut keys = 0;
         for (p, (replica, state)) in groups {
-            started.push((p, replica, state.snapshot_index(), state.log.entries.len()));
+            indexes.push((p, state.snapshot_index()));
             keys += state.snapshot.as_ref().map_or(0, |s| s.keys);
-            let group = Group::start(
-                p,
-                replica,
-                self.raft_config.clone(),
-                self.transport.clone(),
-                engine.clone(),
-                self.tickets.clone(),
-                self.group_disk(Some(state)),
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
-            self.groups
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(p, group);
+            self.host(p, replica, engine.clone(), Some(state)).await?;
         }
         {
             let mut book = self.snapshots.lock();
-            for (g, _, index, _) in &started {
+            for (g, index) in &indexes {
                 book.groups.insert(*g, (*index, Instant::now(), 0));
             }
         }
@@ -562,13 +523,10 @@ impl ClusterNode {
             ..identity
         })?;
         store.set_clean(false)?;
-        self.node_id
-            .store(node_id, std::sync::atomic::Ordering::Release);
-        self.assigned.send_replace(node_id);
-        self.clone().spawn_loops();
+        self.serve_as(node_id);
         info!(
             node = node_id,
-            groups = started.len(),
+            groups = indexes.len(),
             keys,
             snapshots_only,
             "restored from the data directory; catching up from the leaders"
