@@ -19,8 +19,12 @@
 //!   [`persist`] holds its process guard, RESP client, keys and loads. Run it with
 //!   `benches/scripts/persist.sh`.
 //!
+//! - [`load`]: the bounded, timed load loop and the node-binary lookup both binaries
+//!   use.
+//!
 //! Run the micro-benchmarks with `cargo bench -p raftcache-benches`.
 
 pub mod cdc;
 pub mod cluster;
+pub mod load;
 pub mod persist;

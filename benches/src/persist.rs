@@ -7,9 +7,9 @@
 //! SIGKILL if the benchmark itself dies (`PR_SET_PDEATHSIG`); every wait and every loop
 //! is bounded in time and count.
 
+use crate::load::{load, Load};
 use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
-use hdrhistogram::Histogram;
 use raftcache_client::Client;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -33,8 +33,6 @@ pub const POLL: Duration = Duration::from_millis(5);
 const RESP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts per key when filling the cache (the client retries inside each, too).
 const FILL_ATTEMPTS: u32 = 3;
-/// Upper bound of the requests one load task sends (the time bound ends it first).
-const MAX_OPS_PER_TASK: u64 = 50_000_000;
 
 /// Key `n` (the same on raftcache and Redis).
 pub fn key_of(n: u64) -> String {
@@ -589,55 +587,6 @@ pub async fn fill(
     Ok(start.elapsed())
 }
 
-/// What a bounded write load measured.
-pub struct SetLoad {
-    /// Writes that succeeded within the window.
-    pub ops: u64,
-    /// Writes that failed within the window.
-    pub errors: u64,
-    /// The measured window.
-    pub window: Duration,
-    /// Latency of the successful writes, µs.
-    pub latency_us: Histogram<u64>,
-    /// The first error's message.
-    pub first_error: Option<String>,
-}
-
-impl SetLoad {
-    /// Writes per second.
-    pub fn per_sec(&self) -> f64 {
-        self.ops as f64 / self.window.as_secs_f64()
-    }
-
-    /// A latency quantile in ms.
-    pub fn ms(&self, quantile: f64) -> f64 {
-        self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
-    }
-
-    /// The largest latency in ms.
-    pub fn max_ms(&self) -> f64 {
-        self.latency_us.max() as f64 / 1000.0
-    }
-
-    /// The figures as JSON.
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "ops": self.ops,
-            "errors": self.errors,
-            "window_s": self.window.as_secs_f64(),
-            "ops_per_s": self.per_sec(),
-            "p50_ms": self.ms(0.5),
-            "p99_ms": self.ms(0.99),
-            "max_ms": self.max_ms(),
-            "first_error": self.first_error,
-        })
-    }
-}
-
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).context("creating a histogram")
-}
-
 /// `concurrency` tasks write random keys of `0..keys` (`value_of`) back to back for
 /// `warmup` + `window`; the writes that start after the warm-up and end within the
 /// window are counted and timed.
@@ -650,70 +599,13 @@ pub async fn set_load(
     keys: u64,
     warmup: Duration,
     window: Duration,
-) -> anyhow::Result<SetLoad> {
-    let begin = Instant::now();
-    let measure_from = begin + warmup;
-    let end = measure_from + window;
-    let keys = keys.max(1);
-    let tasks: Vec<_> = (0..concurrency.max(1))
-        .map(|t| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                let mut rng = SmallRng::seed_from_u64(0x5eed ^ t as u64);
-                let mut hist = histogram()?;
-                let (mut ops, mut errors) = (0u64, 0u64);
-                let mut first_error = None;
-                for _ in 0..MAX_OPS_PER_TASK {
-                    let sent = Instant::now();
-                    if sent >= end {
-                        break;
-                    }
-                    let n = rng.random_range(0..keys);
-                    let result = client.set(key_of(n), value_of(n)).await;
-                    let done = Instant::now();
-                    if sent < measure_from || done > end {
-                        continue;
-                    }
-                    match result {
-                        Ok(_) => {
-                            ops += 1;
-                            let us = u64::try_from(done.duration_since(sent).as_micros())
-                                .unwrap_or(u64::MAX);
-                            hist.saturating_record(us.max(1));
-                        }
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert_with(|| e.to_string());
-                        }
-                    }
-                }
-                anyhow::Ok((ops, errors, hist, first_error))
-            })
-        })
-        .collect();
-    let mut total = SetLoad {
-        ops: 0,
-        errors: 0,
-        window,
-        latency_us: histogram()?,
-        first_error: None,
-    };
-    for task in futures::future::join_all(tasks).await {
-        let (ops, errors, hist, first_error) = task.context("a load task panicked")??;
-        total.ops += ops;
-        total.errors += errors;
-        total
-            .latency_us
-            .add(&hist)
-            .context("merging latency histograms")?;
-        if total.first_error.is_none() {
-            total.first_error = first_error;
-        }
-    }
-    if let Some(e) = &total.first_error {
-        eprintln!("  {} errors, first: {e}", total.errors);
-    }
-    Ok(total)
+) -> anyhow::Result<Load> {
+    let client = client.clone();
+    load(concurrency, keys, warmup, window, move |n| {
+        let client = client.clone();
+        async move { client.set(key_of(n), value_of(n)).await.map(|_| true) }
+    })
+    .await
 }
 
 #[cfg(test)]

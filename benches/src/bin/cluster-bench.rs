@@ -22,16 +22,13 @@
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use hdrhistogram::Histogram;
 use raftcache_benches::cluster::{clock_ticks_per_second, cpu_ticks, Cluster, SETTLE_TIMEOUT};
-use raftcache_client::{Client, ClientError, Consistency, ReadOptions};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use raftcache_benches::load::{load as shared_load, node_binary, Load, OpResult};
+use raftcache_client::{Client, Consistency, ReadOptions};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Nodes per cluster.
@@ -42,8 +39,6 @@ const KEYS: u64 = 100_000;
 const VALUE_SIZE: usize = 100;
 /// Warm-up before each measured load window.
 const WARMUP: Duration = Duration::from_secs(2);
-/// Upper bound of the requests one load task sends (the time bound ends it first).
-const MAX_OPS_PER_TASK: u64 = 50_000_000;
 /// How long one failover writer keeps trying before the sample counts as failed.
 const FAILOVER_GIVE_UP: Duration = Duration::from_secs(30);
 /// Upper bound of the writes one failover writer attempts.
@@ -130,22 +125,6 @@ async fn run(cli: &Cli, binary: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--node-bin`, else `raftcache-node` beside this executable.
-fn node_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(path) = given.filter(|p| !p.as_os_str().is_empty()) {
-        return Ok(path);
-    }
-    let exe = std::env::current_exe().context("locating cluster-bench")?;
-    let beside = exe.with_file_name("raftcache-node");
-    if beside.is_file() {
-        return Ok(beside);
-    }
-    bail!(
-        "no raftcache-node at {}: build it (cargo build --release -p raftcache-node --bin raftcache-node) or pass --node-bin",
-        beside.display()
-    )
-}
-
 fn key(index: u64) -> String {
     format!("bench:{index:06}")
 }
@@ -153,106 +132,13 @@ fn key(index: u64) -> String {
 // ---------------------------------------------------------------------------------
 // Load generation
 
-/// What one load window measured.
-struct Load {
-    ops: u64,
-    errors: u64,
-    misses: u64,
-    window: Duration,
-    latency_us: Histogram<u64>,
-    first_error: Option<String>,
-}
-
-impl Load {
-    fn per_sec(&self) -> f64 {
-        self.ops as f64 / self.window.as_secs_f64()
-    }
-
-    fn ms(&self, quantile: f64) -> f64 {
-        self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
-    }
-}
-
-/// Whether the request found its key (always `true` for writes).
-type OpResult = Result<bool, ClientError>;
-
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 120_000_000, 3).context("creating a histogram")
-}
-
-/// Runs `concurrency` tasks, each sending `op(random key index)` back to back for
-/// [`WARMUP`] + `secs`; counts and times the requests that start after the warm-up
-/// and end within the window.
+/// [`load`] with this benchmark's key space and warm-up, for `secs` seconds.
 async fn load<F, Fut>(concurrency: usize, secs: u64, op: F) -> anyhow::Result<Load>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = OpResult> + Send + 'static,
 {
-    let op = Arc::new(op);
-    let begin = Instant::now();
-    let measure_from = begin + WARMUP;
-    let end = measure_from + Duration::from_secs(secs);
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|t| {
-            let op = Arc::clone(&op);
-            tokio::spawn(async move {
-                let mut rng = SmallRng::seed_from_u64(0x5eed ^ t as u64);
-                let mut hist = histogram()?;
-                let (mut ops, mut errors, mut misses) = (0u64, 0u64, 0u64);
-                let mut first_error = None;
-                for _ in 0..MAX_OPS_PER_TASK {
-                    let sent = Instant::now();
-                    if sent >= end {
-                        break;
-                    }
-                    let result = op(rng.random_range(0..KEYS)).await;
-                    let done = Instant::now();
-                    if sent < measure_from || done > end {
-                        continue;
-                    }
-                    match result {
-                        Ok(hit) => {
-                            ops += 1;
-                            misses += u64::from(!hit);
-                            let us = u64::try_from(done.duration_since(sent).as_micros())
-                                .unwrap_or(u64::MAX);
-                            hist.saturating_record(us.max(1));
-                        }
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert_with(|| e.to_string());
-                        }
-                    }
-                }
-                anyhow::Ok((ops, errors, misses, hist, first_error))
-            })
-        })
-        .collect();
-    let mut total = Load {
-        ops: 0,
-        errors: 0,
-        misses: 0,
-        window: Duration::from_secs(secs),
-        latency_us: histogram()?,
-        first_error: None,
-    };
-    for task in futures::future::join_all(tasks).await {
-        let (ops, errors, misses, hist, first_error) = task.context("a load task panicked")??;
-        total.ops += ops;
-        total.errors += errors;
-        total.misses += misses;
-        total
-            .latency_us
-            .add(&hist)
-            .context("merging latency histograms")?;
-        if total.first_error.is_none() {
-            total.first_error = first_error;
-        }
-    }
-    if let Some(e) = &total.first_error {
-        eprintln!("  {} errors, first: {e}", total.errors);
-    }
-    Ok(total)
+    shared_load(concurrency, KEYS, WARMUP, Duration::from_secs(secs), op).await
 }
 
 fn value() -> Bytes {

@@ -31,9 +31,10 @@ use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use raftcache_benches::cdc::ProcessTicks;
 use raftcache_benches::cluster::{clock_ticks_per_second, Cluster};
+use raftcache_benches::load::{node_binary, Load};
 use raftcache_benches::persist::{
     dir_bytes, fill, find_program, free_addr, info_field, key_of, log_field, redis_pipe, set_load,
-    start_node, value_of, NodeRun, Proc, Reply, Resp, SetLoad, POLL,
+    start_node, value_of, NodeRun, Proc, Reply, Resp, POLL,
 };
 use raftcache_client::{Client, ClientConfig};
 use rand::rngs::SmallRng;
@@ -143,22 +144,6 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => bail!("interrupted; child processes killed"),
         _ = terminate.recv() => bail!("terminated; child processes killed"),
     }
-}
-
-/// `--node-bin`, else `raftcache-node` beside this executable.
-fn node_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(path) = given.filter(|p| !p.as_os_str().is_empty()) {
-        return Ok(path);
-    }
-    let exe = std::env::current_exe().context("locating persist-bench")?;
-    let beside = exe.with_file_name("raftcache-node");
-    if beside.is_file() {
-        return Ok(beside);
-    }
-    bail!(
-        "no raftcache-node at {}: build it (cargo build --release -p raftcache-node --bin raftcache-node) or pass --node-bin",
-        beside.display()
-    )
 }
 
 /// Measures the CPU other processes take during a part.
@@ -300,8 +285,8 @@ struct SaveLoad {
 
 /// The pause probe's two windows.
 struct Probe {
-    quiet: SetLoad,
-    during: SetLoad,
+    quiet: Load,
+    during: Load,
     /// Per snapshot request in the window: (wall, node-reported ms, longest pause µs).
     snapshots: Vec<(Duration, u64, u64)>,
 }
@@ -793,7 +778,7 @@ async fn redis_version(cli: &Cli) -> String {
 // 4: durable vs memory
 
 struct DurableRow {
-    load: SetLoad,
+    load: Load,
     disk_bytes: u64,
 }
 
