@@ -454,6 +454,7 @@ impl Client {
                     keep_ttl: options.keep_ttl,
                     source_lsn: options.source_lsn.map_or(0, |l| l.0),
                     request: Some(request),
+                    lease_token: 0,
                 },
                 |mut c, r| async move { c.set(r).await },
             )

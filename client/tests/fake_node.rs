@@ -356,6 +356,26 @@ impl Cache for Service {
             ..Default::default()
         }))
     }
+
+    async fn get_or_lease(
+        &self,
+        _: Request<GetOrLeaseRequest>,
+    ) -> Result<Response<GetOrLeaseResponse>, Status> {
+        Err(Status::unimplemented("the fake node has no leases"))
+    }
+
+    async fn release_lease(
+        &self,
+        _: Request<ReleaseLeaseRequest>,
+    ) -> Result<Response<ReleaseLeaseResponse>, Status> {
+        Err(Status::unimplemented("the fake node has no leases"))
+    }
+
+    type WatchStream = futures::stream::Empty<Result<WatchEvent, Status>>;
+
+    async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("the fake node has no watch"))
+    }
 }
 
 /// Starts a fake node 1 on a free loopback port; it serves until the test ends.

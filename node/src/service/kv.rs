@@ -226,6 +226,7 @@ impl CacheService {
                 version,
                 stale: newer_lsn != 0,
                 newer_lsn,
+                lease_lost: false,
             }),
             other => Err(unexpected("set", &other)),
         }
@@ -365,6 +366,7 @@ impl CacheService {
             uptime_seconds: self.node.started().elapsed().as_secs(),
             partitions: engine.config().partitions,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            hot_keys: Vec::new(),
         })
     }
 }
@@ -474,6 +476,35 @@ impl Cache for CacheService {
     async fn stats(&self, _req: Request<StatsRequest>) -> tonic::Result<Response<StatsResponse>> {
         let t = Instant::now();
         reply("stats", t, CacheService::stats(self))
+    }
+
+    async fn get_or_lease(
+        &self,
+        _req: Request<raftcache_proto::v1::GetOrLeaseRequest>,
+    ) -> tonic::Result<Response<raftcache_proto::v1::GetOrLeaseResponse>> {
+        Err(Status::unimplemented("GetOrLease: not yet"))
+    }
+
+    async fn release_lease(
+        &self,
+        _req: Request<raftcache_proto::v1::ReleaseLeaseRequest>,
+    ) -> tonic::Result<Response<raftcache_proto::v1::ReleaseLeaseResponse>> {
+        Err(Status::unimplemented("ReleaseLease: not yet"))
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<
+            dyn futures::Stream<Item = tonic::Result<raftcache_proto::v1::WatchEvent>>
+                + Send
+                + 'static,
+        >,
+    >;
+
+    async fn watch(
+        &self,
+        _req: Request<raftcache_proto::v1::WatchRequest>,
+    ) -> tonic::Result<Response<Self::WatchStream>> {
+        Err(Status::unimplemented("Watch: not yet"))
     }
 }
 

@@ -299,6 +299,7 @@ impl JCluster {
         AdminClient::new(channel)
             .inject_fault(raftcache_proto::v1::InjectFaultRequest {
                 clock_offset_ms: offset_ms,
+                drop_watch_events: 0,
             })
             .await?;
         Ok(())
