@@ -20,6 +20,9 @@
 //!   eviction. No tonic, no tokio networking inside.
 //! - [`metrics`]: Prometheus recorder and endpoint.
 //! - [`persist`]: the sled store (identity, snapshots, durable Raft log and vote).
+//! - [`hot`]: the hot-key tracker (space-saving sketches with decay).
+//! - [`watch`]: the change feed of `Watch` streams (state machines publish, the
+//!   service subscribes).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -27,9 +30,11 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod hot;
 pub mod metrics;
 pub mod persist;
 pub mod raft;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod watch;

@@ -9,14 +9,16 @@
 //! by the exporter's own listener, so that tests can bind port 0 and learn the port.
 
 use crate::cluster::ClusterNode;
+use crate::hot::{HotKey, HotKeys};
 use crate::storage::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use raftcache_proto::v1::ErrorCode;
+use raftcache_proto::v1::{ErrorCode, WatchEventKind};
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -87,6 +89,23 @@ fn describe() {
         "raftcache_expirations_total",
         "Keys removed because their TTL passed"
     );
+    describe_gauge!("raftcache_watch_streams", "Open Watch streams");
+    describe_counter!(
+        "raftcache_watch_events_total",
+        "Events sent on Watch streams, by kind (sync, change, reset)"
+    );
+    describe_counter!(
+        "raftcache_watch_resets_total",
+        "RESET events sent on Watch streams (snapshot installed, replica moved, stream lagged)"
+    );
+    describe_counter!(
+        "raftcache_leases_total",
+        "GetOrLease answers, by outcome (hit, granted, wait, miss)"
+    );
+    describe_counter!(
+        "raftcache_lease_fills_total",
+        "Sets under a fill lease, by result (applied, lost, stale)"
+    );
 }
 
 /// Counts one request and its latency. `error` is `None` for success.
@@ -100,6 +119,82 @@ pub fn record_op(op: &'static str, error: Option<ErrorCode>, elapsed: Duration) 
     };
     counter!("raftcache_ops_total", "op" => op, "result" => result).increment(1);
     histogram!("raftcache_request_duration_seconds", "op" => op).record(elapsed.as_secs_f64());
+}
+
+/// Counts one `GetOrLease` answer: `outcome` is `hit`, `granted`, `wait` or `miss`.
+pub fn record_lease(outcome: &'static str) {
+    counter!("raftcache_leases_total", "outcome" => outcome).increment(1);
+}
+
+/// Counts one fill under a lease: `result` is `applied`, `lost` (the lease was voided or
+/// expired) or `stale` (refused by its `source_lsn`).
+pub fn record_lease_fill(result: &'static str) {
+    counter!("raftcache_lease_fills_total", "result" => result).increment(1);
+}
+
+/// Counts a `Watch` stream opening (`+1`) or ending (`-1`).
+pub fn watch_stream(delta: f64) {
+    gauge!("raftcache_watch_streams").increment(delta);
+}
+
+/// Counts one event sent on a `Watch` stream.
+pub fn record_watch_event(kind: WatchEventKind) {
+    let name = match kind {
+        WatchEventKind::Sync => "sync",
+        WatchEventKind::Change => "change",
+        WatchEventKind::Reset => {
+            counter!("raftcache_watch_resets_total").increment(1);
+            "reset"
+        }
+        WatchEventKind::Unspecified => "unspecified",
+    };
+    counter!("raftcache_watch_events_total", "kind" => name).increment(1);
+}
+
+/// Hot keys exported as `raftcache_hot_key_requests_per_second{rank,key}`.
+pub const HOT_KEY_RANKS: usize = 10;
+/// Characters of a key kept in its label.
+const HOT_KEY_LABEL_CHARS: usize = 64;
+
+/// The `raftcache_hot_key_requests_per_second` family for the hottest keys, in
+/// Prometheus text. Rendered at scrape time rather than recorded as gauges: the
+/// recorder keeps every label set it ever saw, so hot keys that cooled down would stay
+/// as stale series forever; this way there are exactly the current top ranks.
+pub fn hot_keys_text(top: &[HotKey]) -> String {
+    let mut out = String::from(
+        "# HELP raftcache_hot_key_requests_per_second Estimated requests per second of the \
+         hottest keys on this node (decayed over 10-20 s), by rank (1 = hottest)\n\
+         # TYPE raftcache_hot_key_requests_per_second gauge\n",
+    );
+    for (rank, h) in top.iter().take(HOT_KEY_RANKS).enumerate() {
+        let _ = writeln!(
+            out,
+            "raftcache_hot_key_requests_per_second{{rank=\"{}\",key=\"{}\"}} {}",
+            rank + 1,
+            label_value(&h.key),
+            h.per_second
+        );
+    }
+    out
+}
+
+/// A key as a label value: lossy UTF-8, at most [`HOT_KEY_LABEL_CHARS`] characters,
+/// `\`, `"` and newlines escaped, other control characters replaced.
+fn label_value(key: &[u8]) -> String {
+    let mut out = String::new();
+    for c in String::from_utf8_lossy(key)
+        .chars()
+        .take(HOT_KEY_LABEL_CHARS)
+    {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push(char::REPLACEMENT_CHARACTER),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Copies the engine's counters and gauges into the recorder.
@@ -136,6 +231,7 @@ pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     node: Arc<ClusterNode>,
+    hot: Arc<HotKeys>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -152,13 +248,16 @@ pub async fn serve(
         };
         let handle = handle.clone();
         let node = node.clone();
+        let hot = hot.clone();
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let response = if req.uri().path() == "/metrics" {
                 if let Some(engine) = node.engine() {
                     refresh_storage(engine);
                 }
                 refresh_cluster(&node);
-                text_response(StatusCode::OK, handle.render())
+                let mut text = handle.render();
+                text.push_str(&hot_keys_text(&hot.top(HOT_KEY_RANKS)));
+                text_response(StatusCode::OK, text)
             } else {
                 text_response(StatusCode::NOT_FOUND, "try /metrics\n".to_owned())
             };
@@ -186,4 +285,38 @@ fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_keys_render_as_ranked_escaped_labels() {
+        let hot = |key: &[u8], per_second| HotKey {
+            partition: 0,
+            key: Bytes::copy_from_slice(key),
+            per_second,
+            count: 1,
+            error: 0,
+        };
+        let long = "x".repeat(100);
+        let top = vec![
+            hot(b"user:1", 12.5),
+            hot(b"a\"b\\c\nd\x01", 3.0),
+            hot(&[0xff, b'k'], 2.0),
+            hot(long.as_bytes(), 1.0),
+        ];
+        let text = hot_keys_text(&top);
+        assert!(text.contains("# TYPE raftcache_hot_key_requests_per_second gauge\n"));
+        assert!(text
+            .contains("raftcache_hot_key_requests_per_second{rank=\"1\",key=\"user:1\"} 12.5\n"));
+        assert!(text.contains("{rank=\"2\",key=\"a\\\"b\\\\c\\nd\u{fffd}\"} 3\n"));
+        assert!(text.contains("{rank=\"3\",key=\"\u{fffd}k\"} 2\n"));
+        assert!(text.contains(&format!("{{rank=\"4\",key=\"{}\"}} 1\n", "x".repeat(64))));
+        let many: Vec<_> = (0..20)
+            .map(|i| hot(format!("k{i}").as_bytes(), 1.0))
+            .collect();
+        assert_eq!(hot_keys_text(&many).lines().count(), 2 + HOT_KEY_RANKS);
+    }
 }

@@ -147,7 +147,9 @@ pub async fn run(
     };
     let node = ClusterNode::new(settings, Arc::new(SystemClock), cancel.clone())?;
     let max_msg = config.max_message_bytes();
-    let cache = CacheServer::new(CacheService::new(node.clone()))
+    let cache_service = CacheService::new(node.clone());
+    let hot_keys = cache_service.hot_keys();
+    let cache = CacheServer::new(cache_service)
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     let raft = RaftService::new(node.clone());
@@ -167,6 +169,7 @@ pub async fn run(
         listeners.metrics,
         handle,
         node.clone(),
+        hot_keys,
         cancel.clone(),
     ));
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));

@@ -50,6 +50,7 @@ use crate::storage::{
     Clock, Command, Condition, Engine, EvictionPolicy, Op, Outcome, PartitionId, ReadView,
     RequestId, StorageConfig, WriteRequest,
 };
+use crate::watch::{ResetReason, WatchHub};
 use meta::{ClusterMeta, META_KEY};
 
 /// How often each node reconciles its groups with the metadata.
@@ -112,6 +113,8 @@ pub struct ClusterNode {
     shutdown: CancellationToken,
     /// Snapshot bookkeeping (persistence `snapshot` or `durable`).
     snapshots: persist::SnapshotBook,
+    /// The change feed of `Watch` streams (partition replicas publish to it).
+    watch: Arc<WatchHub>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -159,6 +162,7 @@ impl ClusterNode {
             started: Instant::now(),
             shutdown,
             snapshots: persist::SnapshotBook::default(),
+            watch: Arc::new(WatchHub::default()),
         }))
     }
 
@@ -180,6 +184,16 @@ impl ClusterNode {
     /// Whether the node accepts `Admin/InjectFault` (`server.fault-injection`).
     pub fn fault_injection(&self) -> bool {
         self.settings.fault_injection
+    }
+
+    /// The change feed of the partition replicas hosted here (`Watch` streams).
+    pub fn watch(&self) -> &Arc<WatchHub> {
+        &self.watch
+    }
+
+    /// Cancelled when the node shuts down (long-lived streams end with it).
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
     }
 
     /// The raft transport (metrics and the transport service).
@@ -421,6 +435,7 @@ impl ClusterNode {
             engine,
             self.tickets.clone(),
             self.group_disk(restored),
+            (group != META_GROUP).then(|| self.watch.clone()),
         )
         .await
         .map_err(anyhow::Error::msg)?;
@@ -513,6 +528,7 @@ impl ClusterNode {
             if let Some(engine) = self.engine.get() {
                 let _ = engine.clear(PartitionId(p));
             }
+            self.watch.reset(p, 0, 0, false, ResetReason::Left);
         }
         true
     }

@@ -16,6 +16,7 @@ use super::types::{Proposal, ReplicaId, ReplicaNode, Response, TypeConfig, Vote}
 use super::MemLogStore;
 use crate::persist::Store;
 use crate::storage::{Clock, Engine, PartitionId, SystemClock};
+use crate::watch::WatchHub;
 
 /// The openraft settings shared by every group.
 pub type RaftConfig = Arc<Config>;
@@ -165,11 +166,14 @@ impl Group {
     /// Starts a replica of `id` with an empty log (it learns everything from the leader,
     /// or from [`initialize`](Self::initialize) when it founds the group), or with the
     /// state `disk.restored` loaded from disk. With `disk.durable`, its vote and log are
-    /// written through to the store.
+    /// written through to the store. With `watch`, the replica's changes go to that
+    /// change feed (partition groups; the meta group has none).
     ///
     /// # Errors
     ///
     /// When openraft cannot start the group or the loaded snapshot does not fit.
+    // Each argument is a separate handle the node shares with all its groups.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         id: GroupId,
         replica: ReplicaId,
@@ -178,6 +182,7 @@ impl Group {
         engine: Arc<Engine>,
         tickets: Arc<Tickets>,
         disk: GroupDisk,
+        watch: Option<Arc<WatchHub>>,
     ) -> Result<Arc<Group>, String> {
         let partition = if id == META_GROUP {
             PartitionId(0)
@@ -199,6 +204,9 @@ impl Group {
                 MemLogStore::restored(loaded.log, durable)
             }
         };
+        if let Some(hub) = watch {
+            sm = sm.with_watch(hub);
+        }
         let raft = openraft::Raft::new(
             replica,
             config,

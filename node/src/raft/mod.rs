@@ -31,6 +31,8 @@ mod types;
 mod state_machine_test;
 #[cfg(test)]
 mod suite_test;
+#[cfg(test)]
+mod watch_test;
 
 pub use group::{
     raft_config, Group, GroupDisk, GroupView, RaftConfig, RaftHandle, WriteError, HEARTBEAT,

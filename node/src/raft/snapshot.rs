@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! magic            8 bytes  b"RCSNAP\0\0"
-//! format version   u16      3 (versions 1 and 2 are still read)
+//! format version   u16      4 (versions 1 to 3 are still read)
 //! partition id     u32
 //! last log id      opt-log-id            (Raft position covered by the snapshot)
 //! membership       opt-log-id, configs: u32 n × (u32 m × u64 voter id),
@@ -16,6 +16,7 @@
 //!                  u64 n, n × (u32 len, prefix, u64 lsn)              (prefixes ascending)
 //! requests (v3)    u64 n, n × (u64 client, u64 seq, u64 forget-at ms,
 //!                          u32 len, outcome as postcard)             (application order)
+//! leases (v4)      u64 n, n × (u32 len, key, u64 token, u64 until ms) (keys ascending)
 //! checksum         u64                   xxh3-64 of every byte before it
 //!
 //! opt-log-id = u8 0 | u8 1, u64 term, u64 leader node id, u64 index
@@ -23,7 +24,8 @@
 //!
 //! Version 1 has no source LSN per entry and no CDC section; it decodes as source LSN 0
 //! and an empty [`CdcSnapshot`]. Versions 1 and 2 have no request section (exactly-once
-//! writes); they decode with no remembered requests.
+//! writes); they decode with no remembered requests. Versions 1 to 3 have no lease
+//! section (fill leases); they decode with no leases.
 //!
 //! All integers are little-endian. The decoder checks magic, version and checksum before it
 //! parses, then reads every field with bounds checks and validates the result (no duplicate
@@ -46,7 +48,7 @@ use crate::storage::{
 /// First bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"RCSNAP\0\0";
 /// The format version [`encode`] writes.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 /// The oldest format version [`decode`] reads.
 pub const OLDEST_FORMAT_VERSION: u16 = 1;
 
@@ -63,6 +65,8 @@ const MIN_TOMBSTONE_LEN: usize = 4 + 8 + 8;
 const MIN_PREFIX_LEN: usize = 4 + 8;
 /// The smallest encoding of one remembered request: ids, forget-at, an empty outcome.
 const MIN_REQUEST_LEN: usize = 8 + 8 + 8 + 4;
+/// The smallest encoding of one lease: an empty key, token, until.
+const MIN_LEASE_LEN: usize = 4 + 8 + 8;
 
 /// A decoded snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +135,18 @@ pub(crate) fn encode_v1(
     encode_as(1, partition, meta, state)
 }
 
+/// Encodes in an older format `version` (what it cannot hold is dropped), to test that
+/// [`decode`] still reads it.
+#[cfg(test)]
+pub(crate) fn encode_version(
+    version: u16,
+    partition: PartitionId,
+    meta: &SnapshotMeta,
+    state: &PartitionSnapshot,
+) -> Bytes {
+    encode_as(version, partition, meta, state)
+}
+
 fn encode_as(
     version: u16,
     partition: PartitionId,
@@ -154,6 +170,11 @@ fn encode_as(
             .prefixes
             .iter()
             .map(|(prefix, _)| MIN_PREFIX_LEN + prefix.len())
+            .sum::<usize>()
+        + state
+            .leases
+            .iter()
+            .map(|(key, _, _)| MIN_LEASE_LEN + key.len())
             .sum::<usize>();
     let mut buf = BytesMut::with_capacity(256 + payload);
     buf.put_slice(&MAGIC);
@@ -220,6 +241,14 @@ fn encode_as(
             put_bytes(&mut buf, &bytes);
         }
     }
+    if version >= 4 {
+        buf.put_u64_le(state.leases.len() as u64);
+        for (key, token, until_ms) in &state.leases {
+            put_bytes(&mut buf, key);
+            buf.put_u64_le(*token);
+            buf.put_u64_le(*until_ms);
+        }
+    }
     let checksum = xxh3_64(&buf);
     buf.put_u64_le(checksum);
     buf.freeze()
@@ -264,7 +293,7 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
     Ok(decoded)
 }
 
-/// Everything after magic and version, before the checksum, in format `version` (1 or 2).
+/// Everything after magic and version, before the checksum, in format `version` (1 to 4).
 fn decode_body(r: &mut Reader<'_>, version: u16) -> Result<DecodedSnapshot, SnapshotError> {
     let v2 = version >= 2;
     let partition = PartitionId(r.u32("partition id")?);
@@ -353,6 +382,11 @@ fn decode_body(r: &mut Reader<'_>, version: u16) -> Result<DecodedSnapshot, Snap
     } else {
         Vec::new()
     };
+    let leases = if version >= 4 {
+        decode_leases(r, applied_index)?
+    } else {
+        Vec::new()
+    };
     Ok(DecodedSnapshot {
         partition,
         meta: SnapshotMeta {
@@ -364,6 +398,7 @@ fn decode_body(r: &mut Reader<'_>, version: u16) -> Result<DecodedSnapshot, Snap
             entries,
             cdc,
             requests,
+            leases,
         },
     })
 }
@@ -443,6 +478,36 @@ fn decode_requests(r: &mut Reader<'_>) -> Result<Vec<(RequestId, u64, Outcome)>,
         requests.push((id, until, outcome));
     }
     Ok(requests)
+}
+
+/// The lease section of a version-4 snapshot. A token is the log index of its grant, so
+/// it lies in `1..=applied_index`.
+fn decode_leases(
+    r: &mut Reader<'_>,
+    applied_index: u64,
+) -> Result<Vec<(Bytes, u64, u64)>, SnapshotError> {
+    let count = r.u64("lease count")?;
+    let possible = r.buf.len() / MIN_LEASE_LEN;
+    if count > possible as u64 {
+        return Err(SnapshotError::Truncated { field: "leases" });
+    }
+    // `count <= possible`, a usize.
+    let mut leases: Vec<(Bytes, u64, u64)> = Vec::with_capacity(count as usize);
+    let mut previous: Option<&[u8]> = None;
+    for _ in 0..count {
+        let key = r.bytes("lease key")?;
+        let token = r.u64("lease token")?;
+        let until_ms = r.u64("lease until")?;
+        if previous.is_some_and(|p| p >= key) {
+            return Err(invalid("lease keys not strictly ascending"));
+        }
+        if token == 0 || token > applied_index {
+            return Err(invalid("lease token outside 1..=applied index"));
+        }
+        previous = Some(key);
+        leases.push((Bytes::copy_from_slice(key), token, until_ms));
+    }
+    Ok(leases)
 }
 
 fn invalid(what: &'static str) -> SnapshotError {

@@ -18,7 +18,8 @@ use super::types::{
     TypeConfig,
 };
 use crate::persist::Store;
-use crate::storage::{Engine, PartitionId, PartitionState, StorageConfig, SystemClock};
+use crate::storage::{Engine, Outcome, PartitionId, PartitionState, StorageConfig, SystemClock};
+use crate::watch::{Changed, ResetReason, WatchHub};
 
 /// Memory reservations this node made for ops it proposed, by ticket.
 ///
@@ -88,6 +89,8 @@ pub struct PartitionStateMachine {
     /// Durable mode: where an installed snapshot is written (before the log it replaces
     /// is purged) and the group's key there.
     disk: Option<(Arc<Store>, GroupId)>,
+    /// The node's change feed (partition groups only, not the meta group).
+    watch: Option<Arc<WatchHub>>,
 }
 
 /// A snapshot encoded for writing, and how long the partition's writes waited for it.
@@ -126,6 +129,7 @@ impl PartitionStateMachine {
                 snapshot_meta: None,
             })),
             disk: None,
+            watch: None,
         }
     }
 
@@ -134,6 +138,29 @@ impl PartitionStateMachine {
     pub fn with_disk(mut self, store: Arc<Store>, group: GroupId) -> Self {
         self.disk = Some((store, group));
         self
+    }
+
+    /// Publishes the partition's changes to `hub` from now on, starting with a RESET
+    /// that tracks it at its last applied index (a replica starting here).
+    #[must_use]
+    pub fn with_watch(mut self, hub: Arc<WatchHub>) -> Self {
+        if let Ok(inner) = self.lock() {
+            self.publish_reset(&hub, &inner, ResetReason::Started);
+        }
+        self.watch = Some(hub);
+        self
+    }
+
+    /// Tells the change feed that the state was replaced, now at the last applied
+    /// index (called under the state machine's lock, so no apply slips in between).
+    fn publish_reset(&self, hub: &WatchHub, inner: &SmInner, reason: ResetReason) {
+        hub.reset(
+            self.partition.0,
+            inner.last_applied.map_or(0, |id| id.index),
+            self.engine.cdc_watermark(self.partition).unwrap_or(0),
+            true,
+            reason,
+        );
     }
 
     /// Takes a snapshot loaded from disk as the state (before the group starts).
@@ -154,6 +181,9 @@ impl PartitionStateMachine {
         inner.last_applied = loaded.meta.last_log_id;
         inner.last_membership = loaded.meta.last_membership.clone();
         inner.snapshot_meta = Some(loaded.meta);
+        if let Some(hub) = &self.watch {
+            self.publish_reset(hub, &inner, ResetReason::Restored);
+        }
         Ok(())
     }
 
@@ -246,6 +276,20 @@ impl PartitionStateMachine {
                         proposal.request,
                     )
                     .map_err(|e| invalid_data(e.to_string()))?;
+                // In apply order, under this partition's lock: the feed's `seq` follows
+                // the log.
+                if let Some(hub) = &self.watch {
+                    let cdc_lsn = match &outcome {
+                        Outcome::Cdc(Ok(applied)) => Some(applied.watermark),
+                        _ => None,
+                    };
+                    hub.changed(
+                        self.partition.0,
+                        log_id.index,
+                        Changed::of(&proposal.op.cmd),
+                        cdc_lsn,
+                    );
+                }
                 Some(outcome)
             }
             EntryPayload::Membership(membership) => {
@@ -391,6 +435,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         inner.last_applied = meta.last_log_id;
         inner.last_membership = meta.last_membership.clone();
         inner.snapshot_meta = Some(meta.clone());
+        if let Some(hub) = &self.watch {
+            self.publish_reset(hub, &inner, ResetReason::Snapshot);
+        }
         Ok(())
     }
 

@@ -13,11 +13,11 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::snapshot::{self, SnapshotError, MAGIC};
 use super::{
     CommittedLeaderId, Entry, EntryPayload, LogId, Membership, PartitionStateMachine, ReplicaNode,
-    Snapshot,
+    Snapshot, SnapshotMeta,
 };
 use crate::storage::{
-    CdcChange, CdcSnapshot, Command, Condition, Op, Outcome, PartitionId, PartitionSnapshot,
-    PartitionState, RequestId, REQUEST_TTL_MS,
+    CdcChange, CdcSnapshot, Command, Condition, LeaseDecision, Op, Outcome, PartitionId,
+    PartitionSnapshot, PartitionState, RequestId, REQUEST_TTL_MS,
 };
 
 const P: PartitionId = PartitionId(3);
@@ -430,9 +430,11 @@ fn damaged_snapshots_are_errors() {
                     + 8
             })
             .sum();
-        // After the CDC section: the request section, just its count when empty.
+        // After the CDC section: the request and lease sections, just their counts
+        // when empty.
         assert!(decoded.state.requests.is_empty());
-        body - 8 - cdc_len - entries_len - 8
+        assert!(decoded.state.leases.is_empty());
+        body - 8 - 8 - cdc_len - entries_len - 8
     };
     let mut huge = bytes.clone();
     huge[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -449,10 +451,17 @@ fn damaged_snapshots_are_errors() {
         Err(SnapshotError::TrailingBytes { len: 3 })
     );
 
-    // The request section (format 3) is last: here just its count, 0.
-    let cdc_end = body - 8;
+    // The lease section (format 4) is last, after the request section (format 3): here
+    // just their counts, 0.
     let mut huge = bytes.clone();
-    huge[cdc_end..body].copy_from_slice(&u64::MAX.to_le_bytes());
+    huge[body - 8..body].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_eq!(
+        snapshot::decode(&reseal(huge)),
+        Err(SnapshotError::Truncated { field: "leases" })
+    );
+    let cdc_end = body - 16;
+    let mut huge = bytes.clone();
+    huge[cdc_end..body - 8].copy_from_slice(&u64::MAX.to_le_bytes());
     assert_eq!(
         snapshot::decode(&reseal(huge)),
         Err(SnapshotError::Truncated { field: "requests" })
@@ -654,6 +663,7 @@ fn version_1_snapshots_still_decode() {
             .collect(),
         cdc: CdcSnapshot::default(),
         requests: Vec::new(),
+        leases: Vec::new(),
     };
     let v1 = snapshot::encode_v1(P, &decoded.meta, &decoded.state);
     assert_eq!(u16::from_le_bytes([v1[8], v1[9]]), 1);
@@ -728,5 +738,131 @@ proptest! {
             let state = PartitionState::restore(decoded.partition, decoded.state);
             prop_assert!(state.applied_index() <= decoded.meta.last_log_id.map_or(0, |id| id.index));
         }
+    }
+}
+
+/// A state after the standard ops plus two fill leases (one still running at 4_000, one
+/// ended), applied as further log entries.
+fn state_with_leases() -> (PartitionState, SnapshotMeta) {
+    let mut sm = PartitionState::new(P);
+    let mut index = 2;
+    for op in ops() {
+        index += 1;
+        sm.apply(index, &op);
+    }
+    let lease = |key: &'static [u8], until: u64| Command::Lease {
+        key: Bytes::from_static(key),
+        lease_until_ms: until,
+        stale_window_ms: 0,
+    };
+    assert!(matches!(
+        sm.apply(index + 1, &op(3_500, lease(b"x", 13_500))),
+        Outcome::Lease(LeaseDecision::Granted { .. })
+    ));
+    assert!(matches!(
+        sm.apply(index + 2, &op(3_501, lease(b"y", 3_600))),
+        Outcome::Lease(LeaseDecision::Granted { .. })
+    ));
+    let mut meta = snapshot::decode(&encoded()).unwrap().meta;
+    meta.last_log_id = Some(log_id(1, index + 2));
+    (sm, meta)
+}
+
+/// Format 4 carries the leases: a replica restored from the snapshot holds the same
+/// leases, fills with the granted token and refuses the other.
+#[test]
+fn version_4_round_trip_keeps_leases() {
+    let (original, meta) = state_with_leases();
+    let x_token = original.lease_of(b"x").unwrap().0;
+    let bytes = snapshot::encode(P, &meta, &original.snapshot());
+    assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 4);
+    let decoded = snapshot::decode(&bytes).unwrap();
+    assert_eq!(decoded.state, original.snapshot());
+    assert_eq!(
+        decoded.state.leases,
+        vec![
+            (Bytes::from_static(b"x"), x_token, 13_500),
+            (Bytes::from_static(b"y"), x_token + 1, 3_600),
+        ]
+    );
+    assert_eq!(
+        snapshot::encode(P, &decoded.meta, &decoded.state),
+        bytes,
+        "re-encoding is byte-identical"
+    );
+    let mut restored = PartitionState::restore(P, decoded.state);
+    assert_eq!(restored.lease_count(), 2);
+    let fill = |token: u64| Command::Fill {
+        key: Bytes::from_static(b"x"),
+        value: Bytes::from_static(b"loaded"),
+        expire_at_ms: None,
+        source_lsn: 0,
+        token,
+    };
+    let next = restored.applied_index() + 1;
+    assert_eq!(
+        restored.apply(next, &op(4_000, fill(x_token + 7))),
+        Outcome::Fill {
+            applied: false,
+            version: 0,
+            newer_lsn: 0,
+            lease_lost: true
+        }
+    );
+    assert_eq!(
+        restored.apply(next + 1, &op(4_000, fill(x_token))),
+        Outcome::Fill {
+            applied: true,
+            version: next + 1,
+            newer_lsn: 0,
+            lease_lost: false
+        }
+    );
+    assert_eq!(restored.lease_of(b"x"), None);
+
+    // The lease section is checked: keys ascending, tokens within the applied index.
+    let mut unordered = original.snapshot();
+    unordered.leases.reverse();
+    assert_eq!(
+        snapshot::decode(&snapshot::encode(P, &meta, &unordered)),
+        Err(SnapshotError::Invalid {
+            what: "lease keys not strictly ascending"
+        })
+    );
+    let mut future = original.snapshot();
+    future.leases[0].1 = future.applied_index + 1;
+    assert_eq!(
+        snapshot::decode(&snapshot::encode(P, &meta, &future)),
+        Err(SnapshotError::Invalid {
+            what: "lease token outside 1..=applied index"
+        })
+    );
+}
+
+/// Snapshots written before format 4 (by the encoder of formats 2 and 3, unchanged) still
+/// decode, with no leases.
+#[test]
+fn version_2_and_3_snapshots_decode_without_leases() {
+    let (state, meta) = state_with_leases();
+    let full = state.snapshot();
+    assert_eq!(full.leases.len(), 2);
+    for version in [2, 3] {
+        let old = snapshot::encode_version(version, P, &meta, &full);
+        assert_eq!(u16::from_le_bytes([old[8], old[9]]), version);
+        let decoded = snapshot::decode(&old).unwrap();
+        let want = PartitionSnapshot {
+            leases: Vec::new(),
+            requests: if version >= 3 {
+                full.requests.clone()
+            } else {
+                Vec::new()
+            },
+            ..full.clone()
+        };
+        assert_eq!(decoded.state, want, "format {version}");
+        assert_eq!(decoded.meta, meta);
+        let restored = PartitionState::restore(P, decoded.state);
+        assert_eq!(restored.lease_count(), 0);
+        assert_eq!(restored.snapshot().cdc, full.cdc);
     }
 }

@@ -125,6 +125,18 @@ impl fmt::Display for Op {
             Command::Cdc { lsn, changes, .. } => {
                 write!(f, "cdc(lsn {lsn}, {} changes)", changes.len())?
             }
+            Command::Lease { key, .. } => write!(f, "lease(key {}B)", key.len())?,
+            Command::ReleaseLease { key, token } => {
+                write!(f, "release-lease(key {}B, token {token})", key.len())?
+            }
+            Command::Fill {
+                key, value, token, ..
+            } => write!(
+                f,
+                "fill(key {}B, value {}B, token {token})",
+                key.len(),
+                value.len()
+            )?,
         }
         write!(f, "@{}", self.now_ms)
     }

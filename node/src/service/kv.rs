@@ -12,6 +12,7 @@
 
 use crate::cluster::ClusterNode;
 use crate::error::{NodeError, Result};
+use crate::hot::HotKeys;
 use crate::metrics;
 use crate::service::status::{error_code, to_status};
 use crate::storage::{
@@ -79,12 +80,29 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 #[derive(Clone)]
 pub struct CacheService {
     node: Arc<ClusterNode>,
+    /// Every keyed request is counted here (`Stats.hot_keys`, metrics).
+    hot: Arc<HotKeys>,
 }
 
 impl CacheService {
     /// A service answering for `node`.
     pub fn new(node: Arc<ClusterNode>) -> Self {
-        CacheService { node }
+        CacheService {
+            node,
+            hot: Arc::new(HotKeys::new()),
+        }
+    }
+
+    /// The hot-key tracker the handlers feed (for the metrics endpoint).
+    pub fn hot_keys(&self) -> Arc<HotKeys> {
+        self.hot.clone()
+    }
+
+    /// Counts a keyed request for the hot-key tracker (unrouted ones fail anyway).
+    fn note(&self, route: Option<&Route>, key: &[u8]) {
+        if let Some(route) = route {
+            self.hot.record(route.partition, key);
+        }
     }
 
     /// The partition a keyed request was routed to (range checked by the node).
@@ -113,6 +131,7 @@ impl CacheService {
     }
 
     async fn do_get(&self, r: GetRequest, lsn_wait: Duration) -> Result<GetResponse> {
+        self.note(r.route.as_ref(), &r.key);
         let consistency = consistency(r.consistency)?;
         let p = self.route(r.route.as_ref())?;
         self.node.wait_cdc(p, r.min_lsn, lsn_wait).await?;
@@ -130,6 +149,9 @@ impl CacheService {
     }
 
     async fn do_mget(&self, r: MGetRequest, lsn_wait: Duration) -> Result<MGetResponse> {
+        r.keys
+            .iter()
+            .for_each(|k| self.note(k.route.as_ref(), &k.key));
         let consistency = consistency(r.consistency)?;
         if r.keys.len() > MAX_MGET_KEYS {
             return Err(NodeError::InvalidArgument(format!(
@@ -183,6 +205,10 @@ impl CacheService {
     }
 
     async fn do_set(&self, r: SetRequest) -> Result<SetResponse> {
+        self.note(r.route.as_ref(), &r.key);
+        if r.lease_token != 0 {
+            return self.do_fill(r).await;
+        }
         let condition = match SetCondition::try_from(r.condition) {
             Ok(SetCondition::None) => Condition::Always,
             Ok(SetCondition::IfAbsent) => Condition::IfAbsent,
@@ -233,6 +259,7 @@ impl CacheService {
     }
 
     async fn do_delete(&self, r: DeleteRequest) -> Result<DeleteResponse> {
+        self.note(r.route.as_ref(), &r.key);
         let req = WriteRequest::Delete { key: exact(&r.key) };
         match self
             .write_once(r.route.as_ref(), req, r.request.as_ref())
@@ -244,6 +271,7 @@ impl CacheService {
     }
 
     async fn do_incr(&self, r: IncrRequest) -> Result<IncrResponse> {
+        self.note(r.route.as_ref(), &r.key);
         let req = WriteRequest::Incr {
             key: exact(&r.key),
             delta: r.delta,
@@ -259,6 +287,7 @@ impl CacheService {
     }
 
     async fn do_expire(&self, r: ExpireRequest) -> Result<ExpireResponse> {
+        self.note(r.route.as_ref(), &r.key);
         let req = WriteRequest::Expire {
             key: exact(&r.key),
             ttl_ms: nonzero(r.ttl_ms),
@@ -366,9 +395,163 @@ impl CacheService {
             uptime_seconds: self.node.started().elapsed().as_secs(),
             partitions: engine.config().partitions,
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            hot_keys: Vec::new(),
+            hot_keys: self
+                .hot
+                .top(crate::hot::REPORTED)
+                .into_iter()
+                .map(|h| raftcache_proto::v1::HotKey {
+                    key: h.key,
+                    partition: h.partition,
+                    per_second: h.per_second,
+                    count: h.count,
+                    error: h.error,
+                })
+                .collect(),
         })
     }
+}
+
+// ---- Fill leases (see `storage::lease`) ------------------------------------------------
+
+impl CacheService {
+    /// `GetOrLease`: a fresh value on the leader is a HIT without a Raft write; otherwise
+    /// the partition decides through a `Lease` op, and GRANTED / WAIT / MISS carry the
+    /// value still stored (stale, for stale-while-revalidate) when there is one.
+    async fn do_get_or_lease(
+        &self,
+        r: raftcache_proto::v1::GetOrLeaseRequest,
+    ) -> Result<raftcache_proto::v1::GetOrLeaseResponse> {
+        self.note(r.route.as_ref(), &r.key);
+        use crate::storage::{lease_ttl_ms, LeaseDecision, MAX_TTL_MS};
+        use raftcache_proto::v1::{GetOrLeaseResponse, LeaseOutcome};
+
+        let p = self.route(r.route.as_ref())?;
+        // Checked before the fast path, so a bad request fails on a hit as well.
+        lease_ttl_ms(r.lease_ttl_ms)?;
+        if r.stale_window_ms > MAX_TTL_MS {
+            return Err(StorageError::TtlOutOfRange {
+                ttl_ms: r.stale_window_ms,
+                limit_ms: MAX_TTL_MS,
+            }
+            .into());
+        }
+        let view = self
+            .node
+            .read(p, &r.key, Consistency::Lease, Duration::ZERO)
+            .await
+            .map_err(|e| self.epoch_aware(r.route.as_ref(), e))?;
+        if let Some(v) = view.filter(|v| is_fresh(v, r.stale_window_ms)) {
+            metrics::record_lease("hit");
+            return Ok(GetOrLeaseResponse {
+                outcome: LeaseOutcome::Hit.into(),
+                value: Some(to_response(Some(v), false)),
+                lease_token: 0,
+                lease_remaining_ms: 0,
+            });
+        }
+        let req = WriteRequest::Lease {
+            key: exact(&r.key),
+            lease_ttl_ms: r.lease_ttl_ms,
+            stale_window_ms: r.stale_window_ms,
+        };
+        let decision = match self.write(r.route.as_ref(), req).await? {
+            Outcome::Lease(decision) => decision,
+            other => return Err(unexpected("get_or_lease", &other)),
+        };
+        // The value as it is now (a `Lease` op never changes it): the fresh value of a
+        // HIT (written since the fast path looked), else the stale one, if any.
+        let engine = self.node.engine().ok_or_else(|| {
+            NodeError::Unavailable("this node is not part of a cluster yet".into())
+        })?;
+        let current = engine.peek(p, &r.key)?;
+        let (outcome, label, lease_token, lease_remaining_ms) = match decision {
+            LeaseDecision::Hit => (LeaseOutcome::Hit, "hit", 0, 0),
+            LeaseDecision::Granted { token } => (LeaseOutcome::Granted, "granted", token, 0),
+            LeaseDecision::Wait { remaining_ms } => (LeaseOutcome::Wait, "wait", 0, remaining_ms),
+            LeaseDecision::Miss => (LeaseOutcome::Miss, "miss", 0, 0),
+        };
+        metrics::record_lease(label);
+        Ok(GetOrLeaseResponse {
+            outcome: outcome.into(),
+            value: Some(to_response(current, false)),
+            lease_token,
+            lease_remaining_ms,
+        })
+    }
+
+    /// `ReleaseLease`: ends the key's lease if it still is `lease_token`.
+    async fn do_release_lease(
+        &self,
+        r: raftcache_proto::v1::ReleaseLeaseRequest,
+    ) -> Result<raftcache_proto::v1::ReleaseLeaseResponse> {
+        let req = WriteRequest::ReleaseLease {
+            key: exact(&r.key),
+            token: r.lease_token,
+        };
+        match self.write(r.route.as_ref(), req).await? {
+            Outcome::Released(released) => {
+                Ok(raftcache_proto::v1::ReleaseLeaseResponse { released })
+            }
+            other => Err(unexpected("release_lease", &other)),
+        }
+    }
+
+    /// A `Set` with a `lease_token`: a `Fill` (exactly once per request id, like `Set`).
+    async fn do_fill(&self, r: SetRequest) -> Result<SetResponse> {
+        if SetCondition::try_from(r.condition) != Ok(SetCondition::None) {
+            return Err(NodeError::InvalidArgument(format!(
+                "a set with lease_token needs condition NONE, not {}: a fill writes \
+                 whenever its lease still holds",
+                r.condition
+            )));
+        }
+        if r.keep_ttl {
+            return Err(NodeError::InvalidArgument(
+                "lease_token and keep_ttl exclude each other: a fill takes its TTL from ttl_ms"
+                    .into(),
+            ));
+        }
+        let req = WriteRequest::Fill {
+            key: exact(&r.key),
+            value: exact(&r.value),
+            ttl_ms: nonzero(r.ttl_ms),
+            source_lsn: r.source_lsn,
+            token: r.lease_token,
+        };
+        match self
+            .write_once(r.route.as_ref(), req, r.request.as_ref())
+            .await?
+        {
+            Outcome::Fill {
+                applied,
+                version,
+                newer_lsn,
+                lease_lost,
+            } => {
+                metrics::record_lease_fill(if lease_lost {
+                    "lost"
+                } else if applied {
+                    "applied"
+                } else {
+                    "stale"
+                });
+                Ok(SetResponse {
+                    applied,
+                    version,
+                    stale: newer_lsn != 0,
+                    newer_lsn,
+                    lease_lost,
+                })
+            }
+            other => Err(unexpected("set", &other)),
+        }
+    }
+}
+
+/// Whether a live value is outside the stale window: no TTL, or more than `window_ms` left
+/// (the rule `Command::Lease` applies).
+fn is_fresh(view: &ReadView, window_ms: u64) -> bool {
+    view.ttl_remaining_ms.is_none_or(|left| left > window_ms)
 }
 
 /// An exact-size copy: the request's bytes are slices of the HTTP/2 frame they arrived
@@ -480,31 +663,56 @@ impl Cache for CacheService {
 
     async fn get_or_lease(
         &self,
-        _req: Request<raftcache_proto::v1::GetOrLeaseRequest>,
+        req: Request<raftcache_proto::v1::GetOrLeaseRequest>,
     ) -> tonic::Result<Response<raftcache_proto::v1::GetOrLeaseResponse>> {
-        Err(Status::unimplemented("GetOrLease: not yet"))
+        let t = Instant::now();
+        reply(
+            "get_or_lease",
+            t,
+            self.do_get_or_lease(req.into_inner()).await,
+        )
     }
 
     async fn release_lease(
         &self,
-        _req: Request<raftcache_proto::v1::ReleaseLeaseRequest>,
+        req: Request<raftcache_proto::v1::ReleaseLeaseRequest>,
     ) -> tonic::Result<Response<raftcache_proto::v1::ReleaseLeaseResponse>> {
-        Err(Status::unimplemented("ReleaseLease: not yet"))
+        let t = Instant::now();
+        reply(
+            "release_lease",
+            t,
+            self.do_release_lease(req.into_inner()).await,
+        )
     }
 
-    type WatchStream = std::pin::Pin<
-        Box<
-            dyn futures::Stream<Item = tonic::Result<raftcache_proto::v1::WatchEvent>>
-                + Send
-                + 'static,
-        >,
-    >;
+    type WatchStream = crate::watch::EventStream;
 
+    /// SYNC (replica here) or RESET per requested partition, then its CHANGE events; see
+    /// [`crate::watch`]. The stream ends when the client leaves or the node shuts down.
     async fn watch(
         &self,
-        _req: Request<raftcache_proto::v1::WatchRequest>,
+        req: Request<raftcache_proto::v1::WatchRequest>,
     ) -> tonic::Result<Response<Self::WatchStream>> {
-        Err(Status::unimplemented("Watch: not yet"))
+        let t = Instant::now();
+        let opened = self
+            .node
+            .engine()
+            .ok_or_else(|| NodeError::Unavailable("this node is not part of a cluster yet".into()))
+            .and_then(|engine| {
+                crate::watch::requested_partitions(
+                    &req.get_ref().partitions,
+                    engine.partition_count(),
+                )
+                .map_err(NodeError::InvalidArgument)
+            })
+            .map(|partitions| {
+                crate::watch::open(
+                    self.node.watch().clone(),
+                    &partitions,
+                    self.node.shutdown_token().clone(),
+                )
+            });
+        reply("watch", t, opened)
     }
 }
 

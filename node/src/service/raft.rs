@@ -362,13 +362,30 @@ impl Admin for RaftService {
                 "fault injection is disabled on this node (start it with --fault-injection)",
             ));
         }
-        let offset = req.into_inner().clock_offset_ms;
-        let previous = crate::storage::set_clock_offset_ms(offset);
-        tracing::warn!(
-            offset_ms = offset,
-            previous_ms = previous,
-            "clock offset injected"
-        );
+        let req = req.into_inner();
+        if req.drop_watch_events > 0 {
+            self.node
+                .watch()
+                .drop_next_changes(u64::from(req.drop_watch_events));
+            tracing::warn!(
+                events = req.drop_watch_events,
+                "the next Watch CHANGE events will be dropped"
+            );
+        }
+        // A request that only drops watch events leaves the clock alone (its
+        // `clock_offset_ms` is the default 0, not a request to restore the clock).
+        let offset = req.clock_offset_ms;
+        let previous = if req.drop_watch_events > 0 && offset == 0 {
+            crate::storage::clock_offset_ms()
+        } else {
+            let previous = crate::storage::set_clock_offset_ms(offset);
+            tracing::warn!(
+                offset_ms = offset,
+                previous_ms = previous,
+                "clock offset injected"
+            );
+            previous
+        };
         Ok(Response::new(InjectFaultResponse {
             previous_clock_offset_ms: previous,
         }))

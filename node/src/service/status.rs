@@ -14,6 +14,7 @@ pub fn error_code(err: &NodeError) -> ErrorCode {
             StorageError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
             StorageError::TtlOutOfRange { .. } => ErrorCode::TtlOutOfRange,
             StorageError::PartitionOutOfRange { .. } => ErrorCode::InvalidArgument,
+            StorageError::LeaseTtlOutOfRange { .. } => ErrorCode::InvalidArgument,
             StorageError::OutOfMemory { .. } => ErrorCode::OutOfMemory,
             StorageError::NotAnInteger => ErrorCode::NotAnInteger,
             StorageError::IncrOverflow => ErrorCode::IncrOverflow,
@@ -38,7 +39,8 @@ pub fn to_status(err: &NodeError) -> Status {
             detail.actual = Some(*size as u64);
             detail.limit = Some(*limit as u64);
         }
-        NodeError::Storage(StorageError::TtlOutOfRange { ttl_ms, limit_ms }) => {
+        NodeError::Storage(StorageError::TtlOutOfRange { ttl_ms, limit_ms })
+        | NodeError::Storage(StorageError::LeaseTtlOutOfRange { ttl_ms, limit_ms }) => {
             detail.actual = Some(*ttl_ms);
             detail.limit = Some(*limit_ms);
         }

@@ -6,6 +6,8 @@
 
 use bytes::Bytes;
 
+use super::LeaseDecision;
+
 /// One replicated write: a [`Command`] stamped with the proposer's clock.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Op {
@@ -100,6 +102,46 @@ pub enum Command {
         /// The changes, applied in order.
         changes: Vec<CdcChange>,
     },
+    // New variants go at the end: the durable log is postcard-encoded by variant index.
+    /// Read-or-lease for a cache-aside load (see `storage/lease.rs`): at index `i`,
+    /// a live value whose deadline is more than `stale_window_ms` away (or that has none)
+    /// is a [`LeaseDecision::Hit`]; otherwise a running lease of the key is a
+    /// [`LeaseDecision::Wait`]; otherwise the key's expired lease is forgotten and, if the
+    /// partition is at [`MAX_LEASES`](super::MAX_LEASES) after forgetting its expired
+    /// leases, [`LeaseDecision::Miss`]; otherwise the key gets the lease
+    /// `(token: i, until: lease_until_ms)`: [`LeaseDecision::Granted`]. Entries are left
+    /// as they are (an expired one is not dropped).
+    Lease {
+        /// The key.
+        key: Bytes,
+        /// When a lease granted by this op ends (ms since epoch).
+        lease_until_ms: u64,
+        /// A live value whose deadline is at most this far from `now_ms` counts as stale.
+        stale_window_ms: u64,
+    },
+    /// Gives back the key's lease if it is `token` (see [`Outcome::Released`]).
+    ReleaseLease {
+        /// The key.
+        key: Bytes,
+        /// The token the lease was granted with.
+        token: u64,
+    },
+    /// A fill under a lease: when `key`'s lease is `token` and still runs, the lease ends
+    /// and the value is stored exactly as [`Command::Set`] with [`Condition::Always`] and
+    /// this `source_lsn` would (a fill refused as stale also ends the lease); otherwise
+    /// nothing changes and the outcome says `lease_lost`.
+    Fill {
+        /// The key.
+        key: Bytes,
+        /// The loaded value.
+        value: Bytes,
+        /// Absolute deadline (ms since epoch), or `None` for no TTL.
+        expire_at_ms: Option<u64>,
+        /// As [`Command::Set`]'s: 0, or the Postgres LSN the value was read at.
+        source_lsn: u64,
+        /// The lease's token (the log index of its grant).
+        token: u64,
+    },
 }
 
 /// One change of a [`Command::Cdc`] batch.
@@ -146,7 +188,10 @@ impl Command {
             Command::Set { key, .. }
             | Command::Delete { key }
             | Command::Incr { key, .. }
-            | Command::Expire { key, .. } => Some(key),
+            | Command::Expire { key, .. }
+            | Command::Lease { key, .. }
+            | Command::ReleaseLease { key, .. }
+            | Command::Fill { key, .. } => Some(key),
             Command::Evict { .. } | Command::Reclaim { .. } | Command::Cdc { .. } => None,
         }
     }
@@ -195,6 +240,26 @@ pub enum Outcome {
     /// Result of [`Command::Cdc`]: what the batch changed, or why it was refused (then
     /// nothing changed, but the index still counts as applied).
     Cdc(Result<CdcApplied, CdcError>),
+    // New variants go at the end: outcomes are stored (postcard) in the request log and
+    // in snapshots.
+    /// Result of [`Command::Lease`].
+    Lease(LeaseDecision),
+    /// Result of [`Command::ReleaseLease`]: whether the key's lease was `token` and still
+    /// running. A matching lease is forgotten either way.
+    Released(bool),
+    /// Result of [`Command::Fill`].
+    Fill {
+        /// Whether the value was stored.
+        applied: bool,
+        /// When applied, the new version (the op's index); otherwise the live entry's
+        /// version, or 0 when the key is absent.
+        version: u64,
+        /// As in [`Outcome::Set`]: the key's CDC LSN when the fill was refused as stale.
+        newer_lsn: u64,
+        /// Refused because the lease was no longer `token` (voided, expired or never
+        /// granted); then nothing changed.
+        lease_lost: bool,
+    },
 }
 
 /// What an applied [`Command::Cdc`] did.

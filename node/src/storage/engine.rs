@@ -78,6 +78,38 @@ pub enum WriteRequest {
         /// The changes, applied in order.
         changes: Vec<CdcWrite>,
     },
+    /// Read-or-lease for a cache-aside load ([`Command::Lease`]).
+    Lease {
+        /// The key.
+        key: Bytes,
+        /// How long a granted lease lasts, in ms: 0 means
+        /// [`DEFAULT_LEASE_TTL_MS`](super::DEFAULT_LEASE_TTL_MS), otherwise
+        /// `1..=`[`MAX_LEASE_TTL_MS`](super::MAX_LEASE_TTL_MS).
+        lease_ttl_ms: u64,
+        /// A live value with at most this many ms left counts as stale (at most
+        /// [`MAX_TTL_MS`]).
+        stale_window_ms: u64,
+    },
+    /// Gives a lease back ([`Command::ReleaseLease`]).
+    ReleaseLease {
+        /// The key.
+        key: Bytes,
+        /// The token of the lease.
+        token: u64,
+    },
+    /// Stores a loaded value under a lease ([`Command::Fill`]).
+    Fill {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+        /// Time to live in ms; `None` or `Some(0)` means no TTL.
+        ttl_ms: Option<u64>,
+        /// As [`WriteRequest::Set`]'s `source_lsn`.
+        source_lsn: u64,
+        /// The lease's token.
+        token: u64,
+    },
 }
 
 /// One change of a [`WriteRequest::Cdc`], before TTLs become deadlines.
@@ -239,6 +271,26 @@ impl Engine {
         }))
     }
 
+    /// Reads a live key like [`get`](Self::get) but without counting a hit or a miss or
+    /// recording the access (for answers that accompany a write, such as the stale value
+    /// of a lease).
+    ///
+    /// # Errors
+    ///
+    /// `PartitionOutOfRange`, `EmptyKey`, `KeyTooLarge`.
+    pub fn peek(&self, p: PartitionId, key: &[u8]) -> Result<Option<ReadView>, StorageError> {
+        let partition = self.partition(p)?;
+        self.check_key(key)?;
+        let now = self.clock.now_ms();
+        let view = lock(&partition.state).peek(key, now);
+        Ok(view.map(|v| ReadView {
+            value: v.value,
+            version: v.version,
+            ttl_remaining_ms: v.expire_at_ms.map(|deadline| deadline.saturating_sub(now)),
+            source_lsn: v.source_lsn,
+        }))
+    }
+
     /// Validates a write (sizes, empty key, TTL range), turns relative TTLs into absolute
     /// deadlines with the clock ([`prepare`](Self::prepare)), admits it under `max_memory`
     /// (`noeviction`: `OutOfMemory`; `allkeys-lru`/`allkeys-lfu`: evicts through applied
@@ -265,7 +317,8 @@ impl Engine {
     ///
     /// `EmptyKey`, `KeyTooLarge`, `ValueTooLarge`, `TtlOutOfRange` (over [`MAX_TTL_MS`],
     /// or a deadline past `u64::MAX`); for `Cdc`, the same checks on every change (a prefix
-    /// may be empty, but not longer than `max_key_bytes`).
+    /// may be empty, but not longer than `max_key_bytes`); for `Lease`,
+    /// `LeaseTtlOutOfRange`, and `TtlOutOfRange` for a stale window over [`MAX_TTL_MS`].
     pub fn prepare(&self, req: WriteRequest) -> Result<Op, StorageError> {
         let now_ms = self.clock.now_ms();
         let cmd = match req {
@@ -318,6 +371,46 @@ impl Engine {
                     .map(|change| self.prepare_cdc_change(now_ms, change))
                     .collect::<Result<_, _>>()?,
             },
+            WriteRequest::Lease {
+                key,
+                lease_ttl_ms,
+                stale_window_ms,
+            } => {
+                self.check_key(&key)?;
+                let ttl = super::lease_ttl_ms(lease_ttl_ms)?;
+                if stale_window_ms > MAX_TTL_MS {
+                    return Err(StorageError::TtlOutOfRange {
+                        ttl_ms: stale_window_ms,
+                        limit_ms: MAX_TTL_MS,
+                    });
+                }
+                Command::Lease {
+                    key,
+                    lease_until_ms: now_ms.saturating_add(ttl),
+                    stale_window_ms,
+                }
+            }
+            WriteRequest::ReleaseLease { key, token } => {
+                self.check_key(&key)?;
+                Command::ReleaseLease { key, token }
+            }
+            WriteRequest::Fill {
+                key,
+                value,
+                ttl_ms,
+                source_lsn,
+                token,
+            } => {
+                self.check_key(&key)?;
+                self.check_value(&value)?;
+                Command::Fill {
+                    key,
+                    value,
+                    expire_at_ms: deadline(now_ms, ttl_ms)?,
+                    source_lsn,
+                    token,
+                }
+            }
         };
         Ok(Op { now_ms, cmd })
     }
@@ -366,7 +459,7 @@ impl Engine {
         let mut removed = 0;
         for partition in self.partitions.iter() {
             let mut state = lock(&partition.state);
-            if state.next_deadline().is_some_and(|d| d <= now_ms) {
+            if reclaim_due(&state, now_ms) {
                 if let Outcome::Reclaimed(n) = self.apply_locked(partition, &mut state, &op, None) {
                     removed += n;
                 }
@@ -460,14 +553,7 @@ impl Engine {
             limit,
         };
         // An entry that could never fit is refused before anything is evicted for it.
-        if let Command::Set {
-            key,
-            value,
-            expire_at_ms,
-            ..
-        } = &op.cmd
-        {
-            let size = entry_cost(key.len(), value.len(), expire_at_ms.is_some());
+        if let Some(size) = stored_size(&op.cmd) {
             if size > limit {
                 return Err(refuse(size));
             }
@@ -521,14 +607,7 @@ impl Engine {
         if limit == 0 {
             return Ok(Ok(0));
         }
-        if let Command::Set {
-            key,
-            value,
-            expire_at_ms,
-            ..
-        } = &op.cmd
-        {
-            let size = entry_cost(key.len(), value.len(), expire_at_ms.is_some());
+        if let Some(size) = stored_size(&op.cmd) {
             if size > limit {
                 return Err(StorageError::OutOfMemory {
                     used: self.used.load(Ordering::Acquire),
@@ -682,11 +761,12 @@ impl Engine {
         self.restore(p, PartitionState::new(p))
     }
 
-    /// Partitions with an expired entry due for reclaim at `now_ms`.
+    /// Partitions with an expired entry (or an ended fill lease) due for reclaim at
+    /// `now_ms`.
     pub fn due_for_reclaim(&self, now_ms: u64) -> Vec<PartitionId> {
         self.partitions
             .iter()
-            .filter(|p| lock(&p.state).next_deadline().is_some_and(|d| d <= now_ms))
+            .filter(|p| reclaim_due(&lock(&p.state), now_ms))
             .map(|p| p.id)
             .collect()
     }
@@ -844,6 +924,33 @@ impl Engine {
             let state = lock(&partition.state);
             state.sample(rng, group.len(), self.config.policy, now_ms, exclude, out);
         }
+    }
+}
+
+/// Whether a `Reclaim` at `now_ms` has work in `state`: an expired entry, or an ended
+/// fill lease to forget.
+fn reclaim_due(state: &PartitionState, now_ms: u64) -> bool {
+    state.next_deadline().is_some_and(|d| d <= now_ms)
+        || state.next_lease_expiry().is_some_and(|d| d <= now_ms)
+}
+
+/// The accounted size of the entry a `Set` or `Fill` stores, checked against the limit
+/// before anything is evicted for it.
+fn stored_size(cmd: &Command) -> Option<u64> {
+    match cmd {
+        Command::Set {
+            key,
+            value,
+            expire_at_ms,
+            ..
+        }
+        | Command::Fill {
+            key,
+            value,
+            expire_at_ms,
+            ..
+        } => Some(entry_cost(key.len(), value.len(), expire_at_ms.is_some())),
+        _ => None,
     }
 }
 

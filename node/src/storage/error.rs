@@ -30,6 +30,17 @@ pub enum StorageError {
         /// The largest TTL accepted.
         limit_ms: u64,
     },
+    /// A lease lifetime outside `1..=`[`MAX_LEASE_TTL_MS`](super::MAX_LEASE_TTL_MS) (0 asks
+    /// for the default).
+    #[error(
+        "lease_ttl_ms of {ttl_ms} is out of range: use 1 to {limit_ms} ms, or 0 for the default"
+    )]
+    LeaseTtlOutOfRange {
+        /// The requested lifetime.
+        ttl_ms: u64,
+        /// The longest lifetime accepted.
+        limit_ms: u64,
+    },
     /// No such partition on this node.
     #[error("partition {partition} is out of range: there are {count} partitions")]
     PartitionOutOfRange {

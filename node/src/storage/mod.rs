@@ -13,6 +13,7 @@
 //!   ├─ command.rs   Op, Command, Condition, Outcome, IncrError, CdcChange, CdcApplied, CdcError
 //!   ├─ entry.rs     Entry (replicated fields + node-local access metadata)
 //!   ├─ cdc.rs       CdcState: fence, watermark, key/prefix tombstones and their floor
+//!   ├─ lease.rs     LeaseTable: fill leases (token = grant's log index), their voiding
 //!   ├─ ttl.rs       TtlIndex: entries (and tombstones) ordered by deadline
 //!   └─ mem.rs       the memory accounting formula and its per-entry overhead
 //! ```
@@ -40,6 +41,12 @@
 //! refuse fills older than an invalidation, replayed batches change nothing, a fencing
 //! token refuses deposed workers. The rules are on [`PartitionState`].
 //!
+//! # Fill leases
+//!
+//! `Command::Lease` hands out at most one fill lease per key (token = the grant's log
+//! index); `Command::Fill` stores the loaded value only while that lease still holds.
+//! Writes, deletes and CDC changes of the key void it. The rules are in `lease.rs`.
+//!
 //! # Read path
 //!
 //! ```text
@@ -59,6 +66,7 @@ mod engine;
 mod entry;
 mod error;
 mod evict;
+mod lease;
 mod mem;
 mod requests;
 mod state_machine;
@@ -68,6 +76,8 @@ mod ttl;
 mod cdc_test;
 #[cfg(test)]
 mod engine_test;
+#[cfg(test)]
+mod lease_test;
 #[cfg(test)]
 mod model_test;
 #[cfg(test)]
@@ -83,6 +93,7 @@ pub use command::{CdcApplied, CdcChange, CdcError, Command, Condition, IncrError
 pub use config::{EvictionPolicy, ParsePolicyError, StorageConfig};
 pub use engine::{CdcWrite, Engine, EngineStats, ReadView, WriteRequest, MAX_TTL_MS};
 pub use error::StorageError;
+pub use lease::{lease_ttl_ms, LeaseDecision, DEFAULT_LEASE_TTL_MS, MAX_LEASES, MAX_LEASE_TTL_MS};
 pub use mem::{ENTRY_OVERHEAD, TTL_OVERHEAD};
 pub use requests::{RequestId, RequestLog, MAX_REQUESTS, REQUEST_TTL_MS};
 pub use state_machine::{EntryView, PartitionSnapshot, PartitionState, SnapshotEntry};

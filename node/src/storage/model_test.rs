@@ -1,6 +1,6 @@
 //! Model-based property tests of [`PartitionState`]: random op sequences (CDC batches and
-//! cache-aside fills included) against a `BTreeMap` reference, snapshot/restore
-//! mid-sequence, and replica determinism.
+//! cache-aside fills and fill leases included) against a `BTreeMap` reference,
+//! snapshot/restore mid-sequence, and replica determinism.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,8 +11,8 @@ use proptest::prelude::*;
 
 use super::mem::entry_cost;
 use super::{
-    CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, Op, Outcome, PartitionId,
-    PartitionState,
+    CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, LeaseDecision, Op, Outcome,
+    PartitionId, PartitionState,
 };
 
 const KEYS: [&str; 5] = ["a", "b", "c", "dd", "eee"];
@@ -57,9 +57,28 @@ enum Step {
         tombstone_ttl: u64,
         changes: Vec<Change>,
     },
+    /// `Command::Lease` with a lease lifetime and a stale window (ms).
+    Lease(usize, u64, u64),
+    ReleaseLease(usize, Tok),
+    Fill {
+        key: usize,
+        value: usize,
+        ttl: Option<i64>,
+        source_lsn: u64,
+        token: Tok,
+    },
     Get(usize),
     Advance(u64),
     Restore,
+}
+
+/// A lease token resolved against the model at run time.
+#[derive(Debug, Clone, Copy)]
+enum Tok {
+    /// The key's current lease token (0 when it has none).
+    Current,
+    /// The current token plus this (a wrong one).
+    Off(u64),
 }
 
 /// One generated CDC change: indexes into `KEYS`, `VALUES` or `PREFIXES`.
@@ -131,10 +150,18 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (key.clone(), ttl).prop_map(|(k, t)| Step::Expire(k, t)),
         1 => prop::collection::vec(key.clone(), 0..4).prop_map(Step::Evict),
         1 => (0usize..4).prop_map(Step::Reclaim),
-        3 => key.prop_map(Step::Get),
+        3 => key.clone().prop_map(Step::Get),
         3 => (0u64..25).prop_map(Step::Advance),
         1 => Just(Step::Restore),
+        3 => (key.clone(), 1u64..40, 0u64..30).prop_map(|(k, ttl, window)| Step::Lease(k, ttl, window)),
+        1 => (key.clone(), tok()).prop_map(|(k, t)| Step::ReleaseLease(k, t)),
+        3 => (key, 0..VALUES.len(), prop::option::of(-5i64..40), prop_oneof![3 => Just(0u64), 1 => 1u64..12], tok())
+            .prop_map(|(key, value, ttl, source_lsn, token)| Step::Fill { key, value, ttl, source_lsn, token }),
     ]
+}
+
+fn tok() -> impl Strategy<Value = Tok> {
+    prop_oneof![4 => Just(Tok::Current), 1 => (1u64..3).prop_map(Tok::Off)]
 }
 
 /// A model entry: (value, version, deadline, source LSN).
@@ -150,6 +177,8 @@ struct Model {
     floor: u64,
     fence: u64,
     watermark: u64,
+    /// Key -> (token, until).
+    leases: BTreeMap<Vec<u8>, (u64, u64)>,
 }
 
 /// Independent INCR parse: `-?[0-9]+` within i64 range.
@@ -228,6 +257,7 @@ impl Model {
         for change in changes {
             match change {
                 CdcChange::Invalidate { key } => {
+                    self.leases.remove(key.as_ref());
                     let keep = self.live(key, now).is_some_and(|e| e.3 > lsn);
                     if !keep && self.map.remove(key.as_ref()).is_some() {
                         changed += 1;
@@ -239,6 +269,7 @@ impl Model {
                     value,
                     expire_at_ms,
                 } => {
+                    self.leases.remove(key.as_ref());
                     if self.cdc_lsn(key, now) >= lsn {
                         continue;
                     }
@@ -248,6 +279,7 @@ impl Model {
                     changed += 1;
                 }
                 CdcChange::InvalidatePrefix { prefix } => {
+                    self.leases.retain(|k, _| !k.starts_with(prefix));
                     let before = self.map.len();
                     self.map
                         .retain(|k, e| !(k.starts_with(prefix) && e.3 < lsn));
@@ -265,7 +297,100 @@ impl Model {
     }
 
     fn apply(&mut self, index: u64, op: &Op) -> Outcome {
+        let outcome = self.apply_inner(index, op);
+        let voided = match (&op.cmd, &outcome) {
+            (Command::Set { key, .. }, Outcome::Set { applied: true, .. })
+            | (Command::Delete { key }, _)
+            | (Command::Incr { key, .. }, Outcome::Incr(Ok(_)))
+            | (Command::Expire { key, .. }, Outcome::Expire(true)) => Some(key),
+            _ => None,
+        };
+        if let Some(key) = voided {
+            self.leases.remove(key.as_ref());
+        }
+        outcome
+    }
+
+    fn apply_inner(&mut self, index: u64, op: &Op) -> Outcome {
         let now = op.now_ms;
+        match &op.cmd {
+            Command::Lease {
+                key,
+                lease_until_ms,
+                stale_window_ms,
+            } => {
+                let fresh = self
+                    .live(key, now)
+                    .is_some_and(|e| e.2.is_none_or(|d| d - now > *stale_window_ms));
+                if fresh {
+                    return Outcome::Lease(LeaseDecision::Hit);
+                }
+                if let Some((_, until)) = self.leases.get(key.as_ref()).filter(|l| l.1 > now) {
+                    return Outcome::Lease(LeaseDecision::Wait {
+                        remaining_ms: until - now,
+                    });
+                }
+                self.leases.insert(key.to_vec(), (index, *lease_until_ms));
+                return Outcome::Lease(LeaseDecision::Granted { token: index });
+            }
+            Command::ReleaseLease { key, token } => {
+                let Some((t, until)) = self.leases.get(key.as_ref()).copied() else {
+                    return Outcome::Released(false);
+                };
+                if t != *token {
+                    return Outcome::Released(false);
+                }
+                self.leases.remove(key.as_ref());
+                return Outcome::Released(until > now);
+            }
+            Command::Fill {
+                key,
+                value,
+                expire_at_ms,
+                source_lsn,
+                token,
+            } => {
+                let holds = self
+                    .leases
+                    .get(key.as_ref())
+                    .is_some_and(|(t, until)| t == token && *until > now);
+                if !holds {
+                    return Outcome::Fill {
+                        applied: false,
+                        version: self.live(key, now).map_or(0, |e| e.1),
+                        newer_lsn: 0,
+                        lease_lost: true,
+                    };
+                }
+                self.leases.remove(key.as_ref());
+                let set = Op {
+                    now_ms: now,
+                    cmd: Command::Set {
+                        key: key.clone(),
+                        value: value.clone(),
+                        expire_at_ms: *expire_at_ms,
+                        keep_ttl: false,
+                        condition: Condition::Always,
+                        source_lsn: *source_lsn,
+                    },
+                };
+                let Outcome::Set {
+                    applied,
+                    version,
+                    newer_lsn,
+                } = self.apply_inner(index, &set)
+                else {
+                    unreachable!("a set answers a set outcome")
+                };
+                return Outcome::Fill {
+                    applied,
+                    version,
+                    newer_lsn,
+                    lease_lost: false,
+                };
+            }
+            _ => {}
+        }
         if let Some(key) = op.cmd.key() {
             if self
                 .map
@@ -373,6 +498,16 @@ impl Model {
             }
             Command::Reclaim { max } => {
                 self.expire_tombstones(now, *max);
+                let mut ended: Vec<(u64, Vec<u8>)> = self
+                    .leases
+                    .iter()
+                    .filter(|(_, l)| l.1 <= now)
+                    .map(|(k, l)| (l.1, k.clone()))
+                    .collect();
+                ended.sort();
+                for (_, k) in ended.into_iter().take(*max) {
+                    self.leases.remove(&k);
+                }
                 let mut due: Vec<(u64, Vec<u8>)> = self
                     .map
                     .iter()
@@ -397,6 +532,26 @@ impl Model {
                 (*lsn, *watermark, *fence, *tombstone_until_ms),
                 changes,
             ),
+            Command::Lease { .. } | Command::ReleaseLease { .. } | Command::Fill { .. } => {
+                unreachable!("handled above")
+            }
+        }
+    }
+
+    /// The leases, as a snapshot lists them.
+    fn leases_snapshot(&self) -> Vec<(Bytes, u64, u64)> {
+        self.leases
+            .iter()
+            .map(|(k, (token, until))| (Bytes::copy_from_slice(k), *token, *until))
+            .collect()
+    }
+
+    /// The token a generated step presents for `key`.
+    fn token(&self, key: usize, tok: Tok) -> u64 {
+        let current = self.leases.get(KEYS[key].as_bytes()).map_or(0, |l| l.0);
+        match tok {
+            Tok::Current => current,
+            Tok::Off(offset) => current + offset,
         }
     }
 
@@ -500,6 +655,28 @@ fn to_op(step: &Step, model: &Model, now: u64) -> Option<Op> {
                 })
                 .collect(),
         },
+        Step::Lease(k, ttl, window) => Command::Lease {
+            key: key(*k),
+            lease_until_ms: now + ttl,
+            stale_window_ms: *window,
+        },
+        Step::ReleaseLease(k, tok) => Command::ReleaseLease {
+            key: key(*k),
+            token: model.token(*k, *tok),
+        },
+        Step::Fill {
+            key: k,
+            value,
+            ttl,
+            source_lsn,
+            token,
+        } => Command::Fill {
+            key: key(*k),
+            value: Bytes::from_static(VALUES[*value].as_bytes()),
+            expire_at_ms: deadline(now, *ttl),
+            source_lsn: *source_lsn,
+            token: model.token(*k, *token),
+        },
         Step::Get(_) | Step::Advance(_) | Step::Restore => return None,
     };
     Some(Op { now_ms: now, cmd })
@@ -563,6 +740,7 @@ proptest! {
             prop_assert_eq!(state.len(), model.map.len());
             prop_assert_eq!(state.memory_used(), model.memory());
             prop_assert_eq!(&state.snapshot().cdc, &model.cdc_snapshot());
+            prop_assert_eq!(&state.snapshot().leases, &model.leases_snapshot());
             state.assert_consistent();
             check_reads(&mut state, &model, now);
         }

@@ -9,12 +9,13 @@ use super::cdc::{CdcSnapshot, CdcState};
 use super::command::parse_i64;
 use super::entry::Entry;
 use super::evict::{Access, Candidate};
+use super::lease::{Lease, LeaseTable, MAX_LEASES};
 use super::mem::entry_cost;
 use super::requests::{RequestId, RequestLog};
 use super::ttl::TtlIndex;
 use super::{
-    CdcApplied, CdcChange, CdcError, Command, Condition, EvictionPolicy, IncrError, Op, Outcome,
-    PartitionId,
+    CdcApplied, CdcChange, CdcError, Command, Condition, EvictionPolicy, IncrError, LeaseDecision,
+    Op, Outcome, PartitionId,
 };
 
 /// The entries of one partition and the index of the last op applied to them.
@@ -47,6 +48,15 @@ use super::{
 /// Within one batch, two changes to the same key at the same LSN are *not* ordered by
 /// position: a `Put` after an `Invalidate` or another `Put` of the same key is skipped
 /// (equal LSN), so the worker should send one change per key per transaction (the last).
+///
+/// # Fill leases
+///
+/// [`Command::Lease`], [`Command::ReleaseLease`] and [`Command::Fill`] keep at most one
+/// lease per key (token = the log index of the grant). An applied `Set`, `Incr` or
+/// `Expire`, every `Delete`, and every CDC `Invalidate`/`Put` of the key (skipped or not,
+/// unless the batch is fenced) void it; `InvalidatePrefix` voids the leases under the
+/// prefix; `Evict` does not; `Reclaim { max }` forgets up to `max` expired leases. See
+/// `storage/lease.rs`.
 #[derive(Debug, Clone)]
 pub struct PartitionState {
     /// Which partition this is.
@@ -65,6 +75,8 @@ pub struct PartitionState {
     cdc: CdcState,
     /// Outcomes of recently applied client requests (exactly-once writes).
     requests: RequestLog,
+    /// Fill leases, by key. Not counted in `memory_used` (bounded by [`MAX_LEASES`]).
+    leases: LeaseTable,
     /// Entries removed because they were expired (by `Reclaim`, by being overwritten or
     /// touched while expired, or evicted while expired). Derived from replicated state,
     /// but kept for statistics only: not part of snapshots.
@@ -99,6 +111,8 @@ pub struct PartitionSnapshot {
     pub cdc: CdcSnapshot,
     /// Remembered request ids: (id, forget at ms, first outcome), in application order.
     pub requests: Vec<(RequestId, u64, Outcome)>,
+    /// Fill leases `(key, token, until_ms)`, by key (expired-but-held ones included).
+    pub leases: Vec<(Bytes, u64, u64)>,
 }
 
 /// One entry of a [`PartitionSnapshot`].
@@ -151,6 +165,7 @@ impl PartitionState {
             memory_used: 0,
             cdc: CdcState::default(),
             requests: RequestLog::default(),
+            leases: LeaseTable::default(),
             expired_removed: 0,
             share_bytes: false,
         }
@@ -186,6 +201,7 @@ impl PartitionState {
             Command::Evict { keys } => Outcome::Evicted(self.evict(keys, now)),
             Command::Reclaim { max } => {
                 self.cdc.expire(now, *max);
+                self.leases.expire(now, *max);
                 Outcome::Reclaimed(self.reclaim(*max, now))
             }
             Command::Cdc {
@@ -208,9 +224,97 @@ impl PartitionState {
             | Command::Incr { key, .. }
             | Command::Expire { key, .. } => {
                 let plan = self.plan(key, op);
+                let outcome = self.execute(key, index, now, plan);
+                let voids = match &outcome {
+                    Outcome::Set { applied, .. } => *applied,
+                    Outcome::Deleted(_) => true,
+                    Outcome::Incr(result) => result.is_ok(),
+                    Outcome::Expire(updated) => *updated,
+                    _ => false,
+                };
+                if voids {
+                    self.leases.remove(key);
+                }
+                outcome
+            }
+            Command::Lease {
+                key,
+                lease_until_ms,
+                stale_window_ms,
+            } => Outcome::Lease(self.lease(key, index, now, *lease_until_ms, *stale_window_ms)),
+            Command::ReleaseLease { key, token } => {
+                let released = match self.leases.get(key) {
+                    Some(lease) if lease.token == *token => {
+                        self.leases.remove(key);
+                        lease.is_live(now)
+                    }
+                    _ => false,
+                };
+                Outcome::Released(released)
+            }
+            Command::Fill { key, .. } => {
+                let plan = self.plan(key, op);
+                if !matches!(
+                    plan.outcome,
+                    Outcome::Fill {
+                        lease_lost: true,
+                        ..
+                    }
+                ) {
+                    // The lease ends with the fill, applied or refused as stale.
+                    self.leases.remove(key);
+                }
                 self.execute(key, index, now, plan)
             }
         }
+    }
+
+    /// Applies [`Command::Lease`] for `key` as op `index` (see the command's docs).
+    fn lease(
+        &mut self,
+        key: &Bytes,
+        index: u64,
+        now: u64,
+        lease_until_ms: u64,
+        stale_window_ms: u64,
+    ) -> LeaseDecision {
+        let fresh = self
+            .entries
+            .get(key.as_ref())
+            .filter(|e| !e.is_expired(now))
+            .is_some_and(|e| {
+                e.expire_at_ms
+                    .is_none_or(|deadline| deadline.saturating_sub(now) > stale_window_ms)
+            });
+        if fresh {
+            return LeaseDecision::Hit;
+        }
+        match self.leases.get(key) {
+            Some(lease) if lease.is_live(now) => {
+                return LeaseDecision::Wait {
+                    remaining_ms: lease.until_ms - now,
+                }
+            }
+            Some(_) => {
+                self.leases.remove(key);
+            }
+            None => {}
+        }
+        if self.leases.len() >= MAX_LEASES {
+            self.leases.expire(now, usize::MAX);
+            if self.leases.len() >= MAX_LEASES {
+                return LeaseDecision::Miss;
+            }
+        }
+        let key = self.keep(key);
+        self.leases.insert(
+            key,
+            Lease {
+                token: index,
+                until_ms: lease_until_ms,
+            },
+        );
+        LeaseDecision::Granted { token: index }
     }
 
     /// [`apply`](Self::apply) (or [`apply_shared`](Self::apply_shared) when `shared`)
@@ -291,10 +395,13 @@ impl PartitionState {
                 changes,
                 ..
             } => self.cdc_growth(now, *lsn, *fence, changes),
+            // Leases are not accounted.
+            Command::Lease { .. } | Command::ReleaseLease { .. } => 0,
             Command::Set { key, .. }
             | Command::Delete { key }
             | Command::Incr { key, .. }
-            | Command::Expire { key, .. } => {
+            | Command::Expire { key, .. }
+            | Command::Fill { key, .. } => {
                 let plan = self.plan(key, op);
                 let old = signed(plan.existing.map_or(0, |(_, cost)| cost));
                 match plan.effect {
@@ -320,6 +427,17 @@ impl PartitionState {
             return None;
         }
         entry.access.on_read(now_ms, rand::random());
+        Some(EntryView {
+            value: entry.value.clone(),
+            version: entry.version,
+            expire_at_ms: entry.expire_at_ms,
+            source_lsn: entry.source_lsn,
+        })
+    }
+
+    /// [`get`](Self::get) without recording the access.
+    pub fn peek(&self, key: &[u8], now_ms: u64) -> Option<EntryView> {
+        let entry = self.entries.get(key).filter(|e| !e.is_expired(now_ms))?;
         Some(EntryView {
             value: entry.value.clone(),
             version: entry.version,
@@ -399,8 +517,25 @@ impl PartitionState {
         self.cdc.next_expiry()
     }
 
+    /// Fill leases held (expired ones not yet forgotten included; at most
+    /// [`MAX_LEASES`](super::MAX_LEASES)).
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// The earliest end of a lease held, if any: a `Reclaim` op at that time or later
+    /// forgets it.
+    pub fn next_lease_expiry(&self) -> Option<u64> {
+        self.leases.next_expiry()
+    }
+
+    /// `key`'s lease as `(token, until_ms)`, expired-but-held ones included.
+    pub fn lease_of(&self, key: &[u8]) -> Option<(u64, u64)> {
+        self.leases.get(key).map(|l| (l.token, l.until_ms))
+    }
+
     /// The replicated state: applied index, every entry with its version, deadline and
-    /// source LSN, and the CDC state.
+    /// source LSN, the CDC state, the remembered requests and the leases.
     pub fn snapshot(&self) -> PartitionSnapshot {
         PartitionSnapshot {
             applied_index: self.applied_index,
@@ -417,6 +552,7 @@ impl PartitionState {
                 .collect(),
             cdc: self.cdc.snapshot(),
             requests: self.requests.export(),
+            leases: self.leases.snapshot(),
         }
     }
 
@@ -431,6 +567,7 @@ impl PartitionState {
         }
         state.cdc = CdcState::restore(snap.cdc, exact);
         state.requests = RequestLog::restore(snap.requests);
+        state.leases = LeaseTable::restore(snap.leases, exact);
         state
     }
 
@@ -460,6 +597,7 @@ impl PartitionState {
         let memory: u64 = self.entries.iter().map(|(k, e)| cost_of(k, e)).sum();
         assert_eq!(self.memory_used, memory, "memory_used");
         self.cdc.assert_consistent();
+        self.leases.assert_consistent();
     }
 
     /// The accounted size of `key`'s entry (live or expired), if present.
@@ -607,8 +745,65 @@ impl PartitionState {
                 ),
                 (Some(_), None) => (Effect::Keep, Outcome::Expire(false)),
             },
-            Command::Evict { .. } | Command::Reclaim { .. } | Command::Cdc { .. } => {
-                unreachable!("plan is only called for single-key commands")
+            Command::Fill {
+                value,
+                expire_at_ms,
+                source_lsn,
+                token,
+                ..
+            } => {
+                let holds = self
+                    .leases
+                    .get(key)
+                    .is_some_and(|l| l.token == *token && l.is_live(now));
+                if !holds {
+                    // Nothing changes, not even an expired entry is dropped.
+                    return Plan {
+                        existing,
+                        expired: false,
+                        effect: Effect::Keep,
+                        outcome: Outcome::Fill {
+                            applied: false,
+                            version: live.map_or(0, |e| e.version),
+                            newer_lsn: 0,
+                            lease_lost: true,
+                        },
+                    };
+                }
+                // Exactly a `Set` with `Condition::Always` (cheap clones: shared buffers).
+                let set = Op {
+                    now_ms: now,
+                    cmd: Command::Set {
+                        key: key.clone(),
+                        value: value.clone(),
+                        expire_at_ms: *expire_at_ms,
+                        keep_ttl: false,
+                        condition: Condition::Always,
+                        source_lsn: *source_lsn,
+                    },
+                };
+                let mut plan = self.plan(key, &set);
+                if let Outcome::Set {
+                    applied,
+                    version,
+                    newer_lsn,
+                } = plan.outcome
+                {
+                    plan.outcome = Outcome::Fill {
+                        applied,
+                        version,
+                        newer_lsn,
+                        lease_lost: false,
+                    };
+                }
+                return plan;
+            }
+            Command::Evict { .. }
+            | Command::Reclaim { .. }
+            | Command::Cdc { .. }
+            | Command::Lease { .. }
+            | Command::ReleaseLease { .. } => {
+                unreachable!("plan is only called for single-key writes")
             }
         };
         Plan {
@@ -651,6 +846,12 @@ impl PartitionState {
                 newer_lsn: 0,
             },
             Outcome::Incr(Ok((n, _))) => Outcome::Incr(Ok((n, index))),
+            Outcome::Fill { applied: true, .. } => Outcome::Fill {
+                applied: true,
+                version: index,
+                newer_lsn: 0,
+                lease_lost: false,
+            },
             other => other,
         }
     }
@@ -772,6 +973,7 @@ impl PartitionState {
         let share = self.share_bytes;
         self.cdc
             .tombstone(key, lsn, until_ms, || keep_bytes(share, key));
+        self.leases.remove(key);
         removed
     }
 
@@ -789,6 +991,8 @@ impl PartitionState {
         index: u64,
         now: u64,
     ) -> bool {
+        // Postgres changed the row: a value loaded under a lease may predate it.
+        self.leases.remove(key);
         let existing = self.entries.get_full(key.as_ref());
         let expired = existing.is_some_and(|(_, _, e)| e.is_expired(now));
         let live = existing.filter(|_| !expired).map(|(_, _, e)| e);
@@ -844,6 +1048,7 @@ impl PartitionState {
         let share = self.share_bytes;
         self.cdc
             .prefix_tombstone(prefix, lsn, || keep_bytes(share, prefix));
+        self.leases.remove_prefix(prefix);
         removed
     }
 
