@@ -11,6 +11,9 @@
 mod dev;
 
 use crate::bench::{self, BenchConfig, BenchReport, Ratio};
+use crate::hot::{key_text, merge_hot_keys, ClusterHotKey};
+use crate::load::LoadOptions;
+use crate::stampede::{self, StampedeConfig, StampedeReport};
 use crate::{
     Client, ClientConfig, ClusterStatus, Condition, Consistency, Lsn, NodeSnapshots, NodeStats,
     ReadOptions, SetOptions, Ttl, DEFAULT_ENDPOINT,
@@ -156,9 +159,57 @@ enum ClientCommand {
         /// Print one JSON line.
         #[arg(long)]
         json: bool,
+        /// Show only the hottest keys across the nodes (a key's rates summed over the
+        /// nodes reporting it).
+        #[arg(long)]
+        hot: bool,
     },
     /// Measure throughput and latency with a get/set load.
     Bench(BenchArgs),
+    /// Simulate a cache stampede: many concurrent `get_or_load` callers whose loader
+    /// (a stand-in for a database query) sleeps and counts itself; prints the loader
+    /// calls, where answers came from, and latencies.
+    Stampede(StampedeArgs),
+}
+
+#[derive(Debug, Args)]
+struct StampedeArgs {
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 1000)]
+    callers: usize,
+    /// The key (with `--keys N`: the prefix of keys `KEY:0` ..).
+    #[arg(long, default_value = "stampede")]
+    key: String,
+    /// How many keys the callers spread over.
+    #[arg(long, default_value_t = 1)]
+    keys: usize,
+    /// How long one loader call takes.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    loader: Duration,
+    /// How long a loaded value is fresh.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Serve values stale for this long after `--ttl` while one caller refreshes.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    stale_ttl: Duration,
+    /// Loop for this long (each caller calls again and again); default: one burst.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Pause between a caller's calls when looping.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Plain cache-aside: no leases, no single-flight, no early refresh.
+    #[arg(long)]
+    unprotected: bool,
+    /// Loader calls at once while the cache is unavailable.
+    #[arg(long, default_value_t = 8)]
+    degraded_concurrency: usize,
+    /// How long to wait for the cache before calling the loader directly.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    cache_deadline: Duration,
+    /// Print one JSON line (with a per-second timeline).
+    #[arg(long)]
+    json: bool,
 }
 
 /// The `admin` commands.
@@ -332,10 +383,14 @@ const WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 const WAIT_POLL: Duration = Duration::from_millis(250);
 
 async fn run_client(
-    config: ClientConfig,
+    mut config: ClientConfig,
     command: ClientCommand,
     wait: Duration,
 ) -> anyhow::Result<ExitCode> {
+    if let ClientCommand::Stampede(args) = &command {
+        config.load.degraded_concurrency = args.degraded_concurrency;
+        config.load.cache_deadline = args.cache_deadline;
+    }
     let client = Client::connect(config).await?;
     let mut out = String::new();
     let code = match command {
@@ -448,9 +503,16 @@ async fn run_client(
             ExitCode::SUCCESS
         }
         ClientCommand::Admin(command) => run_admin(&client, command, wait).await?,
-        ClientCommand::Stats { json } => {
+        ClientCommand::Stats { json, hot } => {
             let stats = client.stats().await?;
-            if json {
+            if hot {
+                let merged = merge_hot_keys(&stats);
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(&merged)?)?;
+                } else {
+                    out = hot_keys_table(&merged);
+                }
+            } else if json {
                 writeln!(out, "{}", serde_json::to_string(&stats)?)?;
             } else {
                 out = stats_text(&stats);
@@ -473,6 +535,30 @@ async fn run_client(
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {
                 out = bench_text(&report);
+            }
+            write_stdout(out.as_bytes())?;
+            ExitCode::SUCCESS
+        }
+        ClientCommand::Stampede(args) => {
+            let mut options = LoadOptions::ttl(args.ttl).stale_while_revalidate(args.stale_ttl);
+            if args.unprotected {
+                options = options.unprotected();
+            }
+            let config = StampedeConfig {
+                callers: args.callers,
+                key: args.key,
+                keys: args.keys,
+                loader: args.loader,
+                value_size: 100,
+                options,
+                duration: args.duration,
+                interval: args.interval,
+            };
+            let report = stampede::run(std::slice::from_ref(&client), &config).await?;
+            if args.json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                out = stampede_text(&report);
             }
             write_stdout(out.as_bytes())?;
             ExitCode::SUCCESS
@@ -661,6 +747,30 @@ fn snapshots_text(nodes: &[NodeSnapshots]) -> String {
     out
 }
 
+/// The `stats --hot` table: one line per key, hottest first.
+fn hot_keys_table(keys: &[ClusterHotKey]) -> String {
+    if keys.is_empty() {
+        return "no hot keys reported (no keyed requests recently)\n".to_owned();
+    }
+    let mut out = format!("{:<10} {:>9} {:>10}  key\n", "node", "partition", "req/s");
+    for k in keys {
+        let nodes = k
+            .nodes
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let _ = writeln!(
+            out,
+            "{nodes:<10} {:>9} {:>10.1}  {}",
+            k.partition,
+            k.per_second,
+            key_text(&k.key)
+        );
+    }
+    out
+}
+
 /// The human view of the nodes' counters.
 fn stats_text(stats: &[NodeStats]) -> String {
     let mut out = String::new();
@@ -723,6 +833,30 @@ fn stats_text(stats: &[NodeStats]) -> String {
 }
 
 /// The human view of a benchmark report.
+fn stampede_text(r: &StampedeReport) -> String {
+    format!(
+        "calls {}  errors {}\nloader calls {} (peak {}/s, at most {} at once)\n\
+         answers: cache {}  stale {}  loader {}  degraded {}\n\
+         coalesced {}  lease waits {}  early refreshes {}\n\
+         latency p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms\n",
+        r.calls,
+        r.errors,
+        r.loader_calls,
+        r.peak_loader_calls_per_second,
+        r.max_concurrent_loads,
+        r.from_cache,
+        r.from_stale,
+        r.from_loader,
+        r.from_degraded,
+        r.load_stats.coalesced,
+        r.load_stats.lease_waits,
+        r.load_stats.early_refreshes,
+        r.p50_ms,
+        r.p99_ms,
+        r.max_ms,
+    )
+}
+
 fn bench_text(r: &BenchReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -943,6 +1077,7 @@ mod tests {
             snapshot_max_pause_us: 250,
             snapshot_stored_bytes: 8192,
             disk_bytes: 10000,
+            hot_keys: vec![],
         }]);
         for want in [
             "node 1 at 127.0.0.1:7001",
@@ -961,5 +1096,75 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }
+    }
+    #[test]
+    fn hot_keys_merge_by_sum_and_print_escaped() {
+        use crate::HotKey;
+        let node = |id: u64, keys: Vec<HotKey>| NodeStats {
+            addr: format!("127.0.0.1:700{id}"),
+            node_id: id,
+            keys: 0,
+            memory_used_bytes: 0,
+            memory_limit_bytes: 0,
+            eviction_policy: "noeviction".into(),
+            hits: 0,
+            misses: 0,
+            evictions: 0,
+            expirations: 0,
+            uptime_seconds: 0,
+            partitions: 4,
+            version: "0.1.0".into(),
+            persistence: "none".into(),
+            snapshots_written: 0,
+            last_snapshot_unix_ms: 0,
+            last_snapshot_bytes: 0,
+            last_snapshot_ms: 0,
+            snapshot_max_pause_us: 0,
+            snapshot_stored_bytes: 0,
+            disk_bytes: 0,
+            hot_keys: keys,
+        };
+        let hot = |key: &[u8], partition, per_second, count| HotKey {
+            key: bytes::Bytes::copy_from_slice(key),
+            partition,
+            per_second,
+            count,
+            error: 1,
+        };
+        let stats = [
+            node(
+                2,
+                vec![hot(b"user:1", 3, 40.0, 800), hot(b"a\tb\xff", 1, 5.0, 100)],
+            ),
+            node(
+                1,
+                vec![hot(b"user:1", 3, 60.0, 1200), hot(b"cold", 0, 1.0, 20)],
+            ),
+        ];
+        let merged = merge_hot_keys(&stats);
+        assert_eq!(merged.len(), 3);
+        assert_eq!(merged[0].nodes, [1, 2]);
+        assert!((merged[0].per_second - 100.0).abs() < 1e-9, "summed");
+        assert_eq!((merged[0].count, merged[0].error), (2000, 2));
+        let table = hot_keys_table(&merged);
+        println!("{table}");
+        assert_eq!(
+            table,
+            "node       partition      req/s  key\n\
+             1,2                3      100.0  user:1\n\
+             2                  1        5.0  a\\tb\u{fffd}\n\
+             1                  0        1.0  cold\n"
+        );
+        assert!(hot_keys_table(&[]).starts_with("no hot keys"));
+        let json = serde_json::to_string(&merged[0]).unwrap();
+        assert!(
+            json.starts_with(r#"{"key":"user:1","partition":3,"nodes":[1,2]"#),
+            "{json}"
+        );
+        let json = serde_json::to_string(&stats[0]).unwrap();
+        assert!(
+            json.contains(r#""hot_keys":[{"key":"user:1","partition":3,"per_second":40.0"#),
+            "{json}"
+        );
     }
 }

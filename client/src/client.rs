@@ -27,9 +27,12 @@
 //! about an attempt that timed out before it (a Jepsen counter run caught increments
 //! reported "not applied" that a new leader had committed).
 
+use crate::breaker::{BreakerState, Breakers};
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
+use crate::load::Loads;
 use crate::lsn::Lsn;
+use crate::near::{NearCache, NearRead, NearStats, NearWriteGuard};
 use crate::pool::Pool;
 use crate::routing::{ClusterMap, ClusterStatus, Topology};
 use bytes::Bytes;
@@ -70,6 +73,27 @@ struct Inner {
     client_id: u64,
     /// The sequence half of the next write's request id.
     next_seq: AtomicU64,
+    /// Per-node circuit breakers.
+    breakers: Breakers,
+    /// When a background map refresh was last started by
+    /// [`Client::refresh_in_background`].
+    last_background_refresh: std::sync::Mutex<Option<Instant>>,
+    /// Single-flight table, loader limiter and counters of `get_or_load`.
+    pub(crate) loads: Loads,
+    /// The near cache, when configured (see [`crate::near`]).
+    near: Option<Arc<crate::near::NearCache>>,
+}
+
+/// A handle on a client that does not keep it alive: the near cache's driver holds
+/// one, so that dropping the last [`Client`] ends it.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakClient(std::sync::Weak<Inner>);
+
+impl WeakClient {
+    /// The client, unless it was dropped.
+    pub(crate) fn upgrade(&self) -> Option<Client> {
+        self.0.upgrade().map(|inner| Client { inner })
+    }
 }
 
 /// A value read from the cache.
@@ -191,7 +215,7 @@ pub enum Ttl {
 }
 
 /// The counters and memory figures of one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NodeStats {
     /// The address the figures were fetched from.
     pub addr: String,
@@ -235,6 +259,8 @@ pub struct NodeStats {
     pub snapshot_stored_bytes: u64,
     /// Bytes the node's data directory takes.
     pub disk_bytes: u64,
+    /// The keys requested most often on the node recently, hottest first (at most 16).
+    pub hot_keys: Vec<crate::hot::HotKey>,
 }
 
 /// How long [`Client::snapshot`] waits for a node.
@@ -278,6 +304,7 @@ impl NodeStats {
             snapshot_max_pause_us: s.snapshot_max_pause_us,
             snapshot_stored_bytes: s.snapshot_stored_bytes,
             disk_bytes: s.disk_bytes,
+            hot_keys: s.hot_keys.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -309,7 +336,11 @@ impl Client {
             match connected {
                 Ok(topology) => {
                     tracing::debug!(%endpoint, epoch = topology.map.epoch, "connected");
-                    return Ok(Client {
+                    let breakers = Breakers::new(config.breaker.clone());
+                    let loads = Loads::new(&config.load);
+                    let (near, near_driver) =
+                        crate::near::NearCache::for_config(config.near_cache.as_ref());
+                    let client = Client {
                         inner: Arc::new(Inner {
                             topology: RwLock::new(Arc::new(topology)),
                             config,
@@ -317,8 +348,16 @@ impl Client {
                             follower_reads: AtomicUsize::new(0),
                             client_id: rand::random::<u64>().max(1),
                             next_seq: AtomicU64::new(1),
+                            breakers,
+                            last_background_refresh: std::sync::Mutex::new(None),
+                            loads,
+                            near,
                         }),
-                    });
+                    };
+                    if let Some(driver) = near_driver {
+                        driver.start(WeakClient(Arc::downgrade(&client.inner)));
+                    }
+                    return Ok(client);
                 }
                 Err(e) => {
                     tracing::debug!(%endpoint, error = %e, "endpoint did not answer");
@@ -337,6 +376,11 @@ impl Client {
             }
         }
         Err(last_error)
+    }
+
+    /// The state of `get_or_load`.
+    pub(crate) fn loads(&self) -> &Loads {
+        &self.inner.loads
     }
 
     /// The settings this client runs with.
@@ -365,8 +409,18 @@ impl Client {
         key: impl AsRef<[u8]>,
         options: ReadOptions,
     ) -> Result<Option<Value>> {
-        let r = self.get_raw(key.as_ref(), options, false).await?;
-        Ok(r.found.then(|| Value::from(r)))
+        let key = key.as_ref();
+        let fill = match self.near_read(key, &options) {
+            NearRead::Hit(value) => return Ok(Some(value)),
+            NearRead::Miss(fill) => fill,
+            NearRead::Bypass => None,
+        };
+        let r = self.get_raw(key, options, false).await?;
+        let value = r.found.then(|| Value::from(r));
+        if let Some(fill) = fill {
+            fill.complete(value.as_ref());
+        }
+        Ok(value)
     }
 
     /// Reads several keys at the default level; the answers come back in the order
@@ -397,6 +451,16 @@ impl Client {
             .iter()
             .map(|k| Bytes::copy_from_slice(k.as_ref()))
             .collect();
+        let near = self.inner.near.as_ref();
+        if let Some(near) = near.filter(|_| NearCache::serves(&options)) {
+            let remote = |rest: Vec<Bytes>| async move {
+                self.routed(Retry::Read, |attempt, limit| {
+                    self.mget_once(&rest, options, attempt, limit)
+                })
+                .await
+            };
+            return near.mget(&keys, |k| self.partition_of(k), remote).await;
+        }
         self.routed(Retry::Read, |attempt, limit| {
             self.mget_once(&keys, options, attempt, limit)
         })
@@ -429,6 +493,7 @@ impl Client {
         options: SetOptions,
     ) -> Result<SetOutcome> {
         let key = key.as_ref();
+        let _near = self.near_write(key);
         let value = value.into();
         let (condition, expected_version) = match options.condition {
             Condition::Always => (v1::SetCondition::None, 0),
@@ -545,6 +610,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        let _near = self.near_write(key.as_ref());
         let request = self.request_id();
         let r = self
             .keyed(
@@ -573,6 +639,7 @@ impl Client {
     /// [`ClientError::IncrOverflow`] when the sum leaves the `i64` range, or any other
     /// [`ClientError`].
     pub async fn incr(&self, key: impl AsRef<[u8]>, delta: i64) -> Result<i64> {
+        let _near = self.near_write(key.as_ref());
         let request = self.request_id();
         let r = self
             .keyed(
@@ -598,6 +665,7 @@ impl Client {
     /// [`ClientError::TtlOutOfRange`] for a TTL the node cannot represent, or any
     /// other [`ClientError`].
     pub async fn expire(&self, key: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<bool> {
+        let _near = self.near_write(key.as_ref());
         let request = self.request_id();
         let r = self
             .keyed(
@@ -818,9 +886,58 @@ impl Client {
         Ok(out)
     }
 
+    /// Every node's circuit-breaker state, by address (nodes never called are absent).
+    pub fn breakers(&self) -> Vec<(String, BreakerState)> {
+        self.inner.breakers.states(Instant::now())
+    }
+
+    /// Whether the circuit breaker of the node that leads `key`'s partition (per the
+    /// cached map) is open now, so that a call would fail at once.
+    pub fn is_key_node_open(&self, key: &[u8]) -> bool {
+        let topology = self.topology();
+        match topology.target(key) {
+            Ok(target) => self
+                .inner
+                .breakers
+                .is_open(topology.node_addr(target.node), Instant::now()),
+            Err(_) => false,
+        }
+    }
+
     /// The partition `key` belongs to under the cached cluster map.
     pub fn partition_of(&self, key: impl AsRef<[u8]>) -> u32 {
         self.topology().ring.partition_of(key)
+    }
+
+    /// The figures of the near cache; `None` when the client has none
+    /// ([`ClientConfig::near_cache`]).
+    pub fn near_cache_stats(&self) -> Option<NearStats> {
+        self.inner.near.as_ref().map(|near| near.stats())
+    }
+
+    /// The near cache's view of a read: a hit, a miss with its fill ticket, or a
+    /// bypass (no near cache, or a read it does not serve).
+    pub(crate) fn near_read<'a>(&'a self, key: &[u8], options: &ReadOptions) -> NearRead<'a> {
+        match &self.inner.near {
+            Some(near) => near.read(key, options, |k| self.partition_of(k)),
+            None => NearRead::Bypass,
+        }
+    }
+
+    /// Drops `key` from the near cache now and again when the guard goes (after the
+    /// write's remote call, whatever its outcome).
+    pub(crate) fn near_write<'a>(&'a self, key: &'a [u8]) -> NearWriteGuard<'a> {
+        NearWriteGuard::new(self.inner.near.as_deref(), key)
+    }
+
+    /// A snapshot of the routing table (the near cache's driver plans with it).
+    pub(crate) fn topology_snapshot(&self) -> Arc<Topology> {
+        self.topology()
+    }
+
+    /// The channel for `Watch` streams to `addr` (its own connection, with keepalive).
+    pub(crate) fn watch_channel(&self, addr: &str) -> std::result::Result<Channel, String> {
+        self.inner.pool.watch_channel(addr)
     }
 
     /// A snapshot of the cached routing table.
@@ -958,6 +1075,25 @@ impl Client {
     where
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
+        let budget = self.inner.config.request_deadline;
+        self.keyed_within(key, budget, retry, to_replica, build, rpc)
+            .await
+    }
+
+    /// [`Client::keyed_to`] within `budget` (retries included) instead of the
+    /// configured request deadline.
+    pub(crate) async fn keyed_within<Req, Resp, Fut>(
+        &self,
+        key: &[u8],
+        budget: Duration,
+        retry: Retry,
+        to_replica: bool,
+        build: impl Fn(Bytes, v1::Route) -> Req,
+        rpc: impl Fn(CacheClient<Channel>, Request<Req>) -> Fut,
+    ) -> Result<Resp>
+    where
+        Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
         let key = &Bytes::copy_from_slice(key);
         let build = &build;
         let rpc = &rpc;
@@ -970,16 +1106,18 @@ impl Client {
                 topology.target(key)?
             };
             let partition = target.route.partition;
+            let addr = topology.node_addr(target.node);
+            self.inner.breakers.admit(addr, Instant::now())?;
             let request = build(key.clone(), target.route);
-            call(&self.inner.config, target.channel, request, limit, rpc)
-                .await
-                .map_err(|e| with_partition(e, partition))
+            let answer = call(&self.inner.config, target.channel, request, limit, rpc).await;
+            self.inner.breakers.record(addr, &answer, Instant::now());
+            answer.map_err(|e| with_partition(e, partition))
         };
-        self.routed(retry, attempt).await
+        self.routed_within(budget, retry, attempt).await
     }
 
     /// A fresh request id for one write call (the same on all its attempts).
-    fn request_id(&self) -> v1::RequestId {
+    pub(crate) fn request_id(&self) -> v1::RequestId {
         v1::RequestId {
             client: self.inner.client_id,
             seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
@@ -993,8 +1131,22 @@ impl Client {
     where
         Fut: Future<Output = Result<T>>,
     {
+        self.routed_within(self.inner.config.request_deadline, retry, attempt)
+            .await
+    }
+
+    /// [`Client::routed`] with `budget` instead of the configured request deadline.
+    async fn routed_within<T, Fut>(
+        &self,
+        budget: Duration,
+        retry: Retry,
+        attempt: impl Fn(u32, Limit) -> Fut,
+    ) -> Result<T>
+    where
+        Fut: Future<Output = Result<T>>,
+    {
         let config = &self.inner.config;
-        let deadline = Instant::now() + config.request_deadline;
+        let deadline = Instant::now() + budget;
         let mut backoff = Backoff::new(config);
         let mut hinted_once = false;
         let mut attempts = 0;
@@ -1057,6 +1209,25 @@ impl Client {
                 tracing::debug!(error = %refresh, "cluster map refresh failed");
             }
         }
+    }
+
+    /// [`Client::refresh_soon`], at most once per 250 ms: for callers that skip a node
+    /// whose breaker is open (they send nothing, so no failure triggers a refresh, and
+    /// the map would keep naming the dead leader).
+    pub(crate) fn refresh_in_background(&self) {
+        let now = Instant::now();
+        {
+            let mut last = self
+                .inner
+                .last_background_refresh
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|t| now.duration_since(t) < Duration::from_millis(250)) {
+                return;
+            }
+            *last = Some(now);
+        }
+        self.refresh_soon();
     }
 
     /// Refreshes the cached map in the background (after a call gave up on a transient
@@ -1169,6 +1340,7 @@ impl Client {
         limit: Limit,
     ) -> Result<Vec<Option<Value>>> {
         struct Batch {
+            addr: String,
             channel: Channel,
             /// Where each key of the batch sits in `keys`.
             positions: Vec<usize>,
@@ -1184,6 +1356,7 @@ impl Client {
                 None => topology.target(key)?,
             };
             let batch = batches.entry(target.node).or_insert_with(|| Batch {
+                addr: topology.node_addr(target.node).to_owned(),
                 channel: target.channel.clone(),
                 positions: Vec::new(),
                 refs: Vec::new(),
@@ -1203,14 +1376,19 @@ impl Client {
                 max_staleness_ms,
                 min_lsn: options.min_lsn.map_or(0, |l| l.0),
             };
-            let r = call(
+            self.inner.breakers.admit(&batch.addr, Instant::now())?;
+            let answer = call(
                 config,
                 batch.channel,
                 request,
                 limit,
                 |mut c, r| async move { c.m_get(r).await },
             )
-            .await?;
+            .await;
+            self.inner
+                .breakers
+                .record(&batch.addr, &answer, Instant::now());
+            let r = answer?;
             if r.values.len() != batch.positions.len() {
                 return Err(ClientError::InvalidResponse(format!(
                     "MGet of {} keys answered {} values",
@@ -1233,7 +1411,7 @@ impl Client {
 
 /// Which failures a call retries, and what its final error says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Retry {
+pub(crate) enum Retry {
     /// A read: every transient failure ([`ClientError::is_transient`]).
     Read,
     /// A write (applied once per request id by the node): every transient failure,

@@ -3,11 +3,15 @@
 
 use std::time::Duration;
 
+pub use crate::breaker::BreakerConfig;
+pub use crate::load::LoadConfig;
+pub use crate::near::{NearCacheConfig, NearMode};
+
 /// The endpoint a client uses when none is given: the first node of `raftcache dev`.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7001";
 
 /// Settings of a [`Client`](crate::Client).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
     /// Seed nodes, `host:port` with an optional `http://` scheme. The client asks them
     /// in order for the cluster map; after that it talks to the nodes the map lists.
@@ -32,6 +36,13 @@ pub struct ClientConfig {
     /// The largest gRPC message sent or accepted, in bytes. Above the node's 16 MiB
     /// value limit so that the largest values (and multi-gets of them) pass.
     pub max_message_bytes: usize,
+    /// When a node's circuit breaker opens (see [`crate::breaker`]).
+    pub breaker: BreakerConfig,
+    /// How [`Client::get_or_load`](crate::Client::get_or_load) protects the loader.
+    pub load: LoadConfig,
+    /// An opt-in near cache of values in this process, kept correct by the nodes'
+    /// `Watch` streams (see [`crate::near`]); `None` (the default) for none.
+    pub near_cache: Option<NearCacheConfig>,
 }
 
 impl ClientConfig {
@@ -46,8 +57,8 @@ impl ClientConfig {
 
 impl Default for ClientConfig {
     /// [`DEFAULT_ENDPOINT`], a 2 s connect timeout, a 2 s timeout per attempt, a 5 s
-    /// deadline per call, 16 attempts, back-off from 10 ms doubling to 500 ms, and 64 MiB
-    /// messages.
+    /// deadline per call, 16 attempts, back-off from 10 ms doubling to 500 ms, 64 MiB
+    /// messages, and no near cache.
     fn default() -> Self {
         ClientConfig {
             endpoints: vec![DEFAULT_ENDPOINT.to_owned()],
@@ -58,6 +69,9 @@ impl Default for ClientConfig {
             backoff_base: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
             max_message_bytes: 64 << 20,
+            breaker: BreakerConfig::default(),
+            load: LoadConfig::default(),
+            near_cache: None,
         }
     }
 }

@@ -106,6 +106,10 @@ pub enum ClientError {
     /// says nothing about it. The write's request id makes it apply at most once.
     #[error("outcome unknown: an earlier attempt may have applied; the last one failed: {0}")]
     MaybeApplied(Box<ClientError>),
+    /// The node's circuit breaker is open (it failed repeatedly just now): the
+    /// request was not sent. See [`BreakerConfig`](crate::breaker::BreakerConfig).
+    #[error("circuit breaker open for node {0}: it failed repeatedly, not asking it for now")]
+    CircuitOpen(String),
     /// Connecting to an endpoint (and fetching its cluster map) failed.
     #[error("cannot connect to {endpoint}: {message}")]
     Connect {
@@ -214,7 +218,11 @@ impl ClientError {
     /// (`NOT_LEADER`, `WRONG_EPOCH`) or it was never sent (no connection). Such a
     /// failure may be retried even for a write that must not apply twice.
     pub fn is_unapplied(&self) -> bool {
-        self.is_routing() || matches!(self, ClientError::Unreachable(_))
+        self.is_routing()
+            || matches!(
+                self,
+                ClientError::Unreachable(_) | ClientError::CircuitOpen(_)
+            )
     }
 
     /// Whether retrying the same request later (after a map refresh) may succeed:

@@ -8,10 +8,15 @@
 //!   and its one retry policy.
 //! - [`config`]: [`ClientConfig`], seed endpoints, timeouts, attempts and back-off.
 //! - [`error`]: [`ClientError`] and the one mapping from a gRPC status to it.
+//! - [`hot`]: [`HotKey`] (`Stats.hot_keys`) and their cluster-wide merge.
 //! - [`ring`]: the consistent-hash [`Ring`](ring::Ring) with hash tags.
 //! - [`routing`]: [`ClusterMap`], the merged [`ClusterStatus`], and the routing table
 //!   with its per-partition leader cache (private part).
-//! - `pool`: one lazily created gRPC channel per node address.
+//! - [`near`]: the opt-in near cache ([`NearCacheConfig`]): values kept in the
+//!   process, invalidated by the nodes' `Watch` streams (one background driver per
+//!   client).
+//! - `pool`: one lazily created gRPC channel per node address (and one per node for
+//!   `Watch` streams, with keepalive).
 //! - [`bench`](mod@bench): the load generator behind `raftcache bench`.
 //! - [`cli`]: the `raftcache` command line; `cli::dev` runs a local cluster.
 //!
@@ -43,14 +48,19 @@
 //! ```
 
 pub mod bench;
+pub mod breaker;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod hot;
+pub mod load;
 pub mod lsn;
+pub mod near;
 mod pool;
 pub mod ring;
 pub mod routing;
+pub mod stampede;
 
 pub use client::{
     Client, Condition, Consistency, NodeSnapshots, NodeStats, ReadOptions, SetOptions, SetOutcome,
@@ -58,5 +68,8 @@ pub use client::{
 };
 pub use config::{ClientConfig, DEFAULT_ENDPOINT};
 pub use error::{ClientError, Result};
+pub use hot::HotKey;
+pub use load::{LoadError, LoadOptions, LoadSource, LoadStats, Loaded};
 pub use lsn::Lsn;
+pub use near::{NearCacheConfig, NearMode, NearStats};
 pub use routing::{ClusterMap, ClusterStatus, NodeInfo, PartitionInfo, PartitionStatus};

@@ -443,6 +443,12 @@ impl Topology {
         }
     }
 
+    /// The address of node number `index` (`""` for an index the table lacks, which a
+    /// [`Target`] never holds).
+    pub(crate) fn node_addr(&self, index: usize) -> &str {
+        self.nodes.get(index).map_or("", |n| n.info.addr.as_str())
+    }
+
     fn target_at(&self, partition: u32, index: usize) -> Result<Target> {
         let node = self.nodes.get(index).ok_or_else(|| {
             ClientError::InvalidResponse(format!("routing table has no node #{index}"))

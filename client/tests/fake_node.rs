@@ -10,7 +10,8 @@
 use bytes::Bytes;
 use raftcache_client::ring::{Ring, DEFAULT_VNODES};
 use raftcache_client::{
-    Client, ClientConfig, ClientError, Condition, Consistency, ReadOptions, SetOptions, Ttl,
+    Client, ClientConfig, ClientError, Condition, Consistency, LoadError, LoadOptions, LoadSource,
+    ReadOptions, SetOptions, Ttl,
 };
 use raftcache_proto::tonic::transport::server::TcpIncoming;
 use raftcache_proto::tonic::transport::Server;
@@ -932,4 +933,191 @@ async fn the_cli_reports_an_unreachable_cluster() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1);
+}
+
+/// A loader for `get_or_load` tests: counts its calls and how many ran at once.
+#[derive(Default)]
+struct CountingLoader {
+    calls: AtomicU64,
+    running: AtomicU64,
+    max_running: AtomicU64,
+}
+
+impl CountingLoader {
+    fn load(
+        self: &Arc<Self>,
+        value: &'static str,
+        pause: Duration,
+    ) -> impl FnOnce() -> futures::future::BoxFuture<'static, anyhow::Result<Bytes>> {
+        let me = Arc::clone(self);
+        move || {
+            Box::pin(async move {
+                me.calls.fetch_add(1, Ordering::SeqCst);
+                let running = me.running.fetch_add(1, Ordering::SeqCst) + 1;
+                me.max_running.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(pause).await;
+                me.running.fetch_sub(1, Ordering::SeqCst);
+                Ok(Bytes::from_static(value.as_bytes()))
+            })
+        }
+    }
+}
+
+#[tokio::test]
+async fn get_or_load_coalesces_concurrent_callers_into_one_loader_call() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+    let loader = Arc::new(CountingLoader::default());
+    let options = LoadOptions {
+        leases: false,
+        ..LoadOptions::ttl(Duration::from_secs(60))
+    };
+    let calls = (0..200).map(|_| {
+        let client = client.clone();
+        let load = loader.load("v1", Duration::from_millis(100));
+        async move { client.get_or_load("hot", options, load).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for answer in &answers {
+        let loaded = answer.as_ref().unwrap();
+        assert_eq!(loaded.value, "v1");
+        assert_eq!(loaded.source, LoadSource::Loader);
+    }
+    assert_eq!(loader.calls.load(Ordering::SeqCst), 1);
+    let stats = client.load_stats();
+    assert_eq!((stats.calls, stats.coalesced), (200, 199));
+    // The value was cached: the next callers hit.
+    let again = client
+        .get_or_load("hot", options, loader.load("v2", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.value.as_ref(), again.source),
+        (&b"v1"[..], LoadSource::Cache)
+    );
+    assert_eq!(loader.calls.load(Ordering::SeqCst), 1);
+    // Without single-flight every caller loads.
+    let unprotected = LoadOptions::ttl(Duration::from_secs(60)).unprotected();
+    let calls = (0..20).map(|i| {
+        let client = client.clone();
+        let load = loader.load("v3", Duration::from_millis(50));
+        async move {
+            client
+                .get_or_load(format!("cold-{}", i % 2), unprotected, load)
+                .await
+        }
+    });
+    futures::future::join_all(calls).await;
+    assert_eq!(loader.calls.load(Ordering::SeqCst), 21);
+}
+
+#[tokio::test]
+async fn without_a_usable_cache_the_loader_runs_at_limited_concurrency() {
+    // The fake has no leases: GetOrLease fails, so every flight is degraded.
+    let fake = start_fake().await;
+    let mut config = ClientConfig::new([fake.addr.as_str()]);
+    config.load.degraded_concurrency = 3;
+    let client = Client::connect(config).await.unwrap();
+    let loader = Arc::new(CountingLoader::default());
+    let options = LoadOptions::ttl(Duration::from_secs(60));
+    let calls = (0..200).map(|i| {
+        let client = client.clone();
+        let load = loader.load("db", Duration::from_millis(20));
+        async move {
+            client
+                .get_or_load(format!("k{}", i % 40), options, load)
+                .await
+        }
+    });
+    for answer in futures::future::join_all(calls).await {
+        assert_eq!(answer.unwrap().source, LoadSource::Degraded);
+    }
+    // One flight per key at a time, at most 3 loaders at once, never an error.
+    assert!(loader.calls.load(Ordering::SeqCst) <= 200);
+    assert!(loader.calls.load(Ordering::SeqCst) >= 40);
+    assert_eq!(loader.max_running.load(Ordering::SeqCst), 3);
+    let stats = client.load_stats();
+    assert_eq!(stats.overloaded, 0);
+    assert_eq!(stats.degraded, loader.calls.load(Ordering::SeqCst));
+    // Nothing was written to the cache in degraded mode.
+    assert!(fake.data.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_loader_error_reaches_every_caller_of_the_flight_and_caches_nothing() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+    let options = LoadOptions {
+        leases: false,
+        ..LoadOptions::ttl(Duration::from_secs(60))
+    };
+    let calls = (0..10).map(|_| {
+        let client = client.clone();
+        async move {
+            client
+                .get_or_load("broken", options, || async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    anyhow::bail!("database is down")
+                })
+                .await
+        }
+    });
+    for answer in futures::future::join_all(calls).await {
+        let error = answer.unwrap_err();
+        assert!(matches!(error, LoadError::Loader(_)), "{error}");
+        assert!(error.to_string().contains("database is down"), "{error}");
+    }
+    assert_eq!(client.load_stats().loader_errors, 1);
+    assert!(fake.data.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_stale_value_is_served_while_one_caller_refreshes_it() {
+    let fake = start_fake().await;
+    let client = connect(&fake).await;
+    let loader = Arc::new(CountingLoader::default());
+    // Fresh for 300 ms, then stale for 10 s more.
+    let options = LoadOptions {
+        leases: false,
+        xfetch_beta: 0.0,
+        ..LoadOptions::ttl(Duration::from_millis(300))
+            .stale_while_revalidate(Duration::from_secs(10))
+    };
+    let first = client
+        .get_or_load("page", options, loader.load("old", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(first.source, LoadSource::Loader);
+    let ttl = fake
+        .read(&Bytes::from_static(b"page"), true)
+        .ttl_remaining_ms;
+    assert!(ttl.unwrap() > 10_000, "stored for ttl + stale_ttl: {ttl:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let calls = (0..50).map(|_| {
+        let client = client.clone();
+        let load = loader.load("new", Duration::from_millis(200));
+        async move { client.get_or_load("page", options, load).await }
+    });
+    for answer in futures::future::join_all(calls).await {
+        let loaded = answer.unwrap();
+        assert_eq!(
+            (loaded.value.as_ref(), loaded.source),
+            (&b"old"[..], LoadSource::Stale)
+        );
+    }
+    // One background refresh, then the new value is served fresh.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = client
+            .get_or_load("page", options, loader.load("unused", Duration::ZERO))
+            .await
+            .unwrap();
+        if now.source == LoadSource::Cache {
+            assert_eq!(now.value, "new");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the refresh never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(loader.calls.load(Ordering::SeqCst), 2);
 }

@@ -1,0 +1,277 @@
+//! The client's near cache against real node processes and their `Watch` streams:
+//! invalidation by another client's write, by a CDC change from a real PostgreSQL
+//! through the real `raftcache-cdc` worker, and gap detection when a node drops a
+//! watch event (`InjectFault.drop_watch_events`, nodes run with `--fault-injection`).
+//!
+//! Every wait is bounded; every process is killed by its guard, even on panic.
+
+#![allow(clippy::unwrap_used)]
+
+use raftcache_client::{Client, ClientConfig, Lsn, NearCacheConfig, NearStats};
+use raftcache_proto::v1::admin_client::AdminClient;
+use raftcache_proto::v1::InjectFaultRequest;
+use raftcache_tests::cdc::{config, free_addr, CdcProc};
+use raftcache_tests::pg::PgCluster;
+use raftcache_tests::{bins, runtime, settled, wait_status, Cluster, NodeProc};
+use std::time::{Duration, Instant};
+
+const PARTITIONS: usize = 8;
+const SETTLE: Duration = Duration::from_secs(60);
+/// How long an invalidation may take to reach the near cache.
+const INVALIDATED_WITHIN: Duration = Duration::from_secs(3);
+
+/// Three nodes with fault injection, settled; a plain client and a near-cache client
+/// whose every partition is synced.
+fn cluster(rt: &tokio::runtime::Runtime) -> (Cluster, Client, Client) {
+    let flags = [&format!("--partitions={PARTITIONS}"), "--fault-injection"];
+    let cluster = Cluster::start(&bins!(), 3, &flags).unwrap();
+    let (plain, near) = rt.block_on(async {
+        let plain = Client::connect(ClientConfig::new(cluster.endpoints()))
+            .await
+            .unwrap();
+        wait_status(&plain, SETTLE, "settled", |s| settled(s, PARTITIONS, 3))
+            .await
+            .unwrap();
+        let near = near_client(cluster.endpoints()).await;
+        wait_synced(&near, PARTITIONS).await;
+        (plain, near)
+    });
+    (cluster, plain, near)
+}
+
+async fn near_client(endpoints: Vec<String>) -> Client {
+    let config = ClientConfig {
+        near_cache: Some(NearCacheConfig::default()),
+        ..ClientConfig::new(endpoints)
+    };
+    Client::connect(config).await.unwrap()
+}
+
+fn stats(c: &Client) -> NearStats {
+    c.near_cache_stats().expect("a near cache")
+}
+
+/// Waits (at most 10 s) until `partitions` partitions are synced.
+async fn wait_synced(c: &Client, partitions: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats(c).synced_partitions < partitions as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "near cache not synced within 10 s: {:?}",
+            stats(c)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn text(c: &Client, key: &str) -> Option<String> {
+    c.get(key)
+        .await
+        .unwrap()
+        .map(|v| String::from_utf8(v.value.to_vec()).unwrap())
+}
+
+/// Reads `key` through `c` until it reads `want`, at most `limit`; returns how long.
+async fn read_until(c: &Client, key: &str, want: Option<&str>, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = text(c, key).await;
+        if got.as_deref() == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{key} still reads {got:?}, not {want:?}, after {limit:?}; {:?}",
+            stats(c)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+fn another_clients_write_invalidates_the_near_cache() {
+    let rt = runtime();
+    let (_cluster, b, a) = cluster(&rt);
+    rt.block_on(async {
+        tracing::info!("--- A caches k");
+        b.set("k", "v1").await.unwrap();
+        assert_eq!(text(&a, "k").await.as_deref(), Some("v1"));
+        let before = stats(&a);
+        assert_eq!(text(&a, "k").await.as_deref(), Some("v1"));
+        let after = stats(&a);
+        assert_eq!(
+            after.hits,
+            before.hits + 1,
+            "second read is a near hit: {after:?}"
+        );
+        assert_eq!(after.entries, 1);
+
+        tracing::info!("--- B writes k; A sees it");
+        b.set("k", "v2").await.unwrap();
+        let took = read_until(&a, "k", Some("v2"), INVALIDATED_WITHIN).await;
+        let now = stats(&a);
+        assert!(now.invalidations > after.invalidations, "{now:?}");
+        println!("invalidation seen after {took:?}; {now:?}");
+
+        tracing::info!("--- deletes and A's own writes");
+        b.delete("k").await.unwrap();
+        read_until(&a, "k", None, INVALIDATED_WITHIN).await;
+        a.set("k", "mine").await.unwrap();
+        assert_eq!(text(&a, "k").await.as_deref(), Some("mine"));
+        assert_eq!(text(&a, "k").await.as_deref(), Some("mine"));
+        assert_eq!(stats(&a).gaps, 0);
+    });
+}
+
+#[test]
+fn a_dropped_watch_event_is_a_gap_and_drops_its_partition() {
+    let rt = runtime();
+    let (cluster, b, a) = cluster(&rt);
+    rt.block_on(async {
+        let (ka, kb, kc) = ("{g}a", "{g}b", "{g}c");
+        let p = b.partition_of(ka);
+        assert_eq!((b.partition_of(kb), b.partition_of(kc)), (p, p));
+        tracing::info!("--- A caches {ka} and {kb}");
+        for k in [ka, kb] {
+            b.set(k, "old").await.unwrap();
+            assert_eq!(text(&a, k).await.as_deref(), Some("old"));
+        }
+        let cached = stats(&a);
+        for k in [ka, kb] {
+            assert_eq!(text(&a, k).await.as_deref(), Some("old"));
+        }
+        assert_eq!(stats(&a).hits, cached.hits + 2, "both are near hits");
+
+        tracing::info!("--- the leader of partition {p} drops the next watch event");
+        let status = b.cluster_status().await.unwrap();
+        let leader = status.partitions[p as usize].leader.unwrap();
+        let addr = cluster
+            .nodes
+            .iter()
+            .find(|n| n.node_id == leader)
+            .unwrap()
+            .endpoint();
+        let mut admin = AdminClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        admin
+            .inject_fault(InjectFaultRequest {
+                clock_offset_ms: 0,
+                drop_watch_events: 1,
+            })
+            .await
+            .unwrap();
+        b.set(ka, "new").await.unwrap(); // its event is dropped
+        b.set(kc, "x").await.unwrap(); // its prev_seq shows the hole
+
+        tracing::info!("--- A detects the gap");
+        let deadline = Instant::now() + INVALIDATED_WITHIN;
+        while stats(&a).gaps < cached.gaps + 1 {
+            assert!(Instant::now() < deadline, "no gap seen: {:?}", stats(&a));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats(&a).gaps, cached.gaps + 1);
+        assert_eq!(text(&a, ka).await.as_deref(), Some("new"));
+        let misses = stats(&a).misses;
+        assert_eq!(text(&a, kb).await.as_deref(), Some("old"));
+        assert_eq!(
+            stats(&a).misses,
+            misses + 1,
+            "{kb} was re-fetched: {:?}",
+            stats(&a)
+        );
+        // Filled again, tracked again.
+        assert_eq!(text(&a, kb).await.as_deref(), Some("old"));
+        assert_eq!(stats(&a).misses, misses + 1);
+    });
+}
+
+const TABLES: &str = r#"
+[[table]]
+name = "public.users"
+keys = ["user:{id}"]
+"#;
+
+/// `pg_current_wal_lsn()` after `sql` committed.
+async fn exec(db: &tokio_postgres::Client, sql: &str) -> Lsn {
+    db.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let row = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap();
+    row.get::<_, String>(0).parse().unwrap()
+}
+
+#[test]
+fn a_cdc_change_invalidates_the_near_cache() {
+    let rt = runtime();
+    let pg = PgCluster::start().expect("a throwaway PostgreSQL (initdb/pg_ctl)");
+    rt.block_on(async {
+        let db = pg.client().await;
+        db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, name text)")
+            .await
+            .unwrap();
+    });
+    let node = NodeProc::start(&bins!(), &[]).unwrap();
+    let metrics = free_addr().unwrap();
+    let mut worker = CdcProc::start(
+        &bins!().cdc,
+        &config(&pg.url(), &[node.endpoint()], metrics, TABLES),
+        metrics,
+    )
+    .unwrap();
+    worker
+        .wait_event("streaming", Duration::from_secs(30))
+        .unwrap();
+    rt.block_on(async {
+        let db = pg.client().await;
+        let plain = Client::connect(ClientConfig::new([node.endpoint()]))
+            .await
+            .unwrap();
+        let a = near_client(vec![node.endpoint()]).await;
+        let partitions = plain.cluster_map().await.unwrap().partition_count as usize;
+        wait_synced(&a, partitions).await;
+
+        tracing::info!("--- a row, filled cache-aside, cached near");
+        let inserted = exec(&db, "INSERT INTO users VALUES (1, 'Ada'), (2, 'Bob')").await;
+        // Wait until CDC applied the insert (its invalidation must not void our fill).
+        assert_eq!(
+            plain.get_with_min_lsn("user:1", inserted).await.unwrap(),
+            None
+        );
+        for (k, v) in [("user:1", "Ada"), ("user:2", "Bob"), ("other:1", "kept")] {
+            let fill = plain.set_if_newer(k, v, inserted, None).await.unwrap();
+            assert!(fill.applied, "{k}: {fill:?}");
+            assert_eq!(text(&a, k).await.as_deref(), Some(v));
+        }
+        let cached = stats(&a);
+        assert_eq!(text(&a, "user:1").await.as_deref(), Some("Ada"));
+        assert_eq!(stats(&a).hits, cached.hits + 1);
+
+        tracing::info!("--- UPDATE commits; CDC invalidates user:1; A drops it");
+        let updated = exec(&db, "UPDATE users SET name = 'Ada L.' WHERE id = 1").await;
+        let took = read_until(&a, "user:1", None, Duration::from_secs(10)).await;
+        println!("near cache invalidated {took:?} after the commit");
+        assert!(stats(&a).invalidations > cached.invalidations);
+        assert_eq!(
+            plain.get_with_min_lsn("user:1", updated).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            text(&a, "user:2").await.as_deref(),
+            Some("Bob"),
+            "other rows stay"
+        );
+
+        tracing::info!("--- TRUNCATE: the whole key space, by prefix");
+        let before = stats(&a);
+        exec(&db, "TRUNCATE users").await;
+        read_until(&a, "user:2", None, Duration::from_secs(10)).await;
+        assert!(stats(&a).invalidations > before.invalidations);
+        assert_eq!(text(&a, "other:1").await.as_deref(), Some("kept"));
+        assert_eq!(stats(&a).gaps, 0, "{:?}", stats(&a));
+    });
+    drop(worker);
+}
