@@ -7,6 +7,7 @@
 use bytes::Bytes;
 
 use super::mem::entry_cost;
+use super::test_apply::apply_checked;
 use super::{
     CdcApplied, CdcChange, CdcError, CdcWrite, Command, Condition, Engine, EvictionPolicy,
     ManualClock, Op, Outcome, PartitionId, PartitionState, StorageConfig, StorageError,
@@ -38,25 +39,7 @@ impl Sm {
     /// `Cdc`) and the internal invariants.
     fn apply(&mut self, cmd: Command) -> Outcome {
         self.index += 1;
-        let op = Op {
-            now_ms: self.now,
-            cmd,
-        };
-        let predicted = self.state.growth(&op);
-        let before = self.state.memory_used() as i64;
-        let outcome = self.state.apply(self.index, &op);
-        let grown = self.state.memory_used() as i64 - before;
-        if let Command::Cdc { .. } = op.cmd {
-            assert!(
-                predicted >= 0 && grown <= predicted,
-                "{grown} > {predicted}"
-            );
-        } else {
-            assert_eq!(grown, predicted, "{op:?}");
-        }
-        assert_eq!(self.state.applied_index(), self.index);
-        self.state.assert_consistent();
-        outcome
+        apply_checked(&mut self.state, self.index, self.now, cmd)
     }
 
     /// A CDC batch at `lsn` (watermark = lsn) with the current fence.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::test_apply::apply_checked;
 use super::{
     CdcChange, Clock, Command, Condition, Engine, LeaseDecision, ManualClock, Op, Outcome,
     PartitionId, PartitionState, RequestId, StorageConfig, StorageError, WriteRequest,
@@ -41,21 +42,7 @@ impl Sm {
     /// Applies `cmd` at the current time, checking `growth` and the invariants.
     fn apply(&mut self, cmd: Command) -> Outcome {
         self.index += 1;
-        let op = Op {
-            now_ms: self.now,
-            cmd,
-        };
-        let predicted = self.state.growth(&op);
-        let before = self.state.memory_used() as i64;
-        let outcome = self.state.apply(self.index, &op);
-        let grown = self.state.memory_used() as i64 - before;
-        if let Command::Cdc { .. } = op.cmd {
-            assert!(predicted >= 0 && grown <= predicted);
-        } else {
-            assert_eq!(grown, predicted, "{op:?}");
-        }
-        self.state.assert_consistent();
-        outcome
+        apply_checked(&mut self.state, self.index, self.now, cmd)
     }
 
     fn lease_with(&mut self, key: &str, ttl: u64, window: u64) -> LeaseDecision {

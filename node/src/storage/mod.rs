@@ -82,6 +82,8 @@ mod lease_test;
 mod model_test;
 #[cfg(test)]
 mod state_machine_test;
+#[cfg(test)]
+mod test_apply;
 
 use std::fmt;
 

@@ -5,9 +5,10 @@
 use bytes::Bytes;
 
 use super::mem::entry_cost;
+use super::test_apply::apply_checked;
 use super::{
-    Command, Condition, EntryView, IncrError, Op, Outcome, PartitionId, PartitionState,
-    ENTRY_OVERHEAD, TTL_OVERHEAD,
+    Command, Condition, EntryView, IncrError, Outcome, PartitionId, PartitionState, ENTRY_OVERHEAD,
+    TTL_OVERHEAD,
 };
 
 /// A partition plus the next index and the proposer's clock.
@@ -29,20 +30,7 @@ impl Sm {
     /// Applies `cmd` at the current time, checking that `growth` predicted the change.
     fn apply(&mut self, cmd: Command) -> Outcome {
         self.index += 1;
-        let op = Op {
-            now_ms: self.now,
-            cmd,
-        };
-        let predicted = self.state.growth(&op);
-        let before = self.state.memory_used() as i64;
-        let outcome = self.state.apply(self.index, &op);
-        assert_eq!(
-            self.state.memory_used() as i64 - before,
-            predicted,
-            "{op:?}"
-        );
-        assert_eq!(self.state.applied_index(), self.index);
-        outcome
+        apply_checked(&mut self.state, self.index, self.now, cmd)
     }
 
     fn set(&mut self, key: &str, value: &str) -> Outcome {
