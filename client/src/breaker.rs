@@ -40,15 +40,16 @@ pub struct BreakerConfig {
 
 impl Default for BreakerConfig {
     /// Open after 5 failures in a row or ≥ 50 % of ≥ 20 calls in 10 s; probe after
-    /// 500 ms, backing off to 5 s.
+    /// 250 ms, backing off to 2 s (so a node that comes back is used again within about
+    /// 2.4 s, even after a long outage).
     fn default() -> Self {
         BreakerConfig {
             consecutive_failures: 5,
             failure_rate: 0.5,
             window: Duration::from_secs(10),
             min_calls: 20,
-            open_for: Duration::from_millis(500),
-            max_open: Duration::from_secs(5),
+            open_for: Duration::from_millis(250),
+            max_open: Duration::from_secs(2),
         }
     }
 }
@@ -264,6 +265,18 @@ impl Breakers {
         states
     }
 
+    /// `addr` answered a request that does not go through the breaker (a cluster-map
+    /// fetch): an open breaker may probe at once instead of waiting out its cool-down,
+    /// so a node that comes back after a long outage is used again within one retry.
+    pub(crate) fn node_answered(&self, addr: &str, now: Instant) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = nodes.get_mut(addr) {
+            if b.state == BreakerState::Open {
+                b.reopen_at = b.reopen_at.min(now);
+            }
+        }
+    }
+
     /// Whether `addr`'s breaker is open now (cool-down not over).
     pub(crate) fn is_open(&self, addr: &str, now: Instant) -> bool {
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
@@ -317,6 +330,23 @@ mod tests {
         b.record("n1", &Ok(()), later);
         assert_eq!(b.states(later)[0], ("n1".into(), BreakerState::Closed));
         b.admit("n1", later).unwrap();
+    }
+
+    #[test]
+    fn a_node_that_answers_a_map_fetch_is_probed_at_once() {
+        let b = Breakers::new(config());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            b.admit("n1", t0).unwrap();
+            b.record("n1", &fail(), t0);
+        }
+        assert!(b.admit("n1", t0).is_err());
+        b.node_answered("n1", t0);
+        b.node_answered("unknown", t0);
+        b.admit("n1", t0).unwrap();
+        assert!(b.admit("n1", t0).is_err(), "still one probe at a time");
+        b.record("n1", &Ok(()), t0);
+        b.admit("n1", t0).unwrap();
     }
 
     #[test]

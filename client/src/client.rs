@@ -1025,6 +1025,9 @@ impl Client {
         let mut best: Option<ClusterMap> = None;
         let mut last_error = ClientError::NoEndpoints;
         while let Some((addr, answer)) = answers.next().await {
+            if answer.is_ok() {
+                self.inner.breakers.node_answered(&addr, Instant::now());
+            }
             match answer {
                 Ok(map) if want.is_met_by(&map) => {
                     best = Some(map);

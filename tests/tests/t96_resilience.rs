@@ -48,6 +48,29 @@ fn report(what: &str, output: anyhow::Result<Output>) -> Json {
         .unwrap_or_else(|e| panic!("{what} printed no report ({e}): {stdout}"))
 }
 
+/// Loads `keys` keys `KEY:0` .. (one caller each) so that a later run starts warm.
+fn warm_up(bins: &Bins, endpoints: &[String], keys: usize, key: &str) {
+    let keys = keys.to_string();
+    let args = [
+        "--callers",
+        &keys,
+        "--keys",
+        &keys,
+        "--key",
+        key,
+        "--loader",
+        "5ms",
+    ];
+    let warm = report(
+        "warm-up",
+        output_within(
+            &mut stampede(bins, endpoints, &args),
+            Duration::from_secs(60),
+        ),
+    );
+    assert_eq!(num(&warm, "errors"), 0, "{warm}");
+}
+
 fn num(report: &Json, field: &str) -> u64 {
     report[field]
         .as_u64()
@@ -140,27 +163,7 @@ fn killing_the_hot_partitions_leader_under_a_read_storm_keeps_the_loader_bounded
     let rt = runtime();
     let client = rt.block_on(settle(&endpoints));
     // Every key carries the hash tag {storm}: one partition, one leader.
-    let warm = report(
-        "warm-up",
-        output_within(
-            &mut stampede(
-                &bins,
-                &endpoints,
-                &[
-                    "--callers",
-                    "100",
-                    "--keys",
-                    "100",
-                    "--key",
-                    "{storm}",
-                    "--loader",
-                    "5ms",
-                ],
-            ),
-            Duration::from_secs(60),
-        ),
-    );
-    assert_eq!(num(&warm, "errors"), 0, "{warm}");
+    warm_up(&bins, &endpoints, 100, "{storm}");
 
     let storm_args = [
         "--callers",
@@ -267,27 +270,7 @@ fn a_stopped_cluster_degrades_to_the_loader_and_recovers() {
     let mut nodes: Vec<NodeProc> = slots.iter().map(|s| s.start(&bins)).collect();
     let rt = runtime();
     rt.block_on(settle(&endpoints));
-    let warm = report(
-        "warm-up",
-        output_within(
-            &mut stampede(
-                &bins,
-                &endpoints,
-                &[
-                    "--callers",
-                    "20",
-                    "--keys",
-                    "20",
-                    "--key",
-                    "down",
-                    "--loader",
-                    "5ms",
-                ],
-            ),
-            Duration::from_secs(60),
-        ),
-    );
-    assert_eq!(num(&warm, "errors"), 0, "{warm}");
+    warm_up(&bins, &endpoints, 20, "down");
 
     let args = [
         "--callers",
