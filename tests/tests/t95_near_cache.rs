@@ -7,7 +7,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use raftcache_client::{Client, ClientConfig, Lsn, NearCacheConfig, NearStats};
+use raftcache_client::{
+    Client, ClientConfig, LoadOptions, LoadSource, Lsn, NearCacheConfig, NearMode, NearStats,
+};
 use raftcache_proto::v1::admin_client::AdminClient;
 use raftcache_proto::v1::InjectFaultRequest;
 use raftcache_tests::cdc::{config, free_addr, CdcProc};
@@ -274,4 +276,113 @@ fn a_cdc_change_invalidates_the_near_cache() {
         assert_eq!(stats(&a).gaps, 0, "{:?}", stats(&a));
     });
     drop(worker);
+}
+
+#[test]
+fn hot_mode_keeps_only_the_keys_the_nodes_report_hot() {
+    let rt = runtime();
+    let (cluster, b, _a) = cluster(&rt);
+    rt.block_on(async {
+        let config = ClientConfig {
+            near_cache: Some(NearCacheConfig {
+                mode: NearMode::Hot,
+                hot_refresh: Duration::from_millis(200),
+                ..NearCacheConfig::default()
+            }),
+            ..ClientConfig::new(cluster.endpoints())
+        };
+        let h = Client::connect(config).await.unwrap();
+        wait_synced(&h, PARTITIONS).await;
+        // One partition (hash tag), so one node's top 16: the hot key and 15 of the 20
+        // warm keys outrank the cold one.
+        b.set("{h}hot", "fire").await.unwrap();
+        b.set("{h}cold", "ice").await.unwrap();
+        for _ in 0..2000 {
+            b.get("{h}hot").await.unwrap();
+        }
+        for i in 0..20 {
+            let key = format!("{{h}}warm-{i}");
+            b.set(&key, "w").await.unwrap();
+            for _ in 0..50 {
+                b.get(&key).await.unwrap();
+            }
+        }
+        // The hot key becomes near-cached once a hot-key refresh has seen it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let before = stats(&h).hits;
+            assert_eq!(text(&h, "{h}hot").await.as_deref(), Some("fire"));
+            if stats(&h).hits > before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hot key was never near-cached: {:?}",
+                stats(&h)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The cold key is read remotely every time.
+        let before = stats(&h);
+        for _ in 0..3 {
+            assert_eq!(text(&h, "{h}cold").await.as_deref(), Some("ice"));
+        }
+        let after = stats(&h);
+        assert_eq!(
+            after.hits, before.hits,
+            "the cold key was near-cached: {after:?}"
+        );
+        assert_eq!(after.misses, before.misses + 3, "{after:?}");
+    });
+}
+
+#[test]
+fn get_or_load_answers_from_the_near_cache_and_sees_invalidations() {
+    let rt = runtime();
+    let (_cluster, b, a) = cluster(&rt);
+    rt.block_on(async {
+        let options = LoadOptions::ttl(Duration::from_secs(60));
+        let load =
+            |v: &'static str| move || async move { Ok(bytes::Bytes::from_static(v.as_bytes())) };
+        let first = a
+            .get_or_load("page", options, load("loaded"))
+            .await
+            .unwrap();
+        assert_eq!(first.source, LoadSource::Loader);
+        // The flight's fill went to the node; the next flight's hit fills the near
+        // cache, and the one after never leaves the process.
+        a.get_or_load("page", options, load("unused"))
+            .await
+            .unwrap();
+        let before = stats(&a);
+        let near = a
+            .get_or_load("page", options, load("unused"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (near.value.as_ref(), near.source),
+            (&b"loaded"[..], LoadSource::Cache)
+        );
+        assert_eq!(stats(&a).hits, before.hits + 1, "{:?}", stats(&a));
+        // Another client's write reaches it through the Watch stream.
+        b.set("page", "edited").await.unwrap();
+        let deadline = Instant::now() + INVALIDATED_WITHIN;
+        loop {
+            let now = a
+                .get_or_load("page", options, load("unused"))
+                .await
+                .unwrap();
+            if now.value == "edited" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still {:?}; {:?}",
+                now,
+                stats(&a)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(a.load_stats().loader_calls, 1);
+    });
 }
