@@ -1005,7 +1005,8 @@ impl ClusterNode {
         }
     }
 
-    fn data_engine(&self) -> Result<&Arc<Engine>> {
+    /// The storage engine, or `Unavailable` while the node has not joined a cluster.
+    pub(crate) fn data_engine(&self) -> Result<&Arc<Engine>> {
         self.engine
             .get()
             .ok_or_else(|| NodeError::Unavailable("this node is not part of a cluster yet".into()))

@@ -369,9 +369,7 @@ impl CacheService {
     }
 
     fn stats(&self) -> Result<StatsResponse> {
-        let engine = self.node.engine().ok_or_else(|| {
-            NodeError::Unavailable("this node is not part of a cluster yet".into())
-        })?;
+        let engine = self.node.data_engine()?;
         let s = engine.stats();
         let snap = self.node.snapshot_stats();
         Ok(StatsResponse {
@@ -422,7 +420,7 @@ impl CacheService {
         r: raftcache_proto::v1::GetOrLeaseRequest,
     ) -> Result<raftcache_proto::v1::GetOrLeaseResponse> {
         self.note(r.route.as_ref(), &r.key);
-        use crate::storage::{lease_ttl_ms, LeaseDecision, MAX_TTL_MS};
+        use crate::storage::{is_fresh, lease_ttl_ms, LeaseDecision, MAX_TTL_MS};
         use raftcache_proto::v1::{GetOrLeaseResponse, LeaseOutcome};
 
         let p = self.route(r.route.as_ref())?;
@@ -440,7 +438,7 @@ impl CacheService {
             .read(p, &r.key, Consistency::Lease, Duration::ZERO)
             .await
             .map_err(|e| self.epoch_aware(r.route.as_ref(), e))?;
-        if let Some(v) = view.filter(|v| is_fresh(v, r.stale_window_ms)) {
+        if let Some(v) = view.filter(|v| is_fresh(v.ttl_remaining_ms, r.stale_window_ms)) {
             metrics::record_lease("hit");
             return Ok(GetOrLeaseResponse {
                 outcome: LeaseOutcome::Hit.into(),
@@ -460,10 +458,7 @@ impl CacheService {
         };
         // The value as it is now (a `Lease` op never changes it): the fresh value of a
         // HIT (written since the fast path looked), else the stale one, if any.
-        let engine = self.node.engine().ok_or_else(|| {
-            NodeError::Unavailable("this node is not part of a cluster yet".into())
-        })?;
-        let current = engine.peek(p, &r.key)?;
+        let current = self.node.data_engine()?.peek(p, &r.key)?;
         let (outcome, label, lease_token, lease_remaining_ms) = match decision {
             LeaseDecision::Hit => (LeaseOutcome::Hit, "hit", 0, 0),
             LeaseDecision::Granted { token } => (LeaseOutcome::Granted, "granted", token, 0),
@@ -546,12 +541,6 @@ impl CacheService {
             other => Err(unexpected("set", &other)),
         }
     }
-}
-
-/// Whether a live value is outside the stale window: no TTL, or more than `window_ms` left
-/// (the rule `Command::Lease` applies).
-fn is_fresh(view: &ReadView, window_ms: u64) -> bool {
-    view.ttl_remaining_ms.is_none_or(|left| left > window_ms)
 }
 
 /// An exact-size copy: the request's bytes are slices of the HTTP/2 frame they arrived
@@ -696,8 +685,7 @@ impl Cache for CacheService {
         let t = Instant::now();
         let opened = self
             .node
-            .engine()
-            .ok_or_else(|| NodeError::Unavailable("this node is not part of a cluster yet".into()))
+            .data_engine()
             .and_then(|engine| {
                 crate::watch::requested_partitions(
                     &req.get_ref().partitions,

@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::evict::{Candidate, EvictionPool};
 use super::mem::entry_cost;
 use super::{
-    CdcChange, Clock, Command, Condition, EvictionPolicy, Op, Outcome, PartitionId, PartitionState,
-    RequestId, StorageConfig, StorageError,
+    CdcChange, Clock, Command, Condition, EntryView, EvictionPolicy, Op, Outcome, PartitionId,
+    PartitionState, RequestId, StorageConfig, StorageError,
 };
 
 /// The longest TTL accepted: 100 Julian years, in ms.
@@ -151,6 +151,20 @@ pub struct ReadView {
     pub source_lsn: u64,
 }
 
+impl ReadView {
+    /// `view` as read at `now_ms` (its deadline becomes the time left).
+    fn at(view: EntryView, now_ms: u64) -> ReadView {
+        ReadView {
+            value: view.value,
+            version: view.version,
+            ttl_remaining_ms: view
+                .expire_at_ms
+                .map(|deadline| deadline.saturating_sub(now_ms)),
+            source_lsn: view.source_lsn,
+        }
+    }
+}
+
 /// Counters of one node's storage, for the Stats RPC and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct EngineStats {
@@ -263,12 +277,7 @@ impl Engine {
             &self.misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        Ok(view.map(|v| ReadView {
-            value: v.value,
-            version: v.version,
-            ttl_remaining_ms: v.expire_at_ms.map(|deadline| deadline.saturating_sub(now)),
-            source_lsn: v.source_lsn,
-        }))
+        Ok(view.map(|v| ReadView::at(v, now)))
     }
 
     /// Reads a live key like [`get`](Self::get) but without counting a hit or a miss or
@@ -283,12 +292,7 @@ impl Engine {
         self.check_key(key)?;
         let now = self.clock.now_ms();
         let view = lock(&partition.state).peek(key, now);
-        Ok(view.map(|v| ReadView {
-            value: v.value,
-            version: v.version,
-            ttl_remaining_ms: v.expire_at_ms.map(|deadline| deadline.saturating_sub(now)),
-            source_lsn: v.source_lsn,
-        }))
+        Ok(view.map(|v| ReadView::at(v, now)))
     }
 
     /// Validates a write (sizes, empty key, TTL range), turns relative TTLs into absolute

@@ -196,6 +196,13 @@ impl LeaseTable {
     }
 }
 
+/// Whether a live value with `ttl_remaining_ms` left (`None`: no TTL) is fresh, i.e.
+/// outside a `stale_window_ms` stale window: a `Lease` op answers HIT for it, and so does
+/// the leader's read before proposing one.
+pub fn is_fresh(ttl_remaining_ms: Option<u64>, stale_window_ms: u64) -> bool {
+    ttl_remaining_ms.is_none_or(|left| left > stale_window_ms)
+}
+
 /// The lease lifetime a request asks for: 0 means [`DEFAULT_LEASE_TTL_MS`], otherwise it
 /// must be `1..=`[`MAX_LEASE_TTL_MS`].
 ///

@@ -95,7 +95,9 @@ pub use command::{CdcApplied, CdcChange, CdcError, Command, Condition, IncrError
 pub use config::{EvictionPolicy, ParsePolicyError, StorageConfig};
 pub use engine::{CdcWrite, Engine, EngineStats, ReadView, WriteRequest, MAX_TTL_MS};
 pub use error::StorageError;
-pub use lease::{lease_ttl_ms, LeaseDecision, DEFAULT_LEASE_TTL_MS, MAX_LEASES, MAX_LEASE_TTL_MS};
+pub use lease::{
+    is_fresh, lease_ttl_ms, LeaseDecision, DEFAULT_LEASE_TTL_MS, MAX_LEASES, MAX_LEASE_TTL_MS,
+};
 pub use mem::{ENTRY_OVERHEAD, TTL_OVERHEAD};
 pub use requests::{RequestId, RequestLog, MAX_REQUESTS, REQUEST_TTL_MS};
 pub use state_machine::{EntryView, PartitionSnapshot, PartitionState, SnapshotEntry};

@@ -9,7 +9,7 @@ use super::cdc::{CdcSnapshot, CdcState};
 use super::command::parse_i64;
 use super::entry::Entry;
 use super::evict::{Access, Candidate};
-use super::lease::{Lease, LeaseTable, MAX_LEASES};
+use super::lease::{is_fresh, Lease, LeaseTable, MAX_LEASES};
 use super::mem::entry_cost;
 use super::requests::{RequestId, RequestLog};
 use super::ttl::TtlIndex;
@@ -97,6 +97,17 @@ pub struct EntryView {
     pub expire_at_ms: Option<u64>,
     /// The Postgres commit LSN the value reflects; 0 when it does not come from Postgres.
     pub source_lsn: u64,
+}
+
+impl EntryView {
+    fn of(entry: &Entry) -> EntryView {
+        EntryView {
+            value: entry.value.clone(),
+            version: entry.version,
+            expire_at_ms: entry.expire_at_ms,
+            source_lsn: entry.source_lsn,
+        }
+    }
 }
 
 /// The replicated state of a partition, for persistence and Raft snapshots.
@@ -283,8 +294,10 @@ impl PartitionState {
             .get(key.as_ref())
             .filter(|e| !e.is_expired(now))
             .is_some_and(|e| {
-                e.expire_at_ms
-                    .is_none_or(|deadline| deadline.saturating_sub(now) > stale_window_ms)
+                is_fresh(
+                    e.expire_at_ms.map(|deadline| deadline.saturating_sub(now)),
+                    stale_window_ms,
+                )
             });
         if fresh {
             return LeaseDecision::Hit;
@@ -427,23 +440,13 @@ impl PartitionState {
             return None;
         }
         entry.access.on_read(now_ms, rand::random());
-        Some(EntryView {
-            value: entry.value.clone(),
-            version: entry.version,
-            expire_at_ms: entry.expire_at_ms,
-            source_lsn: entry.source_lsn,
-        })
+        Some(EntryView::of(entry))
     }
 
     /// [`get`](Self::get) without recording the access.
     pub fn peek(&self, key: &[u8], now_ms: u64) -> Option<EntryView> {
         let entry = self.entries.get(key).filter(|e| !e.is_expired(now_ms))?;
-        Some(EntryView {
-            value: entry.value.clone(),
-            version: entry.version,
-            expire_at_ms: entry.expire_at_ms,
-            source_lsn: entry.source_lsn,
-        })
+        Some(EntryView::of(entry))
     }
 
     /// Whether `key` is held, live or expired.
