@@ -126,3 +126,72 @@ impl Drop for CdcProc {
         }
     }
 }
+
+/// PostgreSQL with a schema, one cache node, and one `raftcache-cdc` worker streaming
+/// the mapped tables into it: the stack every CDC process test starts from. Dropping it
+/// stops PostgreSQL, then the node, then the worker.
+pub struct CdcStack {
+    /// The throwaway PostgreSQL.
+    pub pg: crate::pg::PgCluster,
+    /// The cache node.
+    pub node: crate::NodeProc,
+    /// The worker started by [`CdcStack::start`] (already streaming).
+    pub worker: CdcProc,
+    /// The workers' metrics address.
+    pub metrics: SocketAddr,
+    cdc_bin: PathBuf,
+    tables: String,
+}
+
+impl CdcStack {
+    /// Starts PostgreSQL, applies `schema` (SQL), starts a node and a worker mapping
+    /// `tables` (TOML `[[table]]` entries), and waits until the worker streams.
+    ///
+    /// # Errors
+    /// When a part does not start, or the worker does not stream within 30 s.
+    pub fn start(
+        bins: &crate::Bins,
+        rt: &tokio::runtime::Runtime,
+        schema: &str,
+        tables: &str,
+    ) -> Result<CdcStack> {
+        let pg = crate::pg::PgCluster::start().context("a throwaway PostgreSQL (initdb/pg_ctl)")?;
+        rt.block_on(async { pg.client().await.batch_execute(schema).await })
+            .context("applying the schema")?;
+        let node = crate::NodeProc::start(bins, &[])?;
+        let metrics = free_addr()?;
+        let mut stack = CdcStack {
+            worker: CdcProc::start(
+                &bins.cdc,
+                &config(&pg.url(), &[node.endpoint()], metrics, tables),
+                metrics,
+            )?,
+            pg,
+            node,
+            metrics,
+            cdc_bin: bins.cdc.clone(),
+            tables: tables.to_owned(),
+        };
+        stack
+            .worker
+            .wait_event("streaming", Duration::from_secs(30))?;
+        Ok(stack)
+    }
+
+    /// Starts another worker with the same config (a standby, or a replacement).
+    ///
+    /// # Errors
+    /// When it cannot be spawned.
+    pub fn start_worker(&self) -> Result<CdcProc> {
+        CdcProc::start(
+            &self.cdc_bin,
+            &config(
+                &self.pg.url(),
+                &[self.node.endpoint()],
+                self.metrics,
+                &self.tables,
+            ),
+            self.metrics,
+        )
+    }
+}

@@ -516,3 +516,28 @@ fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
     Ok(l.local_addr()?.port())
 }
+
+/// Runs `sql` and returns `pg_current_wal_lsn()` taken after its commit.
+///
+/// # Panics
+/// When the SQL or the query fails (the message names the SQL).
+pub async fn exec(db: &tokio_postgres::Client, sql: &str) -> raftcache_client::Lsn {
+    db.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    current_lsn(db).await
+}
+
+/// `pg_current_wal_lsn()`.
+///
+/// # Panics
+/// When the query fails or answers something that is not an LSN.
+pub async fn current_lsn(db: &tokio_postgres::Client) -> raftcache_client::Lsn {
+    let row = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap_or_else(|e| panic!("pg_current_wal_lsn(): {e}"));
+    let text = row.get::<_, String>(0);
+    text.parse()
+        .unwrap_or_else(|e| panic!("pg_current_wal_lsn() answered {text:?}: {e}"))
+}

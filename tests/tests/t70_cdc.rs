@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 use raftcache_client::{Client, ClientConfig, ClientError, Lsn};
-use raftcache_tests::cdc::{config, free_addr, CdcProc};
-use raftcache_tests::pg::PgCluster;
+use raftcache_tests::cdc::{config, free_addr, CdcProc, CdcStack};
+use raftcache_tests::pg::{current_lsn, exec};
 use raftcache_tests::{bins, run_cli, runtime, NodeProc};
 use std::time::{Duration, Instant};
 
@@ -27,75 +27,15 @@ const SCHEMA: &str = "
     CREATE TABLE unrelated (id int PRIMARY KEY);
 ";
 
-/// Postgres, one cache node, one worker streaming.
-struct Setup {
-    pg: PgCluster,
-    node: NodeProc,
-    worker: CdcProc,
-    metrics: std::net::SocketAddr,
-}
-
-impl Setup {
-    fn start(rt: &tokio::runtime::Runtime) -> Setup {
-        let pg = PgCluster::start().expect("a throwaway PostgreSQL (initdb/pg_ctl)");
-        rt.block_on(async {
-            let db = pg.client().await;
-            db.batch_execute(SCHEMA).await.unwrap();
-        });
-        let node = NodeProc::start(&bins!(), &[]).unwrap();
-        let metrics = free_addr().unwrap();
-        let mut worker = CdcProc::start(
-            &bins!().cdc,
-            &config(&pg.url(), &[node.endpoint()], metrics, TABLES),
-            metrics,
-        )
-        .unwrap();
-        worker
-            .wait_event("streaming", Duration::from_secs(30))
-            .unwrap();
-        Setup {
-            pg,
-            node,
-            worker,
-            metrics,
-        }
-    }
-
-    fn start_worker(&self) -> CdcProc {
-        CdcProc::start(
-            &bins!().cdc,
-            &config(
-                &self.pg.url(),
-                &[self.node.endpoint()],
-                self.metrics,
-                TABLES,
-            ),
-            self.metrics,
-        )
-        .unwrap()
-    }
+/// Postgres with [`SCHEMA`], one cache node, one worker streaming [`TABLES`].
+fn setup(rt: &tokio::runtime::Runtime) -> CdcStack {
+    CdcStack::start(&bins!(), rt, SCHEMA, TABLES).unwrap()
 }
 
 async fn cache(node: &NodeProc) -> Client {
     Client::connect(ClientConfig::new([node.endpoint()]))
         .await
         .unwrap()
-}
-
-/// Runs `sql` and returns `pg_current_wal_lsn()` taken after its commit.
-async fn exec(db: &tokio_postgres::Client, sql: &str) -> Lsn {
-    db.batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    current_lsn(db).await
-}
-
-async fn current_lsn(db: &tokio_postgres::Client) -> Lsn {
-    let row = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap();
-    row.get::<_, String>(0).parse().unwrap()
 }
 
 /// A `min_lsn` read of `key`: the value's text, or None.
@@ -109,7 +49,7 @@ async fn read(c: &Client, key: &str, lsn: Lsn) -> Option<String> {
 #[test]
 fn row_changes_invalidate_or_update_the_mapped_keys() {
     let rt = runtime();
-    let s = Setup::start(&rt);
+    let s = setup(&rt);
     rt.block_on(async {
         let db = s.pg.client().await;
         let c = cache(&s.node).await;
@@ -197,7 +137,7 @@ fn row_changes_invalidate_or_update_the_mapped_keys() {
 #[test]
 fn a_stale_fill_after_an_invalidation_is_refused() {
     let rt = runtime();
-    let s = Setup::start(&rt);
+    let s = setup(&rt);
     rt.block_on(async {
         let reader = s.pg.client().await;
         let writer = s.pg.client().await;
@@ -273,7 +213,7 @@ fn a_stale_fill_after_an_invalidation_is_refused() {
 #[test]
 fn min_lsn_reads_never_see_the_old_value() {
     let rt = runtime();
-    let s = Setup::start(&rt);
+    let s = setup(&rt);
     rt.block_on(async {
         let db = s.pg.client().await;
         let c = cache(&s.node).await;
@@ -303,7 +243,7 @@ fn min_lsn_reads_never_see_the_old_value() {
 #[test]
 fn a_killed_worker_replays_and_loses_no_invalidation() {
     let rt = runtime();
-    let mut s = Setup::start(&rt);
+    let mut s = setup(&rt);
     rt.block_on(async {
         let db = s.pg.client().await;
         let c = cache(&s.node).await;
@@ -344,7 +284,7 @@ fn a_killed_worker_replays_and_loses_no_invalidation() {
                 s.worker.kill9();
             }
             if i == 600 {
-                let mut w = s.start_worker();
+                let mut w = s.start_worker().unwrap();
                 w.wait_event("streaming", Duration::from_secs(30)).unwrap();
                 restarted = Some(w);
             }
@@ -365,7 +305,7 @@ fn a_killed_worker_replays_and_loses_no_invalidation() {
 #[test]
 fn the_worker_resumes_after_postgres_restarts() {
     let rt = runtime();
-    let mut s = Setup::start(&rt);
+    let mut s = setup(&rt);
     rt.block_on(async {
         let c = cache(&s.node).await;
         {
@@ -395,7 +335,7 @@ fn the_worker_resumes_after_postgres_restarts() {
 #[test]
 fn a_standby_worker_takes_over() {
     let rt = runtime();
-    let mut s = Setup::start(&rt);
+    let mut s = setup(&rt);
     let standby_metrics = free_addr().unwrap();
     let mut standby = CdcProc::start(
         &bins!().cdc,
@@ -426,7 +366,7 @@ fn a_standby_worker_takes_over() {
 #[test]
 fn a_lost_slot_is_reported_and_every_key_space_is_reset() {
     let rt = runtime();
-    let mut s = Setup::start(&rt);
+    let mut s = setup(&rt);
     s.worker.kill9();
     rt.block_on(async {
         let admin = s.pg.superuser_client().await;
@@ -470,7 +410,7 @@ fn a_lost_slot_is_reported_and_every_key_space_is_reset() {
         }
         assert_eq!(status, "lost", "could not make the slot lose its WAL");
 
-        let mut worker = s.start_worker();
+        let mut worker = s.start_worker().unwrap();
         worker
             .wait_event("streaming", Duration::from_secs(30))
             .unwrap();

@@ -8,13 +8,13 @@
 #![allow(clippy::unwrap_used)]
 
 use raftcache_client::{
-    Client, ClientConfig, LoadOptions, LoadSource, Lsn, NearCacheConfig, NearMode, NearStats,
+    Client, ClientConfig, LoadOptions, LoadSource, NearCacheConfig, NearMode, NearStats,
 };
 use raftcache_proto::v1::admin_client::AdminClient;
 use raftcache_proto::v1::InjectFaultRequest;
-use raftcache_tests::cdc::{config, free_addr, CdcProc};
-use raftcache_tests::pg::PgCluster;
-use raftcache_tests::{bins, runtime, settled, wait_status, Cluster, NodeProc};
+use raftcache_tests::cdc::CdcStack;
+use raftcache_tests::pg::exec;
+use raftcache_tests::{bins, runtime, settled, wait_status, Cluster};
 use std::time::{Duration, Instant};
 
 const PARTITIONS: usize = 8;
@@ -194,41 +194,14 @@ name = "public.users"
 keys = ["user:{id}"]
 "#;
 
-/// `pg_current_wal_lsn()` after `sql` committed.
-async fn exec(db: &tokio_postgres::Client, sql: &str) -> Lsn {
-    db.batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let row = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap();
-    row.get::<_, String>(0).parse().unwrap()
-}
-
 #[test]
 fn a_cdc_change_invalidates_the_near_cache() {
     let rt = runtime();
-    let pg = PgCluster::start().expect("a throwaway PostgreSQL (initdb/pg_ctl)");
+    let schema = "CREATE TABLE users (id int PRIMARY KEY, name text)";
+    let stack = CdcStack::start(&bins!(), &rt, schema, TABLES).unwrap();
+    let node = &stack.node;
     rt.block_on(async {
-        let db = pg.client().await;
-        db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, name text)")
-            .await
-            .unwrap();
-    });
-    let node = NodeProc::start(&bins!(), &[]).unwrap();
-    let metrics = free_addr().unwrap();
-    let mut worker = CdcProc::start(
-        &bins!().cdc,
-        &config(&pg.url(), &[node.endpoint()], metrics, TABLES),
-        metrics,
-    )
-    .unwrap();
-    worker
-        .wait_event("streaming", Duration::from_secs(30))
-        .unwrap();
-    rt.block_on(async {
-        let db = pg.client().await;
+        let db = stack.pg.client().await;
         let plain = Client::connect(ClientConfig::new([node.endpoint()]))
             .await
             .unwrap();
@@ -275,7 +248,6 @@ fn a_cdc_change_invalidates_the_near_cache() {
         assert_eq!(text(&a, "other:1").await.as_deref(), Some("kept"));
         assert_eq!(stats(&a).gaps, 0, "{:?}", stats(&a));
     });
-    drop(worker);
 }
 
 #[test]
