@@ -1130,6 +1130,38 @@ impl ClusterNode {
         removed
     }
 
+    /// Empties partition `p` while this node leads it (Redis `FLUSHALL`): `Evict` ops
+    /// of up to `chunk` of its keys, at most `rounds` of them (keys written meanwhile may
+    /// survive a flush that runs out of rounds). Returns the keys removed.
+    ///
+    /// # Errors
+    ///
+    /// `NotLeader`, `Unavailable`, and the errors of the Raft write.
+    pub async fn flush_partition(&self, p: PartitionId, chunk: usize, rounds: usize) -> Result<u64> {
+        let engine = self.data_engine()?;
+        let mut removed = 0;
+        for _ in 0..rounds {
+            let group = self.data_group(p)?;
+            if !group.is_leader() {
+                return Err(self.not_leader(p, group.leader()));
+            }
+            let keys = engine.partition_keys(p, chunk);
+            if keys.is_empty() {
+                break;
+            }
+            let op = Op {
+                now_ms: self.clock.now_ms(),
+                cmd: Command::Evict { keys },
+            };
+            match group.write(Proposal::from(op)).await {
+                Ok(Some(Outcome::Evicted(n))) => removed += n as u64,
+                Ok(_) => {}
+                Err(e) => return Err(self.map_write_error(p, e)),
+            }
+        }
+        Ok(removed)
+    }
+
     /// A read of `key` in partition `p` at the requested consistency.
     ///
     /// # Errors

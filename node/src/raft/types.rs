@@ -137,6 +137,7 @@ impl fmt::Display for Op {
                 key.len(),
                 value.len()
             )?,
+            Command::Redis { key, op } => write!(f, "redis-{}(key {}B)", op.name(), key.len())?,
         }
         write!(f, "@{}", self.now_ms)
     }

@@ -142,6 +142,79 @@ pub enum Command {
         /// The lease's token (the log index of its grant).
         token: u64,
     },
+    /// A single-key write only Redis has (the RESP front end's `SET … GET`, `GETDEL`,
+    /// `GETEX`, `APPEND`), applied atomically like every other single-key write.
+    Redis {
+        /// The key.
+        key: Bytes,
+        /// What to do.
+        op: RedisOp,
+    },
+}
+
+/// The Redis-only writes of [`Command::Redis`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RedisOp {
+    /// Redis `SET` with its options: exactly [`Command::Set`] with `source_lsn` 0, and
+    /// the live value before the op in the outcome (`SET … GET`, `GETSET`).
+    Set {
+        /// The new value.
+        value: Bytes,
+        /// Absolute deadline (ms since epoch), or `None`.
+        expire_at_ms: Option<u64>,
+        /// Keep the live entry's deadline (`KEEPTTL`).
+        keep_ttl: bool,
+        /// `NX` / `XX`.
+        condition: Condition,
+    },
+    /// `GETDEL`: removes the key and answers its live value.
+    GetDel,
+    /// `GETEX` with an option: `Some(deadline)` sets the deadline (one `<= now_ms`
+    /// deletes the key), `None` persists; answers the live value before the op.
+    GetEx {
+        /// The new deadline, or `None` to persist.
+        expire_at_ms: Option<u64>,
+    },
+    /// `APPEND`: appends `suffix` to the live value (a missing key counts as empty),
+    /// keeping its deadline, unless the result would be longer than `max_len` bytes.
+    Append {
+        /// The bytes to append.
+        suffix: Bytes,
+        /// The longest value allowed (the proposer's `max_value_bytes`), so that every
+        /// replica decides the same.
+        max_len: u64,
+    },
+}
+
+impl RedisOp {
+    /// The Redis command's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RedisOp::Set { .. } => "set",
+            RedisOp::GetDel => "getdel",
+            RedisOp::GetEx { .. } => "getex",
+            RedisOp::Append { .. } => "append",
+        }
+    }
+}
+
+/// What a [`Command::Redis`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RedisOutcome {
+    /// [`RedisOp::Set`]: as [`Outcome::Set`], and the live value before the op.
+    Set {
+        /// Whether the condition held and the value was stored.
+        applied: bool,
+        /// The new version when applied; otherwise the live entry's, or 0.
+        version: u64,
+        /// The live value before the op.
+        old: Option<Bytes>,
+    },
+    /// [`RedisOp::GetDel`] and [`RedisOp::GetEx`]: the live value before the op.
+    Value(Option<Bytes>),
+    /// [`RedisOp::Append`]: the new length, or `None` when it would have exceeded
+    /// `max_len` (then nothing changed).
+    Append(Option<u64>),
 }
 
 /// One change of a [`Command::Cdc`] batch.
@@ -191,7 +264,8 @@ impl Command {
             | Command::Expire { key, .. }
             | Command::Lease { key, .. }
             | Command::ReleaseLease { key, .. }
-            | Command::Fill { key, .. } => Some(key),
+            | Command::Fill { key, .. }
+            | Command::Redis { key, .. } => Some(key),
             Command::Evict { .. } | Command::Reclaim { .. } | Command::Cdc { .. } => None,
         }
     }
@@ -260,6 +334,8 @@ pub enum Outcome {
         /// granted); then nothing changed.
         lease_lost: bool,
     },
+    /// Result of [`Command::Redis`].
+    Redis(RedisOutcome),
 }
 
 /// What an applied [`Command::Cdc`] did.

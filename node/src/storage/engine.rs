@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::evict::{Candidate, EvictionPool};
 use super::mem::entry_cost;
 use super::{
-    CdcChange, Clock, Command, Condition, EntryView, EvictionPolicy, Op, Outcome, PartitionId,
+    CdcChange, Clock, Command, Condition, EntryView, EvictionPolicy, Op, Outcome, RedisOp, PartitionId,
     PartitionState, RequestId, StorageConfig, StorageError,
 };
 
@@ -110,6 +110,59 @@ pub enum WriteRequest {
         /// The lease's token.
         token: u64,
     },
+    /// A Redis-only write of the RESP front end ([`Command::Redis`]).
+    Redis {
+        /// The key.
+        key: Bytes,
+        /// What to do.
+        op: RedisWrite,
+    },
+}
+
+/// A [`RedisOp`] before its expiry becomes a deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisWrite {
+    /// `SET` with options ([`RedisOp::Set`]).
+    Set {
+        /// The value.
+        value: Bytes,
+        /// `EX`/`PX`/`EXAT`/`PXAT`, or none.
+        expiry: Expiry,
+        /// `KEEPTTL`.
+        keep_ttl: bool,
+        /// `NX`/`XX`.
+        condition: Condition,
+    },
+    /// `GETDEL`.
+    GetDel,
+    /// `GETEX` with `EX`/`PX`/`EXAT`/`PXAT`, or `PERSIST` as [`Expiry::Never`].
+    GetEx {
+        /// The new expiry.
+        expiry: Expiry,
+    },
+    /// `EXPIRE`/`PEXPIRE`/`EXPIREAT`/`PEXPIREAT`, and `PERSIST` as [`Expiry::Never`]:
+    /// [`Command::Expire`] (a deadline already passed deletes the key).
+    Expire {
+        /// The new expiry.
+        expiry: Expiry,
+    },
+    /// `APPEND` (the result is limited to `max_value_bytes`).
+    Append {
+        /// The bytes to append.
+        suffix: Bytes,
+    },
+}
+
+/// When a key written by a [`RedisWrite`] expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// No deadline.
+    Never,
+    /// This many ms from now (`EX`, `PX`); at least 1.
+    In(u64),
+    /// At this time, in ms since the epoch (`EXAT`, `PXAT`); a time already passed is
+    /// allowed (the key is then expired at once).
+    At(u64),
 }
 
 /// One change of a [`WriteRequest::Cdc`], before TTLs become deadlines.
@@ -398,6 +451,44 @@ impl Engine {
                 self.check_key(&key)?;
                 Command::ReleaseLease { key, token }
             }
+            WriteRequest::Redis { key, op } => {
+                self.check_key(&key)?;
+                let op = match op {
+                    RedisWrite::Set {
+                        value,
+                        expiry,
+                        keep_ttl,
+                        condition,
+                    } => {
+                        self.check_value(&value)?;
+                        RedisOp::Set {
+                            value,
+                            expire_at_ms: redis_deadline(now_ms, expiry)?,
+                            keep_ttl,
+                            condition,
+                        }
+                    }
+                    RedisWrite::GetDel => RedisOp::GetDel,
+                    RedisWrite::GetEx { expiry } => RedisOp::GetEx {
+                        expire_at_ms: redis_deadline(now_ms, expiry)?,
+                    },
+                    RedisWrite::Expire { expiry } => {
+                        let cmd = Command::Expire {
+                            expire_at_ms: redis_deadline(now_ms, expiry)?,
+                            key,
+                        };
+                        return Ok(Op { now_ms, cmd });
+                    }
+                    RedisWrite::Append { suffix } => {
+                        self.check_value(&suffix)?;
+                        RedisOp::Append {
+                            suffix,
+                            max_len: self.config.max_value_bytes as u64,
+                        }
+                    }
+                };
+                Command::Redis { key, op }
+            }
             WriteRequest::Fill {
                 key,
                 value,
@@ -488,6 +579,22 @@ impl Engine {
             evictions: self.evictions.load(Ordering::Relaxed),
             expirations: self.expirations.load(Ordering::Relaxed),
         }
+    }
+
+    /// How many entries partition `p` holds (expired ones not yet reclaimed included),
+    /// or `None` if there is no such partition.
+    pub fn partition_len(&self, p: PartitionId) -> Option<u64> {
+        let partition = self.partition(p).ok()?;
+        Some(partition.len.load(Ordering::Relaxed) as u64)
+    }
+
+    /// Up to `max` keys of partition `p` (live or expired), in storage order.
+    pub fn partition_keys(&self, p: PartitionId, max: usize) -> Vec<Bytes> {
+        let Ok(partition) = self.partition(p) else {
+            return Vec::new();
+        };
+        let state = lock(&partition.state);
+        state.keys().take(max).cloned().collect()
     }
 
     /// Index of the last op applied to partition `p`, or `None` if there is no such partition.
@@ -954,7 +1061,32 @@ fn stored_size(cmd: &Command) -> Option<u64> {
             expire_at_ms,
             ..
         } => Some(entry_cost(key.len(), value.len(), expire_at_ms.is_some())),
+        Command::Redis {
+            key,
+            op:
+                RedisOp::Set {
+                    value,
+                    expire_at_ms,
+                    ..
+                },
+        } => Some(entry_cost(key.len(), value.len(), expire_at_ms.is_some())),
         _ => None,
+    }
+}
+
+/// The deadline of an [`Expiry`]: as [`deadline`] for a relative one; an absolute one
+/// at most [`MAX_TTL_MS`] ahead.
+fn redis_deadline(now_ms: u64, expiry: Expiry) -> Result<Option<u64>, StorageError> {
+    match expiry {
+        Expiry::Never => Ok(None),
+        Expiry::In(ttl_ms) => deadline(now_ms, Some(ttl_ms.max(1))),
+        Expiry::At(at_ms) if at_ms.saturating_sub(now_ms) > MAX_TTL_MS => {
+            Err(StorageError::TtlOutOfRange {
+                ttl_ms: at_ms - now_ms,
+                limit_ms: MAX_TTL_MS,
+            })
+        }
+        Expiry::At(at_ms) => Ok(Some(at_ms)),
     }
 }
 

@@ -91,9 +91,14 @@ use serde::{Deserialize, Serialize};
 
 pub use cdc::{CdcSnapshot, MAX_PREFIX_TOMBSTONES, MAX_TOMBSTONES};
 pub use clock::{clock_offset_ms, set_clock_offset_ms, Clock, ManualClock, SystemClock};
-pub use command::{CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, Op, Outcome};
+pub use command::{
+    CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, Op, Outcome, RedisOp,
+    RedisOutcome,
+};
 pub use config::{EvictionPolicy, ParsePolicyError, StorageConfig};
-pub use engine::{CdcWrite, Engine, EngineStats, ReadView, WriteRequest, MAX_TTL_MS};
+pub use engine::{
+    CdcWrite, Engine, EngineStats, Expiry, ReadView, RedisWrite, WriteRequest, MAX_TTL_MS,
+};
 pub use error::StorageError;
 pub use lease::{
     is_fresh, lease_ttl_ms, LeaseDecision, DEFAULT_LEASE_TTL_MS, MAX_LEASES, MAX_LEASE_TTL_MS,

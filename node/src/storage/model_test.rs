@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use super::mem::entry_cost;
 use super::{
     CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, LeaseDecision, Op, Outcome,
-    PartitionId, PartitionState,
+    PartitionId, PartitionState, RedisOp, RedisOutcome,
 };
 
 const KEYS: [&str; 5] = ["a", "b", "c", "dd", "eee"];
@@ -67,9 +67,26 @@ enum Step {
         source_lsn: u64,
         token: Tok,
     },
+    /// A `Command::Redis` op on a key.
+    Redis(usize, RStep),
     Get(usize),
     Advance(u64),
     Restore,
+}
+
+/// A generated [`RedisOp`].
+#[derive(Debug, Clone)]
+enum RStep {
+    Set {
+        value: usize,
+        ttl: Option<i64>,
+        keep_ttl: bool,
+        condition: Cond,
+    },
+    GetDel,
+    GetEx(Option<i64>),
+    /// A value to append and the length limit.
+    Append(usize, u64),
 }
 
 /// A lease token resolved against the model at run time.
@@ -155,8 +172,30 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Restore),
         3 => (key.clone(), 1u64..40, 0u64..30).prop_map(|(k, ttl, window)| Step::Lease(k, ttl, window)),
         1 => (key.clone(), tok()).prop_map(|(k, t)| Step::ReleaseLease(k, t)),
+        3 => (key.clone(), redis_step()).prop_map(|(k, r)| Step::Redis(k, r)),
         3 => (key, 0..VALUES.len(), prop::option::of(-5i64..40), prop_oneof![3 => Just(0u64), 1 => 1u64..12], tok())
             .prop_map(|(key, value, ttl, source_lsn, token)| Step::Fill { key, value, ttl, source_lsn, token }),
+    ]
+}
+
+fn redis_step() -> impl Strategy<Value = RStep> {
+    let cond = prop_oneof![
+        Just(Cond::Always),
+        Just(Cond::IfAbsent),
+        Just(Cond::IfPresent),
+    ];
+    prop_oneof![
+        (0..VALUES.len(), prop::option::of(-5i64..40), any::<bool>(), cond).prop_map(
+            |(value, ttl, keep_ttl, condition)| RStep::Set {
+                value,
+                ttl,
+                keep_ttl,
+                condition
+            }
+        ),
+        Just(RStep::GetDel),
+        prop::option::of(-5i64..40).prop_map(RStep::GetEx),
+        (0..VALUES.len(), 0u64..40).prop_map(|(v, max)| RStep::Append(v, max)),
     ]
 }
 
@@ -302,7 +341,15 @@ impl Model {
             (Command::Set { key, .. }, Outcome::Set { applied: true, .. })
             | (Command::Delete { key }, _)
             | (Command::Incr { key, .. }, Outcome::Incr(Ok(_)))
-            | (Command::Expire { key, .. }, Outcome::Expire(true)) => Some(key),
+            | (Command::Expire { key, .. }, Outcome::Expire(true))
+            | (
+                Command::Redis { key, .. },
+                Outcome::Redis(
+                    RedisOutcome::Set { applied: true, .. }
+                    | RedisOutcome::Value(Some(_))
+                    | RedisOutcome::Append(Some(_)),
+                ),
+            ) => Some(key),
             _ => None,
         };
         if let Some(key) = voided {
@@ -389,6 +436,15 @@ impl Model {
                     lease_lost: false,
                 };
             }
+            Command::Redis {
+                key,
+                op: RedisOp::Append { suffix, max_len },
+            } => {
+                let len = self.live(key, now).map_or(0, |e| e.0.len()) + suffix.len();
+                if len as u64 > *max_len {
+                    return Outcome::Redis(RedisOutcome::Append(None));
+                }
+            }
             _ => {}
         }
         if let Some(key) = op.cmd.key() {
@@ -446,6 +502,64 @@ impl Model {
                 }
             }
             Command::Delete { key } => Outcome::Deleted(self.map.remove(key.as_ref()).is_some()),
+            Command::Redis { key, op: redis } => {
+                let old = self.map.get(key.as_ref()).map(|e| Bytes::from(e.0.clone()));
+                match redis {
+                    RedisOp::Set {
+                        value,
+                        expire_at_ms,
+                        keep_ttl,
+                        condition,
+                    } => {
+                        let set = Op {
+                            now_ms: now,
+                            cmd: Command::Set {
+                                key: key.clone(),
+                                value: value.clone(),
+                                expire_at_ms: *expire_at_ms,
+                                keep_ttl: *keep_ttl,
+                                condition: *condition,
+                                source_lsn: 0,
+                            },
+                        };
+                        let Outcome::Set {
+                            applied, version, ..
+                        } = self.apply_inner(index, &set)
+                        else {
+                            unreachable!("a set answers a set outcome")
+                        };
+                        Outcome::Redis(RedisOutcome::Set {
+                            applied,
+                            version,
+                            old,
+                        })
+                    }
+                    RedisOp::GetDel => {
+                        self.map.remove(key.as_ref());
+                        Outcome::Redis(RedisOutcome::Value(old))
+                    }
+                    RedisOp::GetEx { expire_at_ms } => {
+                        let expire = Op {
+                            now_ms: now,
+                            cmd: Command::Expire {
+                                key: key.clone(),
+                                expire_at_ms: *expire_at_ms,
+                            },
+                        };
+                        self.apply_inner(index, &expire);
+                        Outcome::Redis(RedisOutcome::Value(old))
+                    }
+                    RedisOp::Append { suffix, .. } => {
+                        let cur = self.map.get(key.as_ref()).cloned();
+                        let mut value = cur.as_ref().map_or_else(Vec::new, |c| c.0.clone());
+                        value.extend_from_slice(suffix);
+                        let len = value.len() as u64;
+                        self.map
+                            .insert(key.to_vec(), (value, index, cur.and_then(|c| c.2), 0));
+                        Outcome::Redis(RedisOutcome::Append(Some(len)))
+                    }
+                }
+            }
             Command::Incr { key, delta } => {
                 let cur = self.map.get(key.as_ref()).cloned();
                 let n = match &cur {
@@ -676,6 +790,34 @@ fn to_op(step: &Step, model: &Model, now: u64) -> Option<Op> {
             expire_at_ms: deadline(now, *ttl),
             source_lsn: *source_lsn,
             token: model.token(*k, *token),
+        },
+        Step::Redis(k, r) => Command::Redis {
+            key: key(*k),
+            op: match r {
+                RStep::Set {
+                    value,
+                    ttl,
+                    keep_ttl,
+                    condition,
+                } => RedisOp::Set {
+                    value: Bytes::from_static(VALUES[*value].as_bytes()),
+                    expire_at_ms: deadline(now, *ttl),
+                    keep_ttl: *keep_ttl,
+                    condition: match condition {
+                        Cond::IfAbsent => Condition::IfAbsent,
+                        Cond::IfPresent => Condition::IfPresent,
+                        Cond::Always | Cond::IfVersion(_) => Condition::Always,
+                    },
+                },
+                RStep::GetDel => RedisOp::GetDel,
+                RStep::GetEx(ttl) => RedisOp::GetEx {
+                    expire_at_ms: deadline(now, *ttl),
+                },
+                RStep::Append(v, max_len) => RedisOp::Append {
+                    suffix: Bytes::from_static(VALUES[*v].as_bytes()),
+                    max_len: *max_len,
+                },
+            },
         },
         Step::Get(_) | Step::Advance(_) | Step::Restore => return None,
     };

@@ -15,7 +15,7 @@ use super::requests::{RequestId, RequestLog};
 use super::ttl::TtlIndex;
 use super::{
     CdcApplied, CdcChange, CdcError, Command, Condition, EvictionPolicy, IncrError, LeaseDecision,
-    Op, Outcome, PartitionId,
+    Op, Outcome, PartitionId, RedisOp, RedisOutcome,
 };
 
 /// The entries of one partition and the index of the last op applied to them.
@@ -233,7 +233,8 @@ impl PartitionState {
             Command::Set { key, .. }
             | Command::Delete { key }
             | Command::Incr { key, .. }
-            | Command::Expire { key, .. } => {
+            | Command::Expire { key, .. }
+            | Command::Redis { key, .. } => {
                 let plan = self.plan(key, op);
                 let outcome = self.execute(key, index, now, plan);
                 let voids = match &outcome {
@@ -241,6 +242,9 @@ impl PartitionState {
                     Outcome::Deleted(_) => true,
                     Outcome::Incr(result) => result.is_ok(),
                     Outcome::Expire(updated) => *updated,
+                    Outcome::Redis(RedisOutcome::Set { applied, .. }) => *applied,
+                    Outcome::Redis(RedisOutcome::Value(old)) => old.is_some(),
+                    Outcome::Redis(RedisOutcome::Append(len)) => len.is_some(),
                     _ => false,
                 };
                 if voids {
@@ -414,7 +418,8 @@ impl PartitionState {
             | Command::Delete { key }
             | Command::Incr { key, .. }
             | Command::Expire { key, .. }
-            | Command::Fill { key, .. } => {
+            | Command::Fill { key, .. }
+            | Command::Redis { key, .. } => {
                 let plan = self.plan(key, op);
                 let old = signed(plan.existing.map_or(0, |(_, cost)| cost));
                 match plan.effect {
@@ -452,6 +457,11 @@ impl PartitionState {
     /// Whether `key` is held, live or expired.
     pub fn contains_key(&self, key: &[u8]) -> bool {
         self.entries.contains_key(key)
+    }
+
+    /// Every key held (live or expired), in storage order.
+    pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
+        self.entries.keys()
     }
 
     /// Index of the last applied op (0 when none).
@@ -801,6 +811,7 @@ impl PartitionState {
                 }
                 return plan;
             }
+            Command::Redis { op: redis, .. } => return self.plan_redis(key, now, redis, live),
             Command::Evict { .. }
             | Command::Reclaim { .. }
             | Command::Cdc { .. }
@@ -815,6 +826,81 @@ impl PartitionState {
             effect,
             outcome,
         }
+    }
+
+    /// [`plan`](Self::plan) of a [`Command::Redis`]; `live` is the key's live entry.
+    fn plan_redis(&self, key: &Bytes, now: u64, op: &RedisOp, live: Option<&Entry>) -> Plan {
+        let old = live.map(|e| e.value.clone());
+        // Each op is an existing single-key write plus the old value in its outcome.
+        let (cmd, outcome) = match op {
+            RedisOp::Set {
+                value,
+                expire_at_ms,
+                keep_ttl,
+                condition,
+            } => {
+                let set = Command::Set {
+                    key: key.clone(),
+                    value: value.clone(),
+                    expire_at_ms: *expire_at_ms,
+                    keep_ttl: *keep_ttl,
+                    condition: *condition,
+                    source_lsn: 0,
+                };
+                let mut plan = self.plan(key, &Op { now_ms: now, cmd: set });
+                if let Outcome::Set {
+                    applied, version, ..
+                } = plan.outcome
+                {
+                    plan.outcome = Outcome::Redis(RedisOutcome::Set {
+                        applied,
+                        version,
+                        old,
+                    });
+                }
+                return plan;
+            }
+            RedisOp::GetDel => (
+                Command::Delete { key: key.clone() },
+                RedisOutcome::Value(old),
+            ),
+            RedisOp::GetEx { expire_at_ms } => (
+                Command::Expire {
+                    key: key.clone(),
+                    expire_at_ms: *expire_at_ms,
+                },
+                RedisOutcome::Value(old),
+            ),
+            RedisOp::Append { suffix, max_len } => {
+                let len = old.as_ref().map_or(0, Bytes::len) + suffix.len();
+                if len as u64 > *max_len {
+                    // A refused append changes nothing (an expired entry stays).
+                    return Plan {
+                        existing: None,
+                        expired: false,
+                        effect: Effect::Keep,
+                        outcome: Outcome::Redis(RedisOutcome::Append(None)),
+                    };
+                }
+                let mut value = Vec::with_capacity(len);
+                value.extend_from_slice(old.as_deref().unwrap_or_default());
+                value.extend_from_slice(suffix);
+                (
+                    Command::Set {
+                        key: key.clone(),
+                        value: Bytes::from(value),
+                        expire_at_ms: None,
+                        keep_ttl: true,
+                        condition: Condition::Always,
+                        source_lsn: 0,
+                    },
+                    RedisOutcome::Append(Some(len as u64)),
+                )
+            }
+        };
+        let mut plan = self.plan(key, &Op { now_ms: now, cmd });
+        plan.outcome = Outcome::Redis(outcome);
+        plan
     }
 
     /// Carries out a [`Plan`] for `key` as op `index`.
@@ -855,6 +941,13 @@ impl PartitionState {
                 newer_lsn: 0,
                 lease_lost: false,
             },
+            Outcome::Redis(RedisOutcome::Set {
+                applied: true, old, ..
+            }) => Outcome::Redis(RedisOutcome::Set {
+                applied: true,
+                version: index,
+                old,
+            }),
             other => other,
         }
     }
