@@ -837,6 +837,79 @@ impl Client {
         .await
     }
 
+    /// Runs a Redis command on the leader of `key`'s partition and returns its reply,
+    /// RESP-encoded in `protocol` (2 or 3): how a node's RESP front end forwards a
+    /// command whose key it does not lead. `write` commands carry one request id over
+    /// every attempt when `call` is [`RespCall::WriteOnce`], so the leader applies them
+    /// once.
+    ///
+    /// # Errors
+    /// Routing and transport errors (Redis errors are replies).
+    pub async fn resp_keyed(
+        &self,
+        key: &[u8],
+        args: &[Bytes],
+        protocol: u32,
+        call: RespCall,
+    ) -> Result<Bytes> {
+        let (retry, request) = match call {
+            RespCall::Read => (Retry::Read, None),
+            RespCall::Write => (Retry::Write, None),
+            RespCall::WriteOnce => (Retry::Write, Some(self.request_id())),
+        };
+        let r = self
+            .keyed(
+                key,
+                retry,
+                |_, route| v1::RespRequest {
+                    route: Some(route),
+                    args: args.to_vec(),
+                    protocol,
+                    request,
+                },
+                |mut c, r| async move { c.resp(r).await },
+            )
+            .await?;
+        Ok(r.reply)
+    }
+
+    /// Runs a node-wide Redis command (`DBSIZE`, `FLUSHALL`) on every node of the
+    /// cached map except `skip` (the caller itself), all at once: each answers for the
+    /// partitions it leads. One result per node, with its address.
+    pub async fn resp_nodes(
+        &self,
+        args: &[Bytes],
+        protocol: u32,
+        skip: &str,
+    ) -> Vec<(String, Result<Bytes>)> {
+        let topology = self.topology();
+        let config = &self.inner.config;
+        let listed = topology.map.nodes.len().min(topology.nodes.len());
+        join_all(
+            topology.nodes[..listed]
+                .iter()
+                .filter(|node| node.info.addr != skip)
+                .map(|node| async move {
+                    let r = call(
+                        config,
+                        node.channel.clone(),
+                        v1::RespRequest {
+                            route: None,
+                            args: args.to_vec(),
+                            protocol,
+                            request: None,
+                        },
+                        Limit::request(config),
+                        |mut c, r| async move { c.resp(r).await },
+                    )
+                    .await
+                    .map(|r| r.reply);
+                    (node.info.addr.clone(), r)
+                }),
+        )
+        .await
+    }
+
     /// Makes every node in the cached map (all at once) write a snapshot of each
     /// partition it holds, or of `partition` only (nodes without a replica of it are
     /// left out), to its data directory.
@@ -1410,6 +1483,18 @@ impl Client {
         }
         Ok(values)
     }
+}
+
+/// How [`Client::resp_keyed`] may retry a forwarded Redis command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RespCall {
+    /// A read: retried on every transient failure.
+    Read,
+    /// A write whose outcome holds a value (`GETDEL`, `SET … GET`): retried, without a
+    /// request id (a retry after a lost answer may apply it again).
+    Write,
+    /// A write applied once per request id across retries.
+    WriteOnce,
 }
 
 /// Which failures a call retries, and what its final error says.
