@@ -372,6 +372,13 @@ impl Cache for Service {
         Err(Status::unimplemented("the fake node has no leases"))
     }
 
+    async fn resp(
+        &self,
+        _: Request<raftcache_proto::v1::RespRequest>,
+    ) -> Result<Response<raftcache_proto::v1::RespResponse>, Status> {
+        Err(Status::unimplemented("the fake node has no RESP"))
+    }
+
     type WatchStream = futures::stream::Empty<Result<WatchEvent, Status>>;
 
     async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {

@@ -1,7 +1,8 @@
 //! The `raftcache-node` command line: flags over the config file, logging, signals.
 //!
 //! When the node serves as a cluster member, it prints exactly one JSON line on stdout,
-//! `{"event":"ready","node":1,"pid":…,"grpc":"127.0.0.1:…","metrics":"127.0.0.1:…"}`,
+//! `{"event":"ready","node":1,"pid":…,"grpc":"127.0.0.1:…","metrics":"127.0.0.1:…"}`
+//! (with `"resp":"127.0.0.1:…"` when the RESP listener is on),
 //! which `raftcache dev` and the process tests wait for: a founding node once its groups
 //! have leaders, a joining node once it has its node id, a standby node at once (with
 //! `"node":0`; it logs when it is added). Logs go to stderr.
@@ -33,6 +34,9 @@ pub struct Args {
     /// Prometheus /metrics listen address (port 0: any free port).
     #[arg(long, env = "RAFTCACHE_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// RESP (Redis protocol) listen address (port 0: any free port); none when unset.
+    #[arg(long, env = "RAFTCACHE_RESP_ADDR")]
+    pub resp_addr: Option<SocketAddr>,
     /// Directory for the node's files.
     #[arg(long, env = "RAFTCACHE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -99,6 +103,9 @@ impl Args {
         }
         set(&mut s.metrics_addr, self.metrics_addr);
         set(&mut s.data_dir, self.data_dir.clone());
+        if self.resp_addr.is_some() {
+            c.resp.addr = self.resp_addr;
+        }
         set(&mut st.partitions, self.partitions);
         set(&mut st.max_memory, self.max_memory);
         set(&mut st.eviction_policy, self.eviction_policy);
@@ -162,6 +169,10 @@ pub fn main() -> ExitCode {
                 "grpc": bound.grpc.to_string(),
                 "metrics": bound.metrics.to_string(),
             });
+            let mut line = line;
+            if let Some(resp) = bound.resp {
+                line["resp"] = serde_json::Value::String(resp.to_string());
+            }
             let mut out = std::io::stdout().lock();
             // Nobody may be reading stdout (a daemonised node); that is not an error.
             let _ = writeln!(out, "{line}").and_then(|()| out.flush());

@@ -59,6 +59,35 @@ pub struct Config {
     pub cluster: ClusterSection,
     /// What the node writes to its data directory.
     pub persistence: PersistenceSection,
+    /// The RESP (Redis protocol) listener.
+    pub resp: RespSection,
+}
+
+/// `[resp]`: the Redis-protocol listener (see `crate::resp`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RespSection {
+    /// Where redis-cli and Redis clients connect (port 0: any free port); no listener
+    /// when unset. Any node accepts any key.
+    pub addr: Option<SocketAddr>,
+    /// Most client connections at once.
+    pub max_clients: usize,
+    /// Accept `FLUSHALL` / `FLUSHDB` (they empty the whole cluster).
+    pub allow_flushall: bool,
+    /// Most bytes of unanswered requests buffered per connection (Redis
+    /// `client-query-buffer-limit`); must exceed `storage.max-value-size`.
+    pub max_query_buffer: ByteSize,
+}
+
+impl Default for RespSection {
+    fn default() -> Self {
+        RespSection {
+            addr: None,
+            max_clients: 10_000,
+            allow_flushall: true,
+            max_query_buffer: ByteSize::mib(64),
+        }
+    }
 }
 
 /// `[persistence]`: what is written to `server.data-dir` (see `crate::persist`).
@@ -321,6 +350,19 @@ impl Config {
         }
         if s.cdc_tombstone_ttl.as_millis() == 0 {
             return invalid("storage.cdc-tombstone-ttl", "must be at least 1ms".into());
+        }
+        let r = &self.resp;
+        if r.max_clients == 0 {
+            return invalid("resp.max-clients", "must be at least 1".into());
+        }
+        if r.max_query_buffer.0 <= s.max_key_size.0 + s.max_value_size.0 {
+            return invalid(
+                "resp.max-query-buffer",
+                format!(
+                    "{} must exceed storage.max-key-size + storage.max-value-size",
+                    r.max_query_buffer
+                ),
+            );
         }
         let p = &self.persistence;
         if p.snapshot_interval < Duration::from_secs(1) {

@@ -21,6 +21,7 @@
 //! - [`metrics`]: Prometheus recorder and endpoint.
 //! - [`persist`]: the sled store (identity, snapshots, durable Raft log and vote).
 //! - [`hot`]: the hot-key tracker (space-saving sketches with decay).
+//! - [`resp`]: the RESP (Redis protocol) front end; forwards through the client crate.
 //! - [`watch`]: the change feed of `Watch` streams (state machines publish, the
 //!   service subscribes).
 
@@ -34,6 +35,7 @@ pub mod hot;
 pub mod metrics;
 pub mod persist;
 pub mod raft;
+pub mod resp;
 pub mod server;
 pub mod service;
 pub mod storage;

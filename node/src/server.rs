@@ -10,6 +10,7 @@ use crate::cluster::{ClusterNode, NodeSettings, PersistSettings, Restart};
 use crate::config::Config;
 use crate::metrics;
 use crate::persist::{Persistence, Store};
+use crate::resp;
 use crate::service::{CacheService, RaftService};
 use crate::storage::SystemClock;
 use anyhow::Context;
@@ -34,6 +35,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Prometheus `/metrics` listener.
     pub metrics: TcpListener,
+    /// The RESP (Redis protocol) listener, when `resp.addr` is set.
+    pub resp: Option<TcpListener>,
 }
 
 /// Where a running node listens.
@@ -43,6 +46,8 @@ pub struct BoundAddrs {
     pub grpc: SocketAddr,
     /// Metrics address.
     pub metrics: SocketAddr,
+    /// RESP address, if any.
+    pub resp: Option<SocketAddr>,
 }
 
 impl Listeners {
@@ -54,6 +59,10 @@ impl Listeners {
         Ok(Listeners {
             grpc: bind_one(config.server.grpc_addr, "gRPC", "--grpc-addr").await?,
             metrics: bind_one(config.server.metrics_addr, "metrics", "--metrics-addr").await?,
+            resp: match config.resp.addr {
+                Some(addr) => Some(bind_one(addr, "RESP", "--resp-addr").await?),
+                None => None,
+            },
         })
     }
 
@@ -65,6 +74,11 @@ impl Listeners {
         Ok(BoundAddrs {
             grpc: self.grpc.local_addr()?,
             metrics: self.metrics.local_addr()?,
+            resp: self
+                .resp
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
         })
     }
 }
@@ -147,8 +161,27 @@ pub async fn run(
     };
     let node = ClusterNode::new(settings, Arc::new(SystemClock), cancel.clone())?;
     let max_msg = config.max_message_bytes();
-    let cache_service = CacheService::new(node.clone());
+    let mut cache_service = CacheService::new(node.clone());
     let hot_keys = cache_service.hot_keys();
+    // Always built: other nodes' RESP listeners forward to this one (`Cache.Resp`).
+    let frontend = Arc::new(resp::Frontend::new(
+        node.clone(),
+        hot_keys.clone(),
+        resp::RespSettings {
+            max_clients: config.resp.max_clients,
+            allow_flushall: config.resp.allow_flushall,
+            max_query_buffer: usize::try_from(config.resp.max_query_buffer.0).unwrap_or(usize::MAX),
+            limits: resp::codec::Limits {
+                max_bulk: usize::try_from(config.storage.max_value_size.0)
+                    .unwrap_or(usize::MAX)
+                    .max(usize::try_from(config.storage.max_key_size.0).unwrap_or(usize::MAX))
+                    + 64 * 1024,
+                ..resp::codec::Limits::default()
+            },
+            port: bound.resp.map_or(0, |a| a.port()),
+        },
+    ));
+    cache_service.set_resp(frontend.clone());
     let cache = CacheServer::new(cache_service)
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
@@ -257,6 +290,15 @@ pub async fn run(
             policy = %config.storage.eviction_policy,
             "node ready"
         );
+        if let Some(listener) = listeners.resp {
+            info!(resp = ?bound.resp, "RESP listener ready");
+            tasks.spawn(resp::server::serve(
+                listener,
+                frontend,
+                cancel.clone(),
+                tasks.clone(),
+            ));
+        }
         on_ready(node_id, bound);
         tokio::select! {
             _ = &mut shutdown => None,

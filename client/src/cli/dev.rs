@@ -5,7 +5,8 @@
 //! `--partitions` and `--replicas`); once it is ready the others start with `--join
 //! <node 1>` and get their ids from the cluster. When every node is ready and every
 //! partition has min(R, N) voting replicas and a leader, `dev` prints one line per
-//! node, `{"node":1,"pid":…,"grpc":"…","metrics":"…"}`, then `ready`. On SIGTERM or
+//! node, `{"node":1,"pid":…,"grpc":"…","metrics":"…","resp":"…"}` (RESP ports are the
+//! gRPC ports + 200: `redis-cli -p 7201`), then `ready`. On SIGTERM or
 //! ctrl-c it stops the nodes (SIGTERM, up to 10 s, then SIGKILL) and exits 0; if a
 //! node dies on its own, it stops the others and exits 1.
 //!
@@ -38,6 +39,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Offset of a node's metrics port from its gRPC port.
 const METRICS_PORT_OFFSET: u32 = 100;
+/// Offset of a node's RESP (Redis protocol) port from its gRPC port.
+const RESP_PORT_OFFSET: u32 = 200;
 
 /// What `raftcache dev` starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +65,9 @@ struct Ready {
     pid: u32,
     grpc: String,
     metrics: String,
+    /// The RESP address (`redis-cli -p …`); older nodes had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resp: Option<String>,
 }
 
 /// A running node.
@@ -300,6 +306,8 @@ fn node_args(config: &DevConfig, index: u32, seed: Option<&str>) -> anyhow::Resu
         format!("127.0.0.1:{}", port(0)?).into(),
         "--metrics-addr".into(),
         format!("127.0.0.1:{}", port(METRICS_PORT_OFFSET)?).into(),
+        "--resp-addr".into(),
+        format!("127.0.0.1:{}", port(RESP_PORT_OFFSET)?).into(),
         "--data-dir".into(),
         config.data_dir.join(format!("node-{id}")).into(),
     ];
@@ -450,7 +458,7 @@ mod tests {
 
     #[test]
     fn ready_lines_are_recognised() {
-        let line = r#"{"event":"ready","node":1,"pid":123,"grpc":"127.0.0.1:7001","metrics":"127.0.0.1:7101"}"#;
+        let line = r#"{"event":"ready","node":1,"pid":123,"grpc":"127.0.0.1:7001","metrics":"127.0.0.1:7101","resp":"127.0.0.1:7201"}"#;
         let ready = parse_ready(line).unwrap().unwrap();
         assert_eq!(
             ready,
@@ -458,12 +466,13 @@ mod tests {
                 node: 1,
                 pid: 123,
                 grpc: "127.0.0.1:7001".into(),
-                metrics: "127.0.0.1:7101".into()
+                metrics: "127.0.0.1:7101".into(),
+                resp: Some("127.0.0.1:7201".into()),
             }
         );
         assert_eq!(
             serde_json::to_string(&ready).unwrap(),
-            r#"{"node":1,"pid":123,"grpc":"127.0.0.1:7001","metrics":"127.0.0.1:7101"}"#
+            r#"{"node":1,"pid":123,"grpc":"127.0.0.1:7001","metrics":"127.0.0.1:7101","resp":"127.0.0.1:7201"}"#
         );
         // Other output is skipped.
         assert_eq!(parse_ready("starting up").unwrap(), None);
@@ -485,6 +494,8 @@ mod tests {
                 "127.0.0.1:7001",
                 "--metrics-addr",
                 "127.0.0.1:7101",
+                "--resp-addr",
+                "127.0.0.1:7201",
                 "--data-dir",
                 "/tmp/rc/node-1",
                 "--partitions",
@@ -502,6 +513,8 @@ mod tests {
                 "127.0.0.1:7003",
                 "--metrics-addr",
                 "127.0.0.1:7103",
+                "--resp-addr",
+                "127.0.0.1:7203",
                 "--data-dir",
                 "/tmp/rc/node-3",
                 "--join",

@@ -229,6 +229,13 @@ impl Cache for Service {
         Err(Status::unimplemented("not in this fake"))
     }
 
+    async fn resp(
+        &self,
+        _: Request<raftcache_proto::v1::RespRequest>,
+    ) -> Result<Response<raftcache_proto::v1::RespResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
     type WatchStream = mpsc::UnboundedReceiver<Result<WatchEvent, Status>>;
 
     async fn watch(&self, r: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {

@@ -1137,7 +1137,12 @@ impl ClusterNode {
     /// # Errors
     ///
     /// `NotLeader`, `Unavailable`, and the errors of the Raft write.
-    pub async fn flush_partition(&self, p: PartitionId, chunk: usize, rounds: usize) -> Result<u64> {
+    pub async fn flush_partition(
+        &self,
+        p: PartitionId,
+        chunk: usize,
+        rounds: usize,
+    ) -> Result<u64> {
         let engine = self.data_engine()?;
         let mut removed = 0;
         for _ in 0..rounds {

@@ -82,6 +82,8 @@ pub struct CacheService {
     node: Arc<ClusterNode>,
     /// Every keyed request is counted here (`Stats.hot_keys`, metrics).
     hot: Arc<HotKeys>,
+    /// Runs Redis commands forwarded by other nodes' RESP listeners (`Resp`).
+    resp: Option<Arc<crate::resp::Frontend>>,
 }
 
 impl CacheService {
@@ -90,7 +92,45 @@ impl CacheService {
         CacheService {
             node,
             hot: Arc::new(HotKeys::new()),
+            resp: None,
         }
+    }
+
+    /// Serves `Resp` with `frontend`.
+    pub fn set_resp(&mut self, frontend: Arc<crate::resp::Frontend>) {
+        self.resp = Some(frontend);
+    }
+
+    async fn do_resp(
+        &self,
+        r: raftcache_proto::v1::RespRequest,
+    ) -> Result<raftcache_proto::v1::RespResponse> {
+        use crate::resp::codec::Protocol;
+        let frontend = self
+            .resp
+            .as_ref()
+            .ok_or_else(|| NodeError::Unavailable("no RESP front end on this node".into()))?;
+        let protocol = match r.protocol {
+            2 => Protocol::Resp2,
+            3 => Protocol::Resp3,
+            other => {
+                return Err(NodeError::InvalidArgument(format!(
+                    "protocol {other} is neither 2 nor 3"
+                )))
+            }
+        };
+        let request = r.request.filter(|q| q.client != 0).map(|q| RequestId {
+            client: q.client,
+            seq: q.seq,
+        });
+        let route = r.route.as_ref();
+        let reply = frontend
+            .run_forwarded(route.map(|r| r.partition), &r.args, protocol, request)
+            .await
+            .map_err(|e| self.epoch_aware(route, e))?;
+        Ok(raftcache_proto::v1::RespResponse {
+            reply: crate::resp::codec::encode_to_bytes(&reply, protocol),
+        })
     }
 
     /// The hot-key tracker the handlers feed (for the metrics endpoint).
@@ -672,6 +712,14 @@ impl Cache for CacheService {
             t,
             self.do_release_lease(req.into_inner()).await,
         )
+    }
+
+    async fn resp(
+        &self,
+        req: Request<raftcache_proto::v1::RespRequest>,
+    ) -> tonic::Result<Response<raftcache_proto::v1::RespResponse>> {
+        let t = Instant::now();
+        reply("resp", t, self.do_resp(req.into_inner()).await)
     }
 
     type WatchStream = crate::watch::EventStream;

@@ -175,6 +175,15 @@ pub enum RedisOp {
         /// The new deadline, or `None` to persist.
         expire_at_ms: Option<u64>,
     },
+    /// `EXPIRE … NX|XX|GT|LT`: [`Command::Expire`] with a deadline, applied only when
+    /// `condition` holds for the live key's current deadline (none counts as infinite,
+    /// as in Redis); the outcome is [`Outcome::Expire`].
+    ExpireIf {
+        /// The new deadline (one `<= now_ms` deletes the key).
+        expire_at_ms: u64,
+        /// The condition.
+        condition: ExpireCondition,
+    },
     /// `APPEND`: appends `suffix` to the live value (a missing key counts as empty),
     /// keeping its deadline, unless the result would be longer than `max_len` bytes.
     Append {
@@ -186,6 +195,36 @@ pub enum RedisOp {
     },
 }
 
+/// The condition of [`RedisOp::ExpireIf`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExpireCondition {
+    /// `NX`: the key has no deadline.
+    NoDeadline,
+    /// `XX`: the key has a deadline.
+    HasDeadline,
+    /// `GT`: the new deadline is later than the current one (none: never).
+    Later,
+    /// `LT`: the new deadline is earlier than the current one (none: always).
+    Earlier,
+    /// `XX LT`: the key has a deadline and the new one is earlier.
+    EarlierDeadline,
+}
+
+impl ExpireCondition {
+    /// Whether a key with deadline `current` may get `new`.
+    pub fn holds(self, current: Option<u64>, new: u64) -> bool {
+        match (self, current) {
+            (ExpireCondition::NoDeadline, c) => c.is_none(),
+            (ExpireCondition::HasDeadline, c) => c.is_some(),
+            (ExpireCondition::Later, None) => false,
+            (ExpireCondition::Later, Some(c)) => new > c,
+            (ExpireCondition::Earlier, None) => true,
+            (ExpireCondition::Earlier | ExpireCondition::EarlierDeadline, Some(c)) => new < c,
+            (ExpireCondition::EarlierDeadline, None) => false,
+        }
+    }
+}
+
 impl RedisOp {
     /// The Redis command's name, for logs.
     pub fn name(&self) -> &'static str {
@@ -193,6 +232,7 @@ impl RedisOp {
             RedisOp::Set { .. } => "set",
             RedisOp::GetDel => "getdel",
             RedisOp::GetEx { .. } => "getex",
+            RedisOp::ExpireIf { .. } => "expire-if",
             RedisOp::Append { .. } => "append",
         }
     }

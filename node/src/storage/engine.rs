@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::evict::{Candidate, EvictionPool};
 use super::mem::entry_cost;
 use super::{
-    CdcChange, Clock, Command, Condition, EntryView, EvictionPolicy, Op, Outcome, RedisOp, PartitionId,
-    PartitionState, RequestId, StorageConfig, StorageError,
+    CdcChange, Clock, Command, Condition, EntryView, EvictionPolicy, ExpireCondition, Op, Outcome,
+    PartitionId, PartitionState, RedisOp, RequestId, StorageConfig, StorageError,
 };
 
 /// The longest TTL accepted: 100 Julian years, in ms.
@@ -145,6 +145,8 @@ pub enum RedisWrite {
     Expire {
         /// The new expiry.
         expiry: Expiry,
+        /// `NX`/`XX`/`GT`/`LT`, if given.
+        condition: Option<ExpireCondition>,
     },
     /// `APPEND` (the result is limited to `max_value_bytes`).
     Append {
@@ -472,10 +474,17 @@ impl Engine {
                     RedisWrite::GetEx { expiry } => RedisOp::GetEx {
                         expire_at_ms: redis_deadline(now_ms, expiry)?,
                     },
-                    RedisWrite::Expire { expiry } => {
-                        let cmd = Command::Expire {
-                            expire_at_ms: redis_deadline(now_ms, expiry)?,
-                            key,
+                    RedisWrite::Expire { expiry, condition } => {
+                        let expire_at_ms = redis_deadline(now_ms, expiry)?;
+                        let cmd = match (condition, expire_at_ms) {
+                            (Some(condition), Some(expire_at_ms)) => Command::Redis {
+                                key,
+                                op: RedisOp::ExpireIf {
+                                    expire_at_ms,
+                                    condition,
+                                },
+                            },
+                            _ => Command::Expire { key, expire_at_ms },
                         };
                         return Ok(Op { now_ms, cmd });
                     }
@@ -586,6 +595,13 @@ impl Engine {
     pub fn partition_len(&self, p: PartitionId) -> Option<u64> {
         let partition = self.partition(p).ok()?;
         Some(partition.len.load(Ordering::Relaxed) as u64)
+    }
+
+    /// How many entries of partition `p` have a deadline.
+    pub fn partition_expires(&self, p: PartitionId) -> Option<u64> {
+        let partition = self.partition(p).ok()?;
+        let n = lock(&partition.state).ttl_len();
+        Some(n as u64)
     }
 
     /// Up to `max` keys of partition `p` (live or expired), in storage order.
@@ -1074,20 +1090,16 @@ fn stored_size(cmd: &Command) -> Option<u64> {
     }
 }
 
-/// The deadline of an [`Expiry`]: as [`deadline`] for a relative one; an absolute one
-/// at most [`MAX_TTL_MS`] ahead.
+/// The deadline of an [`Expiry`], at most [`MAX_TTL_MS`] ahead.
 fn redis_deadline(now_ms: u64, expiry: Expiry) -> Result<Option<u64>, StorageError> {
-    match expiry {
-        Expiry::Never => Ok(None),
-        Expiry::In(ttl_ms) => deadline(now_ms, Some(ttl_ms.max(1))),
-        Expiry::At(at_ms) if at_ms.saturating_sub(now_ms) > MAX_TTL_MS => {
-            Err(StorageError::TtlOutOfRange {
-                ttl_ms: at_ms - now_ms,
-                limit_ms: MAX_TTL_MS,
-            })
-        }
-        Expiry::At(at_ms) => Ok(Some(at_ms)),
-    }
+    // Redis accepts any deadline that fits an i64; one past MAX_TTL_MS is kept at
+    // MAX_TTL_MS (100 years), which no cache entry outlives.
+    let cap = now_ms.saturating_add(MAX_TTL_MS);
+    Ok(match expiry {
+        Expiry::Never => None,
+        Expiry::In(ttl_ms) => Some(now_ms.saturating_add(ttl_ms.clamp(1, MAX_TTL_MS))),
+        Expiry::At(at_ms) => Some(at_ms.min(cap)),
+    })
 }
 
 /// `now + ttl` as an absolute deadline; `None`/`Some(0)` mean no TTL.

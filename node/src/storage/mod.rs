@@ -92,8 +92,8 @@ use serde::{Deserialize, Serialize};
 pub use cdc::{CdcSnapshot, MAX_PREFIX_TOMBSTONES, MAX_TOMBSTONES};
 pub use clock::{clock_offset_ms, set_clock_offset_ms, Clock, ManualClock, SystemClock};
 pub use command::{
-    CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, Op, Outcome, RedisOp,
-    RedisOutcome,
+    CdcApplied, CdcChange, CdcError, Command, Condition, ExpireCondition, IncrError, Op, Outcome,
+    RedisOp, RedisOutcome,
 };
 pub use config::{EvictionPolicy, ParsePolicyError, StorageConfig};
 pub use engine::{

@@ -11,8 +11,8 @@ use proptest::prelude::*;
 
 use super::mem::entry_cost;
 use super::{
-    CdcApplied, CdcChange, CdcError, Command, Condition, IncrError, LeaseDecision, Op, Outcome,
-    PartitionId, PartitionState, RedisOp, RedisOutcome,
+    CdcApplied, CdcChange, CdcError, Command, Condition, ExpireCondition, IncrError, LeaseDecision,
+    Op, Outcome, PartitionId, PartitionState, RedisOp, RedisOutcome,
 };
 
 const KEYS: [&str; 5] = ["a", "b", "c", "dd", "eee"];
@@ -85,6 +85,8 @@ enum RStep {
     },
     GetDel,
     GetEx(Option<i64>),
+    /// A relative deadline and a condition (index into `EXPIRE_CONDITIONS`).
+    ExpireIf(i64, usize),
     /// A value to append and the length limit.
     Append(usize, u64),
 }
@@ -178,6 +180,28 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+const EXPIRE_CONDITIONS: [ExpireCondition; 5] = [
+    ExpireCondition::NoDeadline,
+    ExpireCondition::HasDeadline,
+    ExpireCondition::Later,
+    ExpireCondition::Earlier,
+    ExpireCondition::EarlierDeadline,
+];
+
+/// The reference rule of `EXPIRE`'s conditions, written from Redis's docs.
+fn model_expire_holds(c: ExpireCondition, current: Option<u64>, new: u64) -> bool {
+    let has = current.is_some();
+    // A key without a deadline has an infinite one.
+    let cur = current.unwrap_or(u64::MAX);
+    match c {
+        ExpireCondition::NoDeadline => !has,
+        ExpireCondition::HasDeadline => has,
+        ExpireCondition::Later => has && new > cur,
+        ExpireCondition::Earlier => new < cur,
+        ExpireCondition::EarlierDeadline => has && new < cur,
+    }
+}
+
 fn redis_step() -> impl Strategy<Value = RStep> {
     let cond = prop_oneof![
         Just(Cond::Always),
@@ -185,16 +209,21 @@ fn redis_step() -> impl Strategy<Value = RStep> {
         Just(Cond::IfPresent),
     ];
     prop_oneof![
-        (0..VALUES.len(), prop::option::of(-5i64..40), any::<bool>(), cond).prop_map(
-            |(value, ttl, keep_ttl, condition)| RStep::Set {
+        (
+            0..VALUES.len(),
+            prop::option::of(-5i64..40),
+            any::<bool>(),
+            cond
+        )
+            .prop_map(|(value, ttl, keep_ttl, condition)| RStep::Set {
                 value,
                 ttl,
                 keep_ttl,
                 condition
-            }
-        ),
+            }),
         Just(RStep::GetDel),
         prop::option::of(-5i64..40).prop_map(RStep::GetEx),
+        (-5i64..40, 0..EXPIRE_CONDITIONS.len()).prop_map(|(t, c)| RStep::ExpireIf(t, c)),
         (0..VALUES.len(), 0u64..40).prop_map(|(v, max)| RStep::Append(v, max)),
     ]
 }
@@ -342,6 +371,7 @@ impl Model {
             | (Command::Delete { key }, _)
             | (Command::Incr { key, .. }, Outcome::Incr(Ok(_)))
             | (Command::Expire { key, .. }, Outcome::Expire(true))
+            | (Command::Redis { key, .. }, Outcome::Expire(true))
             | (
                 Command::Redis { key, .. },
                 Outcome::Redis(
@@ -548,6 +578,25 @@ impl Model {
                         };
                         self.apply_inner(index, &expire);
                         Outcome::Redis(RedisOutcome::Value(old))
+                    }
+                    RedisOp::ExpireIf {
+                        expire_at_ms,
+                        condition,
+                    } => {
+                        let current = self.map.get(key.as_ref()).map(|e| e.2);
+                        match current {
+                            Some(d) if model_expire_holds(*condition, d, *expire_at_ms) => {
+                                let expire = Op {
+                                    now_ms: now,
+                                    cmd: Command::Expire {
+                                        key: key.clone(),
+                                        expire_at_ms: Some(*expire_at_ms),
+                                    },
+                                };
+                                self.apply_inner(index, &expire)
+                            }
+                            _ => Outcome::Expire(false),
+                        }
                     }
                     RedisOp::Append { suffix, .. } => {
                         let cur = self.map.get(key.as_ref()).cloned();
@@ -812,6 +861,10 @@ fn to_op(step: &Step, model: &Model, now: u64) -> Option<Op> {
                 RStep::GetDel => RedisOp::GetDel,
                 RStep::GetEx(ttl) => RedisOp::GetEx {
                     expire_at_ms: deadline(now, *ttl),
+                },
+                RStep::ExpireIf(ttl, c) => RedisOp::ExpireIf {
+                    expire_at_ms: deadline(now, Some(*ttl)).unwrap_or(now),
+                    condition: EXPIRE_CONDITIONS[*c],
                 },
                 RStep::Append(v, max_len) => RedisOp::Append {
                     suffix: Bytes::from_static(VALUES[*v].as_bytes()),

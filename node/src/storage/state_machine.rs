@@ -584,8 +584,7 @@ impl PartitionState {
         state
     }
 
-    /// Number of entries in the TTL index.
-    #[cfg(test)]
+    /// Number of entries in the TTL index (keys with a deadline).
     pub(crate) fn ttl_len(&self) -> usize {
         self.ttl.len()
     }
@@ -847,7 +846,13 @@ impl PartitionState {
                     condition: *condition,
                     source_lsn: 0,
                 };
-                let mut plan = self.plan(key, &Op { now_ms: now, cmd: set });
+                let mut plan = self.plan(
+                    key,
+                    &Op {
+                        now_ms: now,
+                        cmd: set,
+                    },
+                );
                 if let Outcome::Set {
                     applied, version, ..
                 } = plan.outcome
@@ -871,6 +876,35 @@ impl PartitionState {
                 },
                 RedisOutcome::Value(old),
             ),
+            RedisOp::ExpireIf {
+                expire_at_ms,
+                condition,
+            } => {
+                if !live.is_some_and(|e| condition.holds(e.expire_at_ms, *expire_at_ms)) {
+                    // Nothing changes but the drop of an expired entry, as for any op.
+                    let expire = Op {
+                        now_ms: now,
+                        cmd: Command::Expire {
+                            key: key.clone(),
+                            expire_at_ms: None,
+                        },
+                    };
+                    let mut plan = self.plan(key, &expire);
+                    plan.effect = Effect::Keep;
+                    plan.outcome = Outcome::Expire(false);
+                    return plan;
+                }
+                return self.plan(
+                    key,
+                    &Op {
+                        now_ms: now,
+                        cmd: Command::Expire {
+                            key: key.clone(),
+                            expire_at_ms: Some(*expire_at_ms),
+                        },
+                    },
+                );
+            }
             RedisOp::Append { suffix, max_len } => {
                 let len = old.as_ref().map_or(0, Bytes::len) + suffix.len();
                 if len as u64 > *max_len {

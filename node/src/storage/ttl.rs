@@ -42,7 +42,6 @@ impl TtlIndex {
     }
 
     /// Number of keys with a deadline.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.by_deadline.len()
     }
