@@ -65,6 +65,8 @@ pub struct NodeProc {
     pub grpc: SocketAddr,
     /// The node's metrics address.
     pub metrics: SocketAddr,
+    /// The node's RESP (Redis protocol) address, when started with `--resp-addr`.
+    pub resp: Option<SocketAddr>,
     /// The process id.
     pub pid: u32,
     /// The node id from the ready line (0 for a standby node).
@@ -149,6 +151,10 @@ impl NodeProc {
                     node_id: v["node"].as_u64().unwrap_or(0),
                     grpc: addr("grpc")?,
                     metrics: addr("metrics")?,
+                    resp: match v.get("resp") {
+                        Some(_) => Some(addr("resp")?),
+                        None => None,
+                    },
                     pid: child.id(),
                     child: Some(child),
                     log,
