@@ -1251,6 +1251,9 @@ impl ClusterNode {
                 if !group.is_leader() {
                     return Err(self.not_leader(p, group.leader()));
                 }
+                if policy == ReadPolicy::LeaseRead && group.lease_read_ready() {
+                    return Ok(());
+                }
                 group
                     .ensure_linearizable(policy)
                     .await

@@ -37,6 +37,10 @@ pub const HEARTBEAT: Duration = Duration::from_millis(100);
 const OPENRAFT_HEARTBEAT_MS: u64 = 190;
 const ELECTION_MIN_MS: u64 = 200;
 const ELECTION_MAX_MS: u64 = 400;
+/// How recent a quorum acknowledgement must be for [`Group::lease_read_ready`]: half
+/// of openraft's leader lease (`ELECTION_MAX_MS`), leaving the rest for clock rate
+/// differences and the time the metrics take to be published.
+const LEASE_READ_FAST: Duration = Duration::from_millis(ELECTION_MAX_MS / 2);
 /// Log entries after which a snapshot is built and the log before it purged. Small, so
 /// that a memory-only log never holds much beyond the data itself.
 const SNAPSHOT_EVERY: u64 = 300;
@@ -266,6 +270,44 @@ impl Group {
     /// Whether this replica leads the group now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    /// Whether a lease read may be served at once from what openraft last published,
+    /// without a round trip to the group's core: this replica leads, it alone is a
+    /// quorum or a quorum acknowledged it less than [`LEASE_READ_FAST`] ago (half the
+    /// leader lease, `ELECTION_MAX_MS`), and it has applied everything committed,
+    /// including an entry of its own term (so every entry of earlier terms; writes are
+    /// acknowledged only once applied here). Published metrics lag the core, which only
+    /// makes them older: a deposed leader whose last quorum acknowledgement is that
+    /// recent is still inside the lease during which no other leader can be elected.
+    /// When this says no, the caller asks the core
+    /// ([`ensure_linearizable`](Self::ensure_linearizable)).
+    pub fn lease_read_ready(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        if m.state != ServerState::Leader || m.current_leader != Some(m.id) {
+            return false;
+        }
+        let Some(applied) = &m.last_applied else {
+            return false;
+        };
+        // Everything committed, by a quorum or locally, is applied.
+        let committed = [&m.cluster_committed, &m.local_committed]
+            .into_iter()
+            .flatten()
+            .map(|c| c.index)
+            .max()
+            .unwrap_or(0);
+        if applied.index < committed || applied.leader_id.term != m.current_term {
+            return false;
+        }
+        let mut voters = m.membership_config.membership().voter_ids();
+        if voters.next() == Some(m.id) && voters.next().is_none() {
+            return true;
+        }
+        m.last_quorum_acked
+            .as_ref()
+            .is_some_and(|at| openraft::Instant::elapsed(&**at) < LEASE_READ_FAST)
     }
 
     /// The current leader's replica id and address, if known.
