@@ -134,6 +134,18 @@ fn dev_starts_a_node_and_stops_it_on_sigterm() {
     assert_eq!(code, 0, "{err}");
     let (_, out, _) = cli(&bins, &grpc, &["get", "tour"]);
     assert_eq!(out, "hello\n");
+    // Every dev node speaks RESP too, and sees what gRPC wrote.
+    let resp = node["resp"]
+        .as_str()
+        .expect("dev prints each node's resp address");
+    let mut stream = std::net::TcpStream::connect(resp).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(&mut stream, b"*2\r\n$3\r\nGET\r\n$4\r\ntour\r\n").unwrap();
+    let mut reply = [0u8; 64];
+    let n = std::io::Read::read(&mut stream, &mut reply).unwrap();
+    assert_eq!(&reply[..n], b"$5\r\nhello\r\n");
     let (_, out, _) = cli(&bins, &grpc, &["stats", "--json"]);
     assert!(out.contains(&(32u64 << 20).to_string()), "{out}");
 
