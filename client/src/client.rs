@@ -822,8 +822,7 @@ impl Client {
     pub async fn stats(&self) -> Result<Vec<NodeStats>> {
         let topology = self.topology();
         let config = &self.inner.config;
-        let listed = topology.map.nodes.len().min(topology.nodes.len());
-        try_join_all(topology.nodes[..listed].iter().map(|node| async move {
+        try_join_all(topology.map_nodes().iter().map(|node| async move {
             let s = call(
                 config,
                 node.channel.clone(),
@@ -873,7 +872,7 @@ impl Client {
         Ok(r.reply)
     }
 
-    /// Runs a node-wide Redis command (`DBSIZE`, `FLUSHALL`) on every node of the
+    /// Runs a node-wide Redis command (`RAFTCACHE.KEYSPACE`, `FLUSHALL`) on every node of the
     /// cached map except `skip` (the caller itself), all at once: each answers for the
     /// partitions it leads. One result per node, with its address.
     pub async fn resp_nodes(
@@ -884,9 +883,9 @@ impl Client {
     ) -> Vec<(String, Result<Bytes>)> {
         let topology = self.topology();
         let config = &self.inner.config;
-        let listed = topology.map.nodes.len().min(topology.nodes.len());
         join_all(
-            topology.nodes[..listed]
+            topology
+                .map_nodes()
                 .iter()
                 .filter(|node| node.info.addr != skip)
                 .map(|node| async move {
@@ -920,13 +919,12 @@ impl Client {
     pub async fn snapshot(&self, partition: Option<u32>) -> Result<Vec<NodeSnapshots>> {
         let topology = self.topology();
         let config = &self.inner.config;
-        let listed = topology.map.nodes.len().min(topology.nodes.len());
         // Writing a large partition takes longer than a request timeout.
         let limit = Limit {
             wait: SNAPSHOT_TIMEOUT,
             reported: SNAPSHOT_TIMEOUT,
         };
-        let answers = join_all(topology.nodes[..listed].iter().map(|node| async move {
+        let answers = join_all(topology.map_nodes().iter().map(|node| async move {
             let client = AdminClient::new(node.channel.clone())
                 .max_decoding_message_size(config.max_message_bytes);
             let r = bounded(limit, v1::SnapshotRequest { partition }, |r| async move {

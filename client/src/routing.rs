@@ -296,6 +296,12 @@ pub(crate) struct Topology {
 }
 
 impl Topology {
+    /// The nodes of the map (without those only a `NOT_LEADER` hint named): where a
+    /// call to every node goes.
+    pub(crate) fn map_nodes(&self) -> &[Node] {
+        &self.nodes[..self.map.nodes.len().min(self.nodes.len())]
+    }
+
     /// Builds the routing table of `map`, taking channels from `pool` and reusing
     /// `previous`'s ring when the shape is unchanged.
     ///

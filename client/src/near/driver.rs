@@ -355,8 +355,7 @@ async fn watch(
 /// Fetches the hot keys of every node in `topology` and installs their union (kept
 /// as it was when no node answers).
 async fn refresh_hot(shared: Arc<Shared>, topology: Arc<Topology>, timeout: Duration) {
-    let listed = topology.map.nodes.len().min(topology.nodes.len());
-    let answers = futures::future::join_all(topology.nodes[..listed].iter().map(|node| {
+    let answers = futures::future::join_all(topology.map_nodes().iter().map(|node| {
         let mut client = CacheClient::new(node.channel.clone());
         async move {
             let mut request = Request::new(v1::StatsRequest {});

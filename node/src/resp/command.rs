@@ -369,6 +369,11 @@ fn upper(arg: &[u8]) -> Cow<'_, str> {
     }
 }
 
+/// Lower-cased ASCII of a command name, subcommand or section (lossy UTF-8).
+fn lowercase(arg: &[u8]) -> String {
+    String::from_utf8_lossy(arg).to_ascii_lowercase()
+}
+
 fn key_cmd(key: &Bytes, op: KeyOp) -> Result<Cmd, Reply> {
     Ok(Cmd::Key {
         key: key.clone(),
@@ -391,7 +396,7 @@ pub fn parse(args: &[Bytes]) -> Result<Cmd, Reply> {
     if name.eq_ignore_ascii_case(b"set") {
         return parse_set(args);
     }
-    let lower = upper(name).to_ascii_lowercase();
+    let lower = lowercase(name);
     let n = args.len();
     let arity = |want: usize| -> Result<(), Reply> {
         if n == want {
@@ -436,12 +441,7 @@ pub fn parse(args: &[Bytes]) -> Result<Cmd, Reply> {
         }
         "client" => parse_client(args),
         "command" => parse_command_cmd(args),
-        "info" => Ok(Cmd::Info(
-            args[1..]
-                .iter()
-                .map(|a| upper(a).to_ascii_lowercase())
-                .collect(),
-        )),
+        "info" => Ok(Cmd::Info(args[1..].iter().map(|a| lowercase(a)).collect())),
         "dbsize" => {
             arity(1)?;
             Ok(Cmd::DbSize)
@@ -470,10 +470,7 @@ pub fn parse(args: &[Bytes]) -> Result<Cmd, Reply> {
             if args[1].eq_ignore_ascii_case(b"get") {
                 at_least(3)?;
                 Ok(Cmd::ConfigGet(
-                    args[2..]
-                        .iter()
-                        .map(|a| upper(a).to_ascii_lowercase())
-                        .collect(),
+                    args[2..].iter().map(|a| lowercase(a)).collect(),
                 ))
             } else {
                 Ok(Cmd::ConfigOther)
@@ -817,12 +814,7 @@ fn parse_command_cmd(args: &[Bytes]) -> Result<Cmd, Reply> {
     let Some(sub) = args.get(1) else {
         return Ok(Cmd::Command(CommandSub::Info(Vec::new())));
     };
-    let names = || {
-        args[2..]
-            .iter()
-            .map(|a| upper(a).to_ascii_lowercase())
-            .collect()
-    };
+    let names = || args[2..].iter().map(|a| lowercase(a)).collect();
     match upper(sub).as_ref() {
         "COUNT" => Ok(Cmd::Command(CommandSub::Count)),
         "DOCS" => Ok(Cmd::Command(CommandSub::Docs)),

@@ -139,17 +139,30 @@ fn keyspace_reply((keys, expires): (u64, u64)) -> Reply {
 
 /// Reads a RESP2-encoded `RAFTCACHE.KEYSPACE` reply: `*2\r\n:k\r\n:e\r\n`.
 fn parse_keyspace(raw: &[u8]) -> Option<(u64, u64)> {
-    let body = raw.strip_prefix(b"*2\r\n")?;
-    let mut ints = body
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| raw_int(&[l, b"\n"].concat()));
-    let keys = ints.next()??;
-    let expires = ints.next()??;
-    Some((u64::try_from(keys).ok()?, u64::try_from(expires).ok()?))
+    let text = std::str::from_utf8(raw).ok()?;
+    let ints = text.strip_prefix("*2\r\n:")?.strip_suffix("\r\n")?;
+    let (keys, expires) = ints.split_once("\r\n:")?;
+    Some((keys.parse().ok()?, expires.parse().ok()?))
 }
 
-/// The integer of an encoded `:n` reply (a forwarded `DEL`/`EXISTS`/`DBSIZE`).
+/// The sum of the `:n` replies of a multi-key `DEL` or `EXISTS` run key by key; the
+/// first other reply (an error) instead.
+fn sum_counts(replies: Vec<Reply>) -> Reply {
+    let mut total = 0;
+    for r in replies {
+        match r {
+            Reply::Int(n) => total += n,
+            Reply::Raw(raw) => match raw_int(&raw) {
+                Some(n) => total += n,
+                None => return Reply::Raw(raw),
+            },
+            other => return other,
+        }
+    }
+    Reply::Int(total)
+}
+
+/// The integer of an encoded `:n` reply (a forwarded `DEL`/`EXISTS`).
 fn raw_int(raw: &[u8]) -> Option<i64> {
     let body = raw.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
     command::parse_int(body)
@@ -223,22 +236,13 @@ impl Frontend {
             .await
     }
 
-    /// Whether `cmd` is a single-key command (may run concurrently with the other
-    /// commands of a pipeline that do not touch its key), and its key and kind.
-    pub fn key_of(cmd: &Cmd) -> Option<(&Bytes, bool)> {
-        match cmd {
-            Cmd::Key { key, op } => Some((key, op.is_write())),
-            _ => None,
-        }
-    }
-
     /// Runs one command of a connection. `args` are the command as sent (forwarded
     /// as they are when the key is led elsewhere).
     pub async fn run(&self, conn: &mut Conn, cmd: Cmd, args: &[Bytes]) -> Reply {
         let protocol = conn.protocol;
         match cmd {
             Cmd::Key { key, op } => self.run_key(&key, &op, args, protocol).await,
-            other => self.run_other(conn, other, args).await,
+            other => self.run_other(conn, other).await,
         }
     }
 
@@ -279,14 +283,12 @@ impl Frontend {
             Ok(p) => p,
             Err(e) => return error_reply(&e),
         };
-        self.hot.record(p, key);
-        if self.node.leads(p) {
-            match self.run_local(PartitionId(p), key, op, None).await {
-                Ok(reply) => return reply,
-                // Leadership moved since the check: the client finds the new leader.
-                Err(NodeError::NotLeader { .. }) => {}
-                Err(e) => return error_reply(&e),
-            }
+        // The local run checks leadership itself (the read or write it makes would);
+        // when this node does not lead, the client finds the leader.
+        match self.run_local(PartitionId(p), key, op, None).await {
+            Ok(reply) => return reply,
+            Err(NodeError::NotLeader { .. }) => {}
+            Err(e) => return error_reply(&e),
         }
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let client = match self.client().await {
@@ -319,7 +321,6 @@ impl Frontend {
         &self,
         route: Option<u32>,
         args: &[Bytes],
-        _protocol: Protocol,
         request: Option<RequestId>,
     ) -> Result<Reply, NodeError> {
         let cmd = match command::parse(args) {
@@ -334,24 +335,39 @@ impl Frontend {
                         "key belongs to partition {expected}, not {p}"
                     )));
                 }
-                self.hot.record(p, &key);
                 self.run_local(PartitionId(p), &key, &op, request).await
             }
-            (None, Cmd::DbSize) => Ok(Reply::Int(self.local_keyspace().0 as i64)),
             (None, Cmd::Keyspace) => Ok(keyspace_reply(self.local_keyspace())),
             (None, Cmd::FlushAll) if self.settings.allow_flushall => {
                 self.local_flush().await;
                 Ok(Reply::Ok)
             }
             _ => Err(NodeError::InvalidArgument(
-                "only single-key commands (with a route) and DBSIZE/FLUSHALL (without) are forwarded"
+                "only single-key commands (with a route) and RAFTCACHE.KEYSPACE/FLUSHALL (without) are forwarded"
                     .into(),
             )),
         }
     }
 
-    /// A single-key command on the local leader of `p`.
+    /// A single-key command on the local leader of `p` (`NotLeader` when this node
+    /// does not lead it): the one place a RESP command is counted for the hot-key
+    /// tracker, on the node that runs it, not on the one that forwards it.
     async fn run_local(
+        &self,
+        p: PartitionId,
+        key: &Bytes,
+        op: &KeyOp,
+        request: Option<RequestId>,
+    ) -> Result<Reply, NodeError> {
+        let reply = self.execute(p, key, op, request).await;
+        if reply.is_ok() {
+            self.hot.record(p.0, key);
+        }
+        reply
+    }
+
+    /// [`run_local`](Self::run_local) without the count.
+    async fn execute(
         &self,
         p: PartitionId,
         key: &Bytes,
@@ -506,7 +522,7 @@ impl Frontend {
     }
 
     /// Commands that are not single-key.
-    async fn run_other(&self, conn: &mut Conn, cmd: Cmd, args: &[Bytes]) -> Reply {
+    async fn run_other(&self, conn: &mut Conn, cmd: Cmd) -> Reply {
         let protocol = conn.protocol;
         match cmd {
             Cmd::Ping(None) => Reply::Simple(Cow::Borrowed("PONG")),
@@ -629,43 +645,22 @@ impl Frontend {
                     .find(|r| matches!(r, Reply::Error(_)))
                     .unwrap_or(Reply::Ok)
             }
-            Cmd::Del(keys) | Cmd::Exists(keys) => {
-                let del = args
-                    .first()
-                    .is_some_and(|n| !n.eq_ignore_ascii_case(b"exists"));
-                let (name, op): (&'static [u8], KeyOp) = if del {
-                    (b"DEL", KeyOp::Del)
-                } else {
-                    (b"EXISTS", KeyOp::Exists)
-                };
-                // One key after the other for DEL (a key given twice counts once).
-                let mut total = 0;
-                let replies = if del {
-                    let mut out = Vec::with_capacity(keys.len());
-                    for k in &keys {
-                        let args = [Bytes::from_static(name), k.clone()];
-                        out.push(self.run_key(k, &op, &args, protocol).await);
-                    }
-                    out
-                } else {
-                    join_all(keys.iter().map(|k| {
-                        let args = [Bytes::from_static(name), k.clone()];
-                        let op = &op;
-                        async move { self.run_key(k, op, &args, protocol).await }
-                    }))
-                    .await
-                };
-                for r in replies {
-                    match r {
-                        Reply::Int(n) => total += n,
-                        Reply::Raw(raw) => match raw_int(&raw) {
-                            Some(n) => total += n,
-                            None => return Reply::Raw(raw),
-                        },
-                        other => return other,
-                    }
+            Cmd::Del(keys) => {
+                // One key after the other: a key given twice counts once.
+                let mut replies = Vec::with_capacity(keys.len());
+                for k in &keys {
+                    let args = [Bytes::from_static(b"DEL"), k.clone()];
+                    replies.push(self.run_key(k, &KeyOp::Del, &args, protocol).await);
                 }
-                Reply::Int(total)
+                sum_counts(replies)
+            }
+            Cmd::Exists(keys) => {
+                let replies = join_all(keys.iter().map(|k| async move {
+                    let args = [Bytes::from_static(b"EXISTS"), k.clone()];
+                    self.run_key(k, &KeyOp::Exists, &args, protocol).await
+                }))
+                .await;
+                sum_counts(replies)
             }
             Cmd::ConfigGet(patterns) => self.config_get(&patterns),
             Cmd::ConfigOther => Reply::error(

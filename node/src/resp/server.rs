@@ -205,25 +205,21 @@ async fn run_batch(
         if conn.quit {
             break;
         }
-        let cmd = command::parse(&args);
-        let keyed = match &cmd {
-            Ok(c) => Frontend::key_of(c).map(|(k, w)| (k.clone(), w)),
-            Err(_) => None,
-        };
-        match (cmd, keyed) {
-            (Ok(Cmd::Key { key, op }), Some((k, w))) => {
-                let conflict = touched.iter().any(|(t, tw)| *t == k && (w || *tw));
+        match command::parse(&args) {
+            Ok(Cmd::Key { key, op }) => {
+                let write = op.is_write();
+                let conflict = touched.iter().any(|(t, w)| *t == key && (write || *w));
                 if conflict || running.len() >= MAX_CONCURRENT {
                     finish(&mut running, &mut touched, protocol, wbuf).await;
                 }
-                touched.push((k, w));
+                touched.push((key.clone(), write));
                 running.push(Box::pin(async move {
                     frontend.run_key(&key, &op, &args, protocol).await
                 }));
             }
-            (cmd, _) => {
+            other => {
                 finish(&mut running, &mut touched, protocol, wbuf).await;
-                let reply = match cmd {
+                let reply = match other {
                     Ok(cmd) => frontend.run(conn, cmd, &args).await,
                     Err(reply) => reply,
                 };

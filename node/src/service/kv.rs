@@ -45,6 +45,14 @@ const MAX_LSN_WAIT: Duration = Duration::from_secs(10);
 /// Kept from the request's deadline so the "not reached" answer arrives before it.
 const LSN_WAIT_MARGIN: Duration = Duration::from_millis(100);
 
+/// A request's write id (`client` 0: none, the request is not deduplicated).
+fn request_id(r: Option<&raftcache_proto::v1::RequestId>) -> Option<RequestId> {
+    r.filter(|r| r.client != 0).map(|r| RequestId {
+        client: r.client,
+        seq: r.seq,
+    })
+}
+
 /// How long a `min_lsn` read may wait: the request's gRPC deadline (`grpc-timeout`)
 /// minus a margin, at most [`MAX_LSN_WAIT`]; [`DEFAULT_LSN_WAIT`] without one.
 fn lsn_wait(metadata: &tonic::metadata::MetadataMap) -> Duration {
@@ -119,13 +127,10 @@ impl CacheService {
                 )))
             }
         };
-        let request = r.request.filter(|q| q.client != 0).map(|q| RequestId {
-            client: q.client,
-            seq: q.seq,
-        });
+        let request = request_id(r.request.as_ref());
         let route = r.route.as_ref();
         let reply = frontend
-            .run_forwarded(route.map(|r| r.partition), &r.args, protocol, request)
+            .run_forwarded(route.map(|r| r.partition), &r.args, request)
             .await
             .map_err(|e| self.epoch_aware(route, e))?;
         Ok(raftcache_proto::v1::RespResponse {
@@ -234,10 +239,7 @@ impl CacheService {
         request: Option<&raftcache_proto::v1::RequestId>,
     ) -> Result<Outcome> {
         let p = self.route(route)?;
-        let request = request.filter(|r| r.client != 0).map(|r| RequestId {
-            client: r.client,
-            seq: r.seq,
-        });
+        let request = request_id(request);
         self.node
             .write_once(p, req, request)
             .await
