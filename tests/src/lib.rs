@@ -516,6 +516,26 @@ pub async fn wait_status(
     bail!("cluster not {what} within {timeout:?}; last status: {last:?}")
 }
 
+/// A client of `endpoints`, once the cluster is [`settled`] (`partitions` partitions,
+/// each with `voters` voters, no learner and a leader) within `timeout`.
+///
+/// # Errors
+/// When the client cannot connect or the cluster does not settle in time.
+pub async fn connect_settled(
+    endpoints: Vec<String>,
+    partitions: usize,
+    voters: usize,
+    timeout: Duration,
+) -> Result<raftcache_client::Client> {
+    let client =
+        raftcache_client::Client::connect(raftcache_client::ClientConfig::new(endpoints)).await?;
+    wait_status(&client, timeout, "settled", |s| {
+        settled(s, partitions, voters)
+    })
+    .await?;
+    Ok(client)
+}
+
 /// Whether every one of `partitions` partitions has a leader, exactly `voters` voters
 /// and no learners.
 pub fn settled(s: &raftcache_client::ClusterStatus, partitions: usize, voters: usize) -> bool {

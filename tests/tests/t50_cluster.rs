@@ -19,7 +19,7 @@ use raftcache_proto::v1::{
     Consistency as WireConsistency, ErrorCode, ErrorDetail, GetRequest, Route,
 };
 use raftcache_tests::{
-    bins, run_cli, runtime, settled, signal, wait_status, Bins, Cluster, NodeProc,
+    bins, connect_settled, run_cli, runtime, settled, signal, wait_status, Bins, Cluster, NodeProc,
 };
 
 const PARTITIONS: usize = 16;
@@ -158,15 +158,9 @@ async fn raw_get(
 /// Three nodes, every partition with 3 voters and a leader, and a client of them.
 fn settled_cluster(bins: &Bins, rt: &tokio::runtime::Runtime) -> (Cluster, Client) {
     let cluster = Cluster::start(bins, 3, &[]).unwrap();
-    let client = rt.block_on(async {
-        let client = Client::connect(ClientConfig::new(cluster.endpoints()))
-            .await
-            .unwrap();
-        wait_status(&client, SETTLE, "settled", |s| settled(s, PARTITIONS, 3))
-            .await
-            .unwrap();
-        client
-    });
+    let client = rt
+        .block_on(connect_settled(cluster.endpoints(), PARTITIONS, 3, SETTLE))
+        .unwrap();
     (cluster, client)
 }
 

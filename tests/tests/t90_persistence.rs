@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
-use raftcache_client::{Client, ClientConfig, Consistency, ReadOptions, SetOptions, Value};
+use raftcache_client::{Client, Consistency, ReadOptions, SetOptions, Value};
 use raftcache_proto::v1::cache_client::CacheClient;
 use raftcache_proto::v1::{Consistency as WireConsistency, KeyRef, MGetRequest, Route};
 use raftcache_tests::{
@@ -91,13 +91,9 @@ fn start_all(bins: &Bins, slots: &[Slot]) -> Vec<NodeProc> {
 
 async fn connect_settled(slots: &[Slot], voters: usize) -> Client {
     let endpoints: Vec<String> = slots.iter().map(|s| s.addr.to_string()).collect();
-    let client = Client::connect(ClientConfig::new(endpoints)).await.unwrap();
-    wait_status(&client, SETTLE, "settled", |s| {
-        settled(s, PARTITIONS, voters)
-    })
-    .await
-    .unwrap();
-    client
+    raftcache_tests::connect_settled(endpoints, PARTITIONS, voters, SETTLE)
+        .await
+        .unwrap()
 }
 
 /// SIGTERMs every node at once and checks that each exits 0 after writing its
@@ -734,13 +730,9 @@ const LONE: [&str; 6] = [
 
 /// A client of the lone node at `addr`, once its partitions have leaders.
 async fn lone_client(addr: &str) -> Client {
-    let client = Client::connect(ClientConfig::new([addr.to_owned()]))
+    raftcache_tests::connect_settled(vec![addr.to_owned()], 4, 1, SETTLE)
         .await
-        .unwrap();
-    wait_status(&client, SETTLE, "settled", |s| settled(s, 4, 1))
-        .await
-        .unwrap();
-    client
+        .unwrap()
 }
 
 /// Runs the node at `addr` on `data` with `flags` until it exits (it is expected to

@@ -14,7 +14,7 @@ use raftcache_proto::v1::admin_client::AdminClient;
 use raftcache_proto::v1::InjectFaultRequest;
 use raftcache_tests::cdc::CdcStack;
 use raftcache_tests::pg::exec;
-use raftcache_tests::{bins, runtime, settled, wait_status, Cluster};
+use raftcache_tests::{bins, connect_settled, runtime, Cluster};
 use std::time::{Duration, Instant};
 
 const PARTITIONS: usize = 8;
@@ -28,10 +28,7 @@ fn cluster(rt: &tokio::runtime::Runtime) -> (Cluster, Client, Client) {
     let flags = [&format!("--partitions={PARTITIONS}"), "--fault-injection"];
     let cluster = Cluster::start(&bins!(), 3, &flags).unwrap();
     let (plain, near) = rt.block_on(async {
-        let plain = Client::connect(ClientConfig::new(cluster.endpoints()))
-            .await
-            .unwrap();
-        wait_status(&plain, SETTLE, "settled", |s| settled(s, PARTITIONS, 3))
+        let plain = connect_settled(cluster.endpoints(), PARTITIONS, 3, SETTLE)
             .await
             .unwrap();
         let near = near_client(cluster.endpoints()).await;

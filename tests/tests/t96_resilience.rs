@@ -10,9 +10,9 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use raftcache_client::{Client, ClientConfig};
+use raftcache_client::Client;
 use raftcache_tests::{
-    bins, free_addr, output_within, runtime, settled, wait_status, Bins, Cluster, NodeProc,
+    bins, connect_settled, free_addr, output_within, runtime, Bins, Cluster, NodeProc,
 };
 use serde_json::Value as Json;
 use tempfile::TempDir;
@@ -87,13 +87,9 @@ fn start_cluster(bins: &Bins) -> Cluster {
 }
 
 async fn settle(endpoints: &[String]) -> Client {
-    let client = Client::connect(ClientConfig::new(endpoints.to_vec()))
+    connect_settled(endpoints.to_vec(), PARTITIONS, 3, SETTLE)
         .await
-        .unwrap();
-    wait_status(&client, SETTLE, "settled", |s| settled(s, PARTITIONS, 3))
-        .await
-        .unwrap();
-    client
+        .unwrap()
 }
 
 #[test]

@@ -16,9 +16,8 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use raftcache_client::{Client, ClientConfig};
 use raftcache_tests::{
-    bins, output_within, process_alive, rss_bytes, runtime, settled, wait_status, Cluster, NodeProc,
+    bins, connect_settled, output_within, process_alive, rss_bytes, runtime, Cluster, NodeProc,
 };
 
 /// One cluster at a time: each test runs three nodes and a busy client process.
@@ -35,13 +34,9 @@ fn start(extra: &[&str]) -> Cluster {
     let mut args = vec!["--partitions=8", "--resp-addr=127.0.0.1:0"];
     args.extend_from_slice(extra);
     let cluster = Cluster::start(&bins, 3, &args).expect("cluster starts");
-    let endpoints = cluster.endpoints();
-    runtime().block_on(async {
-        let client = Client::connect(ClientConfig::new(endpoints)).await.unwrap();
-        wait_status(&client, SETTLE, "settled", |s| settled(s, PARTITIONS, 3))
-            .await
-            .unwrap();
-    });
+    runtime()
+        .block_on(connect_settled(cluster.endpoints(), PARTITIONS, 3, SETTLE))
+        .unwrap();
     cluster
 }
 
