@@ -16,7 +16,7 @@ use crate::load::LoadOptions;
 use crate::stampede::{self, StampedeConfig, StampedeReport};
 use crate::{
     Client, ClientConfig, ClusterStatus, Condition, Consistency, Lsn, NodeSnapshots, NodeStats,
-    ReadOptions, SetOptions, Ttl, DEFAULT_ENDPOINT,
+    PgSnapshot, ReadOptions, SetOptions, Ttl, DEFAULT_ENDPOINT,
 };
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -102,8 +102,14 @@ enum ClientCommand {
         keep_ttl: bool,
         /// A cache-aside fill of a row read from Postgres at this LSN: refused (exit 3)
         /// when CDC invalidated or rewrote the key at or after it.
-        #[arg(long, value_name = "LSN")]
+        #[arg(long, value_name = "LSN", conflicts_with = "source_snapshot")]
         source_lsn: Option<Lsn>,
+        /// An exact cache-aside fill of a row read under this Postgres snapshot
+        /// (`xmin:xmax:xip,…`, from `SELECT pg_current_snapshot()` in the statement that
+        /// read the row): refused (exit 3) when a transaction that CDC saw invalidate or
+        /// rewrite the key is not visible in it.
+        #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["nx", "xx", "if_version"])]
+        source_snapshot: Option<PgSnapshot>,
         /// Print `{"applied":…,"version":…}`.
         #[arg(long)]
         json: bool,
@@ -443,6 +449,7 @@ async fn run_client(
             if_version,
             keep_ttl,
             source_lsn,
+            source_snapshot,
             json,
         } => {
             let condition = match (nx, xx, if_version) {
@@ -456,10 +463,16 @@ async fn run_client(
                 condition,
                 keep_ttl,
                 source_lsn,
+                source_snapshot: source_snapshot.clone(),
             };
             let outcome = client.set_with(&key, value, options).await?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&outcome)?)?;
+            } else if let (Some(newer), Some(snapshot)) = (outcome.refused_by, &source_snapshot) {
+                writeln!(
+                    out,
+                    "NOT SET: stale fill, a transaction that invalidated or updated the key (CDC, at {newer}) is not visible in snapshot {snapshot}"
+                )?;
             } else if let Some(newer) = outcome.refused_by {
                 writeln!(
                     out,

@@ -38,6 +38,7 @@ use crate::routing::{ClusterMap, ClusterStatus, Topology};
 use bytes::Bytes;
 use futures::future::{join_all, try_join_all};
 use futures::StreamExt;
+pub use raftcache_proto::pg_snapshot::PgSnapshot;
 use raftcache_proto::tonic::transport::Channel;
 use raftcache_proto::tonic::{Code, Request, Response, Status};
 use raftcache_proto::v1::{self, admin_client::AdminClient, cache_client::CacheClient};
@@ -176,7 +177,7 @@ pub enum Condition {
 }
 
 /// Options of a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SetOptions {
     /// Time to live; `None` for none. Sent in milliseconds, rounded up, so any TTL
     /// (`Duration::ZERO` included) is at least 1 ms.
@@ -189,6 +190,9 @@ pub struct SetOptions {
     /// it is refused when CDC already invalidated or rewrote the key at or after it
     /// (see [`Client::set_if_newer`]).
     pub source_lsn: Option<Lsn>,
+    /// Makes the write an exact cache-aside fill of a row read under this Postgres
+    /// snapshot (see [`Client::set_if_fresh`]). Exclusive with `source_lsn`.
+    pub source_snapshot: Option<PgSnapshot>,
 }
 
 /// The outcome of [`Client::set_with`].
@@ -198,8 +202,9 @@ pub struct SetOutcome {
     pub applied: bool,
     /// When applied, the new version; otherwise the key's current one (0 if absent).
     pub version: u64,
-    /// For a fill ([`SetOptions::source_lsn`]) refused as stale: the LSN of the newer
-    /// invalidation or update that refused it. `None` otherwise.
+    /// For a fill ([`SetOptions::source_lsn`], [`SetOptions::source_snapshot`]) refused
+    /// as stale: the LSN of the newer invalidation or update that refused it (`0/0` when
+    /// a snapshot fill was refused by the tombstone floor). `None` otherwise.
     pub refused_by: Option<Lsn>,
 }
 
@@ -520,6 +525,7 @@ impl Client {
                     source_lsn: options.source_lsn.map_or(0, |l| l.0),
                     request: Some(request),
                     lease_token: 0,
+                    source_snapshot: options.source_snapshot.as_ref().map(PgSnapshot::to_wire),
                 },
                 |mut c, r| async move { c.set(r).await },
             )
@@ -551,6 +557,42 @@ impl Client {
         let options = SetOptions {
             ttl,
             source_lsn: Some(source_lsn),
+            ..SetOptions::default()
+        };
+        self.set_with(key, value, options).await
+    }
+
+    /// Exact cache-aside fill: writes `key` only if no transaction that CDC has seen
+    /// invalidate or rewrite it is invisible in `snapshot`, the Postgres snapshot the row
+    /// was read under. Read the row and the snapshot in one statement (or one REPEATABLE
+    /// READ transaction):
+    ///
+    /// ```sql
+    /// SELECT pg_current_snapshot()::text, row_to_json(u)::text FROM users u WHERE id = $1
+    /// ```
+    ///
+    /// Unlike [`Client::set_if_newer`] this has no window: a commit that is already in
+    /// the WAL but not yet visible to the reader is not in the snapshot, so the fill is
+    /// refused if that commit's invalidation has reached the cache, and the value is
+    /// removed if the invalidation comes later. Parse the snapshot text with
+    /// `str::parse::<PgSnapshot>()`.
+    ///
+    /// A refused fill is not an error: [`SetOutcome::refused_by`] is `Some` and the app
+    /// serves the row it read without caching it.
+    ///
+    /// # Errors
+    /// As [`Client::set_with`]; a malformed snapshot is refused by the node as
+    /// [`ClientError::InvalidArgument`].
+    pub async fn set_if_fresh(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        snapshot: &PgSnapshot,
+        ttl: Option<Duration>,
+    ) -> Result<SetOutcome> {
+        let options = SetOptions {
+            ttl,
+            source_snapshot: Some(snapshot.clone()),
             ..SetOptions::default()
         };
         self.set_with(key, value, options).await

@@ -63,8 +63,8 @@ pub mod routing;
 pub mod stampede;
 
 pub use client::{
-    Client, Condition, Consistency, NodeSnapshots, NodeStats, ReadOptions, RespCall, SetOptions,
-    SetOutcome, Ttl, Value,
+    Client, Condition, Consistency, NodeSnapshots, NodeStats, PgSnapshot, ReadOptions, RespCall,
+    SetOptions, SetOutcome, Ttl, Value,
 };
 pub use config::{ClientConfig, DEFAULT_ENDPOINT};
 pub use error::{ClientError, Result};

@@ -44,6 +44,8 @@ use crate::error::ClientError;
 use crate::near::NearRead;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::TryFutureExt;
+use raftcache_proto::pg_snapshot::PgSnapshot;
 use raftcache_proto::v1::{self, LeaseOutcome};
 use rand::Rng;
 use serde::Serialize;
@@ -370,7 +372,10 @@ enum Found {
     WaitedOut,
 }
 
-type BoxLoader = Box<dyn FnOnce() -> BoxFuture<'static, anyhow::Result<Bytes>> + Send>;
+/// What a loader gives: the value and, for an exact fill, the Postgres snapshot it was
+/// read under.
+type LoaderOutput = (Bytes, Option<PgSnapshot>);
+type BoxLoader = Box<dyn FnOnce() -> BoxFuture<'static, anyhow::Result<LoaderOutput>> + Send>;
 
 impl Client {
     /// Reads `key`, or computes it with `loader` and caches it, protecting the loader
@@ -409,9 +414,60 @@ impl Client {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = anyhow::Result<Bytes>> + Send + 'static,
     {
+        let loader: BoxLoader = Box::new(move || loader().map_ok(|v| (v, None)).boxed());
+        self.get_or_load_boxed(key.as_ref(), options, loader).await
+    }
+
+    /// [`get_or_load`](Self::get_or_load) whose loader also returns the Postgres
+    /// snapshot the row was read under, so that the fill is exact (as
+    /// [`Client::set_if_fresh`]): a fill that a concurrent commit made stale is refused
+    /// (the caller still gets the loaded value) or removed when the commit's
+    /// invalidation arrives.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: raftcache_client::Client, db: tokio_postgres::Client) -> Result<(), raftcache_client::LoadError> {
+    /// use raftcache_client::{LoadOptions, PgSnapshot};
+    /// use std::time::Duration;
+    /// let user = client
+    ///     .get_or_load_fresh("user:42", LoadOptions::ttl(Duration::from_secs(60)), move || async move {
+    ///         let row = db
+    ///             .query_one(
+    ///                 "SELECT pg_current_snapshot()::text, row_to_json(u)::text FROM users u WHERE id = 42",
+    ///                 &[],
+    ///             )
+    ///             .await?;
+    ///         let snapshot: PgSnapshot = row.get::<_, String>(0).parse()?;
+    ///         Ok((bytes::Bytes::from(row.get::<_, String>(1)), snapshot))
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load).
+    pub async fn get_or_load_fresh<F, Fut>(
+        &self,
+        key: impl AsRef<[u8]>,
+        options: LoadOptions,
+        loader: F,
+    ) -> Result<Loaded, LoadError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<(Bytes, PgSnapshot)>> + Send + 'static,
+    {
+        let loader: BoxLoader = Box::new(move || loader().map_ok(|(v, s)| (v, Some(s))).boxed());
+        self.get_or_load_boxed(key.as_ref(), options, loader).await
+    }
+
+    async fn get_or_load_boxed(
+        &self,
+        key: &[u8],
+        options: LoadOptions,
+        loader: BoxLoader,
+    ) -> Result<Loaded, LoadError> {
         let loads = &self.loads();
         count!(loads.counters, calls);
-        let key = Bytes::copy_from_slice(key.as_ref());
+        let key = Bytes::copy_from_slice(key);
         // A fresh near-cache hit needs no flight at all.
         if let NearRead::Hit(value) = self.near_read(&key, &ReadOptions::default()) {
             if !is_stale(value.ttl, options.stale_ttl) {
@@ -422,7 +478,6 @@ impl Client {
                 });
             }
         }
-        let loader: BoxLoader = Box::new(move || loader().boxed());
         if !options.single_flight {
             return self.clone().flight(key, options, loader).await;
         }
@@ -514,14 +569,15 @@ impl Client {
             }
             Ok(Found::Lease(token)) => {
                 count!(counters, misses);
-                let value = match self.load(&key, loader).await {
-                    Ok(value) => value,
+                let (value, snapshot) = match self.load(&key, loader).await {
+                    Ok(loaded) => loaded,
                     Err(error) => {
                         self.release(key, token);
                         return Err(error);
                     }
                 };
-                self.fill(&key, &options, value.clone(), token).await;
+                self.fill(&key, &options, value.clone(), snapshot, token)
+                    .await;
                 Ok(Loaded {
                     value,
                     source: LoadSource::Loader,
@@ -531,7 +587,7 @@ impl Client {
                 count!(counters, misses);
                 // The holder may be dead; its lease runs out by itself. Load without
                 // filling: only a lease holder may fill.
-                let value = self.load(&key, loader).await?;
+                let (value, _) = self.load(&key, loader).await?;
                 Ok(Loaded {
                     value,
                     source: LoadSource::Loader,
@@ -649,7 +705,7 @@ impl Client {
     }
 
     /// Runs the loader, timing it for XFetch and counting it.
-    async fn load(&self, key: &Bytes, loader: BoxLoader) -> Result<Bytes, LoadError> {
+    async fn load(&self, key: &Bytes, loader: BoxLoader) -> Result<LoaderOutput, LoadError> {
         let loads = &self.loads();
         count!(loads.counters, loader_calls);
         let running = loads.counters.running_loads.fetch_add(1, Ordering::Relaxed) + 1;
@@ -679,7 +735,15 @@ impl Client {
     /// Writes a loaded value: under the lease `token`, or plainly when 0. A failed or
     /// refused fill is logged and counted, never the caller's error: the caller has
     /// its value.
-    async fn fill(&self, key: &Bytes, options: &LoadOptions, value: Bytes, token: u64) {
+    async fn fill(
+        &self,
+        key: &Bytes,
+        options: &LoadOptions,
+        value: Bytes,
+        snapshot: Option<PgSnapshot>,
+        token: u64,
+    ) {
+        let snapshot = snapshot.as_ref().map(PgSnapshot::to_wire);
         let ttl_ms = options.ttl.map_or(0, |ttl| {
             let total = if options.stale_ttl.is_zero() {
                 ttl
@@ -705,6 +769,7 @@ impl Client {
                     condition: v1::SetCondition::None as i32,
                     request: Some(request),
                     lease_token: token,
+                    source_snapshot: snapshot.clone(),
                     ..Default::default()
                 },
                 |mut c, r| async move { c.set(r).await },
@@ -822,7 +887,9 @@ impl Client {
             };
             if let Some(token) = token {
                 match client.load(&key, loader).await {
-                    Ok(value) => client.fill(&key, &options, value, token).await,
+                    Ok((value, snapshot)) => {
+                        client.fill(&key, &options, value, snapshot, token).await
+                    }
                     Err(error) => {
                         tracing::debug!(key = ?key, %error, "background refresh failed");
                         client.release(key.clone(), token);
@@ -857,7 +924,7 @@ impl Client {
             });
         };
         count!(loads.counters, degraded);
-        let value = self.load(key, loader).await?;
+        let (value, _) = self.load(key, loader).await?;
         Ok(Loaded {
             value,
             source: LoadSource::Degraded,

@@ -770,7 +770,10 @@ async fn a_retried_write_keeps_its_request_id_and_gets_the_first_outcome() {
     let sets_before = fake.calls.sets.load(Ordering::SeqCst);
     // The first attempt applies, then its answer is lost (the fake sleeps past the
     // attempt's 200 ms); the retry finds the key present but gets the first outcome.
-    let outcome = client.set_with(SLOW_KEY, "mine", options).await.unwrap();
+    let outcome = client
+        .set_with(SLOW_KEY, "mine", options.clone())
+        .await
+        .unwrap();
     assert!(outcome.applied, "{outcome:?}");
     assert!(
         fake.calls.sets.load(Ordering::SeqCst) - sets_before >= 2,
@@ -781,7 +784,7 @@ async fn a_retried_write_keeps_its_request_id_and_gets_the_first_outcome() {
     assert_eq!(stored.version, outcome.version);
 
     // Separate calls get separate ids: a false condition is still "not applied".
-    let outcome = client.set_with("k", "a", options).await.unwrap();
+    let outcome = client.set_with("k", "a", options.clone()).await.unwrap();
     assert!(outcome.applied);
     let outcome = client.set_with("k", "b", options).await.unwrap();
     assert!(!outcome.applied);
