@@ -37,8 +37,13 @@ pub enum Work {
 /// Changes of one transaction.
 #[derive(Debug)]
 pub struct TxWork {
-    /// The commit LSN: the version of every change.
+    /// The version of every change of this piece: the commit's end LSN for a complete
+    /// transaction, just above the commit record's start for a piece sent ahead of it
+    /// (see the worker's `Decoder::push`).
     pub lsn: Lsn,
+    /// The transaction's 64-bit id (pgoutput's 32-bit xid widened), carried by every
+    /// request of its changes.
+    pub xid: u64,
     /// The changes, with the TTL of each `Put`.
     pub changes: Vec<(KeyChange, Option<Duration>)>,
     /// Set on the last piece: the position after the commit and the commit time.
@@ -127,6 +132,29 @@ async fn round(
     watermark: Lsn,
     pushed: &mut [Lsn],
 ) -> Result<Option<Lsn>, ApplyError> {
+    let (requests, end) = requests(fence, batch_max, batch, watermark, pushed, |k| {
+        client.partition_of(k)
+    });
+    let keys: u64 = requests.iter().map(|(_, r)| r.changes.len() as u64).sum();
+    stream::iter(requests)
+        .map(|(p, r)| apply_one(client, p, r))
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+    m::keys_applied(keys);
+    Ok(end)
+}
+
+/// The requests of one round (see [`round`]) and the position the batch reaches;
+/// `partition_of` routes a key. Marks in `pushed` the partitions that get `watermark`.
+fn requests(
+    fence: u64,
+    batch_max: usize,
+    batch: &[Work],
+    watermark: Lsn,
+    pushed: &mut [Lsn],
+    partition_of: impl Fn(&[u8]) -> u32,
+) -> (Vec<(u32, v1::ApplyChangesRequest)>, Option<Lsn>) {
     let partition_count = pushed.len() as u32;
     let mut requests: Vec<(u32, v1::ApplyChangesRequest)> = Vec::new();
     let mut end: Option<Lsn> = None;
@@ -151,10 +179,7 @@ async fn round(
                     }
                 }
                 KeyChange::Invalidate(k) | KeyChange::Put(k, _) => {
-                    by_partition
-                        .entry(client.partition_of(k))
-                        .or_default()
-                        .push(wire);
+                    by_partition.entry(partition_of(k)).or_default().push(wire);
                 }
             }
         }
@@ -168,6 +193,8 @@ async fn round(
                         watermark: 0,
                         fence,
                         changes: chunk.to_vec(),
+                        xid: tx.xid,
+                        min_xmin: 0,
                     },
                 ));
             }
@@ -189,19 +216,14 @@ async fn round(
                     watermark: watermark.0,
                     fence,
                     changes: Vec::new(),
+                    xid: 0,
+                    min_xmin: 0,
                 },
             )),
         }
         *at = watermark;
     }
-    let keys: u64 = requests.iter().map(|(_, r)| r.changes.len() as u64).sum();
-    stream::iter(requests)
-        .map(|(p, r)| apply_one(client, p, r))
-        .buffer_unordered(CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await?;
-    m::keys_applied(keys);
-    Ok(end)
+    (requests, end)
 }
 
 /// Sends one request until it is committed: transient failures are retried forever
@@ -245,3 +267,7 @@ fn to_wire(change: &KeyChange, ttl: Option<Duration>) -> v1::Change {
         ttl_ms,
     }
 }
+
+#[cfg(test)]
+#[path = "apply/apply_test.rs"]
+mod tests;

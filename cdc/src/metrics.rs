@@ -7,7 +7,7 @@
 //! | `raftcache_cdc_rows_total` | counter | row changes of mapped tables applied |
 //! | `raftcache_cdc_keys_total` | counter | key changes sent (invalidations, writes, prefixes) |
 //! | `raftcache_cdc_acked_lsn` | gauge | the LSN confirmed to Postgres as flushed |
-//! | `raftcache_cdc_lag_bytes` | gauge | server WAL end − acknowledged LSN |
+//! | `raftcache_cdc_lag_bytes` | gauge | server's current WAL position (`pg_current_wal_lsn()`, polled every second) − acknowledged LSN, at least 0 |
 //! | `raftcache_cdc_lag_seconds` | gauge | now − commit time of the last transaction applied (0 when idle) |
 //! | `raftcache_cdc_commit_to_applied_seconds` | summary | commit time → committed in the cache, per transaction |
 //! | `raftcache_cdc_reconnects_total` | counter | streaming sessions that ended with an error |
@@ -53,7 +53,8 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
     describe_gauge!(
         "raftcache_cdc_lag_bytes",
         metrics::Unit::Bytes,
-        "Server WAL end minus the acknowledged LSN"
+        "The server's current WAL position (pg_current_wal_lsn(), polled every second, \
+         including WAL not yet decoded) minus the acknowledged LSN, at least 0"
     );
     describe_gauge!(
         "raftcache_cdc_lag_seconds",
@@ -101,7 +102,8 @@ pub(crate) fn acked(lsn: Lsn) {
     gauge!("raftcache_cdc_acked_lsn").set(lsn.0 as f64);
 }
 
-/// The server's WAL end as last reported, against the acknowledged position.
+/// The server's WAL position as last polled (`pg_current_wal_lsn()`, or the stream's if
+/// further), against the acknowledged position.
 pub(crate) fn lag_bytes(server_end: Lsn, acked: Lsn) {
     gauge!("raftcache_cdc_lag_bytes").set(server_end.0.saturating_sub(acked.0) as f64);
     if server_end <= acked {

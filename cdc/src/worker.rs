@@ -21,6 +21,7 @@ use crate::walsender::{quote_ident, ConnectConfig, ReplicationConnection, Replic
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use raftcache_client::{Client, ClientConfig, Lsn};
+use raftcache_proto::pg_snapshot::widen_xid;
 use raftcache_proto::v1;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -185,6 +186,13 @@ impl Worker {
     async fn session(&self, fence: u64) -> Result<(), SessionError> {
         let pg = &self.config.postgres;
         let prepared = self.prepare(fence).await?;
+        // The server's WAL position, polled for the lag metric on prepare's connection.
+        let (wal_tx, mut wal_rx) = watch::channel(prepared.start);
+        let _wal_poller = AbortOnDrop(Some(tokio::spawn(poll_wal_lsn(
+            prepared.sql,
+            pg.url.clone(),
+            wal_tx,
+        ))));
         let connect =
             ConnectConfig::from_url(&pg.url).map_err(|e| SessionError::Fatal(e.into()))?;
         let conn = ReplicationConnection::connect(&connect)
@@ -207,10 +215,16 @@ impl Worker {
             acked_tx,
         ));
         let mut applier = AbortOnDrop(Some(applier));
-        let mut decoder = Decoder::new(&self.maps, self.config.worker.tx_max_buffered);
+        let mut decoder = Decoder::new(
+            &self.maps,
+            self.config.worker.tx_max_buffered,
+            prepared.next_xid,
+        );
         let mut status = tokio::time::interval(pg.status_interval);
         let mut acked = prepared.start;
         let mut last_position = prepared.start;
+        // The server's WAL position: polled (`pg_current_wal_lsn()`, which counts WAL the
+        // walsender has not decoded yet), or the stream's if that is further.
         let mut server_end = prepared.start;
         loop {
             tokio::select! {
@@ -229,7 +243,7 @@ impl Worker {
                             }
                         }
                         ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
-                                                        server_end = server_end.max(wal_end);
+                            server_end = server_end.max(wal_end);
                             if !decoder.in_transaction() && wal_end > last_position {
                                 last_position = wal_end;
                                 send(&work_tx, Work::Position(wal_end)).await?;
@@ -253,6 +267,10 @@ impl Worker {
                         m::lag_bytes(server_end, acked);
                     }
                 }
+                Ok(()) = wal_rx.changed() => {
+                    server_end = server_end.max(*wal_rx.borrow_and_update());
+                    m::lag_bytes(server_end, acked);
+                }
                 _ = status.tick() => send_status(&mut stream, acked).await?,
             }
         }
@@ -265,12 +283,7 @@ impl Worker {
         let (sql, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
             .await
             .map_err(|e| SessionError::Retry(anyhow!(e).context("connecting to Postgres")))?;
-        let conn_task = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "SQL connection ended");
-            }
-        });
-        let _guard = AbortOnDrop(Some(conn_task));
+        let sql_task = spawn_connection(connection);
         let retry = |e: tokio_postgres::Error| SessionError::Retry(anyhow!(e));
 
         // Tables, columns and replica identities.
@@ -480,14 +493,26 @@ impl Worker {
                 (self.create_slot(&marker).await?, true)
             }
         };
+        // The server's next xid, read after the slot exists: the reference that widens
+        // the stream's 32-bit xids, and the bound a fill's snapshot must reach after a
+        // reset (every transaction below it has ended, or commits after the slot's start
+        // and is decoded by it).
+        let next_xid = next_xid(&sql).await?;
         if reset {
-            self.reset_key_spaces(fence, start).await?;
+            self.reset_key_spaces(fence, start, next_xid).await?;
             self.client
                 .set(&marker, "ready")
                 .await
                 .map_err(|e| SessionError::Retry(e.into()))?;
         }
-        Ok(Prepared { start })
+        Ok(Prepared {
+            start,
+            next_xid,
+            sql: SqlConnection {
+                client: sql,
+                _task: sql_task,
+            },
+        })
     }
 
     /// Creates the slot; the "ready" marker is removed first so that a crash before the
@@ -514,8 +539,16 @@ impl Worker {
     }
 
     /// Invalidates every mapped key space at `lsn` on every partition (a new or lost
-    /// slot: changes before it may have been missed) and sets the watermark there.
-    async fn reset_key_spaces(&self, fence: u64, lsn: Lsn) -> Result<(), SessionError> {
+    /// slot: changes before it may have been missed) and sets the watermark there. The
+    /// changes stand for unknown transactions (no xid): a fill under these prefixes needs
+    /// a snapshot whose xmin is at least `min_xmin`, the server's next xid read after the
+    /// slot was created (taken after every transaction below it ended).
+    async fn reset_key_spaces(
+        &self,
+        fence: u64,
+        lsn: Lsn,
+        min_xmin: u64,
+    ) -> Result<(), SessionError> {
         warn!(at = %lsn, "invalidating every mapped key space (new or recreated slot)");
         let mut changes: Vec<v1::Change> = Vec::new();
         for map in &self.maps {
@@ -542,6 +575,8 @@ impl Worker {
                 watermark: lsn.0,
                 fence,
                 changes: changes.clone(),
+                xid: 0,
+                min_xmin,
             };
             match self.client.apply_changes(p, request).await {
                 Ok(_) => {}
@@ -559,6 +594,99 @@ impl Worker {
 struct Prepared {
     /// Where streaming resumes (the slot's confirmed flush position).
     start: Lsn,
+    /// The server's next full (64-bit) xid, read after the slot was made ready.
+    next_xid: u64,
+    /// The SQL connection prepare used; the session keeps it to poll the WAL position.
+    sql: SqlConnection,
+}
+
+/// A plain SQL connection and the task that drives it (aborted with it).
+struct SqlConnection {
+    client: tokio_postgres::Client,
+    _task: AbortOnDrop<()>,
+}
+
+/// Drives a SQL connection in a task, aborted when the guard is dropped.
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>) -> AbortOnDrop<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    AbortOnDrop(Some(tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "SQL connection ended");
+        }
+    })))
+}
+
+/// The server's next full transaction id (the `xmax` of a snapshot taken now), without
+/// assigning one (`pg_current_xact_id()` would).
+async fn next_xid(sql: &tokio_postgres::Client) -> Result<u64, SessionError> {
+    let row = sql
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await
+        .map_err(|e| SessionError::Retry(anyhow!(e).context("reading the next xid")))?;
+    let xmax: i64 = row
+        .try_get(0)
+        .map_err(|e| SessionError::Retry(anyhow!(e).context("reading the next xid")))?;
+    u64::try_from(xmax)
+        .ok()
+        .filter(|x| *x > 0)
+        .ok_or_else(|| SessionError::Retry(anyhow!("the server's next xid is {xmax}")))
+}
+
+/// How often the lag metric's WAL position is polled.
+const WAL_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Polls `pg_current_wal_lsn()` every [`WAL_POLL_INTERVAL`] into `out` until aborted
+/// (with its session) or the session stops listening. Errors are logged at debug and the
+/// last value kept; a closed connection is reopened (from `url`) at the next poll.
+async fn poll_wal_lsn(sql: SqlConnection, url: String, out: watch::Sender<Lsn>) {
+    let mut sql = Some(sql);
+    let mut tick = tokio::time::interval(WAL_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if out.is_closed() {
+            return;
+        }
+        if sql.as_ref().is_none_or(|c| c.client.is_closed()) {
+            sql = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok((client, connection)) => Some(SqlConnection {
+                    client,
+                    _task: spawn_connection(connection),
+                }),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot connect to poll pg_current_wal_lsn()");
+                    None
+                }
+            };
+        }
+        let Some(c) = &sql else { continue };
+        match current_wal_lsn(&c.client).await {
+            Ok(lsn) => {
+                out.send_if_modified(|last| {
+                    let newer = lsn > *last;
+                    if newer {
+                        *last = lsn;
+                    }
+                    newer
+                });
+            }
+            Err(e) => tracing::debug!(error = format!("{e:#}"), "polling pg_current_wal_lsn()"),
+        }
+    }
+}
+
+async fn current_wal_lsn(sql: &tokio_postgres::Client) -> anyhow::Result<Lsn> {
+    let row = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?;
+    let text: String = row.try_get(0)?;
+    Ok(text.parse()?)
 }
 
 /// Why a session ended.
@@ -636,28 +764,58 @@ struct RelationInfo {
 const MAX_SEEN_KEYS: usize = 100_000;
 
 /// Turns the pgoutput messages of one session into [`Work`].
+///
+/// # Versions
+/// The changes of a complete transaction carry its COMMIT's `end_lsn` (the position
+/// just past the commit record), not `Begin.final_lsn` (where the commit record starts):
+/// a reader can take `pg_current_wal_lsn()` once the commit record is written, before
+/// the commit is visible, read the old row, and fill it with that LSN, which is above
+/// `final_lsn` but not above `end_lsn` unless other WAL followed meanwhile. (That
+/// remaining window is why `source_lsn` fills are not exact; snapshot fills, judged by
+/// the xid every batch carries, are.)
+///
+/// A large transaction is sent ahead in pieces before its COMMIT message arrives
+/// ([`Decoder::push`]), when `end_lsn` is not known yet. Those pieces carry
+/// `final_lsn + 1`:
+/// - strictly above every earlier transaction's `end_lsn`: pgoutput (without streaming)
+///   sends transactions in commit order, and this commit record, starting at
+///   `final_lsn`, cannot start before the previous commit record ended;
+/// - strictly below this transaction's `end_lsn` (a commit record is longer than one
+///   byte), so a later piece or the last one, at `end_lsn`, still wins per key.
+///
+/// The acknowledged position is unaffected: it only moves to a COMMIT's `end_lsn`
+/// ([`TxWork::end`]) or a keepalive's position.
 struct Decoder<'a> {
     maps: &'a [TableMapping],
     relations: HashMap<u32, RelationInfo>,
-    /// The open transaction: its commit LSN and buffered changes.
+    /// The open transaction: its buffered changes (its `lsn` is `final_lsn + 1`, the
+    /// stamp of pieces sent ahead; the last piece gets `end_lsn` at COMMIT).
     open: Option<TxWork>,
     max_buffered: usize,
-    /// Keys the open transaction already changed. All changes of a transaction share
-    /// its LSN, and the cache skips a write whose LSN equals the key's (a replay), so a
-    /// second write of one key in one transaction would be dropped and leave the first
-    /// value cached: it is sent as an invalidation instead (safe: a miss).
+    /// The last widened xid (at first, the server's next xid when the session started):
+    /// the reference that widens the next BEGIN's 32-bit xid. Xids in the stream stay
+    /// within 2^31 of each other, so the nearest 64-bit value is the right one.
+    xid_reference: u64,
+    /// Keys the open transaction already changed. Changes of one piece share its LSN,
+    /// and the cache skips a write whose LSN equals the key's (a replay), so a second
+    /// write of one key in one transaction could be dropped and leave the first value
+    /// cached: it is sent as an invalidation instead (safe: a miss). Kept across the
+    /// pieces of a transaction (pieces sent ahead share `final_lsn + 1`).
     seen: std::collections::HashSet<Bytes>,
     /// The transaction touched more than [`MAX_SEEN_KEYS`] keys: invalidate only.
     invalidate_only: bool,
 }
 
 impl<'a> Decoder<'a> {
-    fn new(maps: &'a [TableMapping], max_buffered: usize) -> Self {
+    /// `xid_reference`: a 64-bit xid near the stream's (the server's next xid when the
+    /// session started).
+    fn new(maps: &'a [TableMapping], max_buffered: usize, xid_reference: u64) -> Self {
         Decoder {
             maps,
             relations: HashMap::new(),
             open: None,
             max_buffered,
+            xid_reference,
             seen: std::collections::HashSet::new(),
             invalidate_only: false,
         }
@@ -677,8 +835,12 @@ impl<'a> Decoder<'a> {
                 }
                 self.seen.clear();
                 self.invalidate_only = false;
+                let xid = widen_xid(b.xid, self.xid_reference);
+                self.xid_reference = xid;
                 self.open = Some(TxWork {
-                    lsn: b.final_lsn,
+                    // Pieces sent ahead of the COMMIT (see the type's doc).
+                    lsn: Lsn(b.final_lsn.0.saturating_add(1)),
+                    xid,
                     changes: Vec::new(),
                     end: None,
                     rows: 0,
@@ -689,6 +851,14 @@ impl<'a> Decoder<'a> {
                     .open
                     .take()
                     .ok_or_else(|| anyhow!("COMMIT without BEGIN"))?;
+                if c.end_lsn.0 <= tx.lsn.0 {
+                    bail!(
+                        "COMMIT ends at {} but the transaction's commit record starts at {}",
+                        c.end_lsn,
+                        Lsn(tx.lsn.0 - 1)
+                    );
+                }
+                tx.lsn = c.end_lsn;
                 tx.end = Some((c.end_lsn, c.commit_ts_us));
                 out.push(Work::Tx(tx));
             }
@@ -796,6 +966,7 @@ impl<'a> Decoder<'a> {
         if tx.changes.len() >= self.max_buffered {
             let piece = TxWork {
                 lsn: tx.lsn,
+                xid: tx.xid,
                 changes: std::mem::take(&mut tx.changes),
                 end: None,
                 rows: std::mem::take(&mut tx.rows),
@@ -819,3 +990,7 @@ fn row<'t>(info: &'t RelationInfo, tuple: &'t Tuple, key_only: bool) -> Row<'t> 
         (name.as_str(), cell)
     }))
 }
+
+#[cfg(test)]
+#[path = "worker/worker_test.rs"]
+mod tests;
