@@ -47,6 +47,7 @@ fn set(key: Bytes, value: Bytes) -> WriteRequest {
         keep_ttl: false,
         condition: Condition::Always,
         source_lsn: 0,
+        source_snapshot: None,
     }
 }
 

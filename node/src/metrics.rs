@@ -89,6 +89,11 @@ fn describe() {
         "raftcache_expirations_total",
         "Keys removed because their TTL passed"
     );
+    describe_gauge!(
+        "raftcache_cdc_tombstone_bytes",
+        metrics::Unit::Bytes,
+        "Bytes held by CDC tombstones (outside max-memory; capped per partition, past the cap the oldest are forgotten and raise the fill floor)"
+    );
     describe_gauge!("raftcache_watch_streams", "Open Watch streams");
     describe_counter!(
         "raftcache_watch_events_total",
@@ -203,6 +208,7 @@ pub fn refresh_storage(engine: &Engine) {
     gauge!("raftcache_keys").set(s.keys as f64);
     gauge!("raftcache_memory_used_bytes").set(s.memory_used as f64);
     gauge!("raftcache_memory_limit_bytes").set(s.memory_limit as f64);
+    gauge!("raftcache_cdc_tombstone_bytes").set(engine.tombstone_bytes() as f64);
     counter!("raftcache_hits_total").absolute(s.hits);
     counter!("raftcache_misses_total").absolute(s.misses);
     counter!("raftcache_evictions_total").absolute(s.evictions);

@@ -120,7 +120,7 @@ impl<'a> Changed<'a> {
     pub fn of(cmd: &'a Command) -> Self {
         match cmd {
             Command::Evict { keys } => Changed::Keys(keys),
-            Command::Cdc { changes, .. } => Changed::Cdc(changes),
+            Command::Cdc { changes, .. } | Command::CdcTx { changes, .. } => Changed::Cdc(changes),
             // Reclaimed keys had expired (near caches honour TTLs themselves); a lease
             // grant or release changes no value.
             Command::Reclaim { .. } | Command::Lease { .. } | Command::ReleaseLease { .. } => {

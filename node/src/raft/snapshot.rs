@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! magic            8 bytes  b"RCSNAP\0\0"
-//! format version   u16      4 (versions 1 to 3 are still read)
+//! format version   u16      5 (versions 1 to 4 are still read)
 //! partition id     u32
 //! last log id      opt-log-id            (Raft position covered by the snapshot)
 //! membership       opt-log-id, configs: u32 n × (u32 m × u64 voter id),
@@ -17,6 +17,11 @@
 //! requests (v3)    u64 n, n × (u64 client, u64 seq, u64 forget-at ms,
 //!                          u32 len, outcome as postcard)             (application order)
 //! leases (v4)      u64 n, n × (u32 len, key, u64 token, u64 until ms) (keys ascending)
+//! xids (v5)        u64 xmin floor,
+//!                  tombstone count × (u64 xid, u64 min xmin)          (tombstone order)
+//!                  prefix count × (u64 xid, u64 min xmin)             (prefix order)
+//!                  u64 n, n × (u64 entry position, u64 xmin, u64 xmax,
+//!                          u32 k, k × u64 running xid)  (fill snapshots; positions ascending)
 //! checksum         u64                   xxh3-64 of every byte before it
 //!
 //! opt-log-id = u8 0 | u8 1, u64 term, u64 leader node id, u64 index
@@ -25,7 +30,10 @@
 //! Version 1 has no source LSN per entry and no CDC section; it decodes as source LSN 0
 //! and an empty [`CdcSnapshot`]. Versions 1 and 2 have no request section (exactly-once
 //! writes); they decode with no remembered requests. Versions 1 to 3 have no lease
-//! section (fill leases); they decode with no leases.
+//! section (fill leases); they decode with no leases. Versions 1 to 4 have no xid section
+//! (the exact fill guard): their tombstones decode with unknown invalidators
+//! ([`UNKNOWN_XMIN`]: snapshot fills of those keys are refused while they are held), an
+//! xmin floor of 0 and no fill snapshots.
 //!
 //! All integers are little-endian. The decoder checks magic, version and checksum before it
 //! parses, then reads every field with bounds checks and validates the result (no duplicate
@@ -42,13 +50,15 @@ use super::types::{
     CommittedLeaderId, LogId, Membership, ReplicaNode, SnapshotMeta, StoredMembership,
 };
 use crate::storage::{
-    CdcSnapshot, Outcome, PartitionId, PartitionSnapshot, RequestId, SnapshotEntry,
+    CdcSnapshot, Outcome, PartitionId, PartitionSnapshot, RequestId, SnapshotEntry, XidGuard,
+    UNKNOWN_XMIN,
 };
+use raftcache_proto::pg_snapshot::PgSnapshot;
 
 /// First bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"RCSNAP\0\0";
 /// The format version [`encode`] writes.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
 /// The oldest format version [`decode`] reads.
 pub const OLDEST_FORMAT_VERSION: u16 = 1;
 
@@ -163,13 +173,13 @@ fn encode_as(
             .cdc
             .tombstones
             .iter()
-            .map(|(key, _, _)| MIN_TOMBSTONE_LEN + key.len())
+            .map(|(key, _, _, _)| MIN_TOMBSTONE_LEN + 16 + key.len())
             .sum::<usize>()
         + state
             .cdc
             .prefixes
             .iter()
-            .map(|(prefix, _)| MIN_PREFIX_LEN + prefix.len())
+            .map(|(prefix, _, _)| MIN_PREFIX_LEN + 16 + prefix.len())
             .sum::<usize>()
         + state
             .leases
@@ -219,13 +229,13 @@ fn encode_as(
         buf.put_u64_le(cdc.fence);
         buf.put_u64_le(cdc.floor);
         buf.put_u64_le(cdc.tombstones.len() as u64);
-        for (key, lsn, until_ms) in &cdc.tombstones {
+        for (key, lsn, until_ms, _) in &cdc.tombstones {
             put_bytes(&mut buf, key);
             buf.put_u64_le(*lsn);
             buf.put_u64_le(*until_ms);
         }
         buf.put_u64_le(cdc.prefixes.len() as u64);
-        for (prefix, lsn) in &cdc.prefixes {
+        for (prefix, lsn, _) in &cdc.prefixes {
             put_bytes(&mut buf, prefix);
             buf.put_u64_le(*lsn);
         }
@@ -247,6 +257,31 @@ fn encode_as(
             put_bytes(&mut buf, key);
             buf.put_u64_le(*token);
             buf.put_u64_le(*until_ms);
+        }
+    }
+    if version >= 5 {
+        let cdc = &state.cdc;
+        buf.put_u64_le(cdc.xmin_floor);
+        let guards = cdc.tombstones.iter().map(|(_, _, _, g)| g);
+        for guard in guards.chain(cdc.prefixes.iter().map(|(_, _, g)| g)) {
+            buf.put_u64_le(guard.xid);
+            buf.put_u64_le(guard.min_xmin);
+        }
+        let fills: Vec<(usize, &PgSnapshot)> = state
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(at, e)| e.fill.as_ref().map(|f| (at, f)))
+            .collect();
+        buf.put_u64_le(fills.len() as u64);
+        for (at, fill) in fills {
+            buf.put_u64_le(at as u64);
+            buf.put_u64_le(fill.xmin());
+            buf.put_u64_le(fill.xmax());
+            put_len(&mut buf, fill.xip().len());
+            for x in fill.xip() {
+                buf.put_u64_le(*x);
+            }
         }
     }
     let checksum = xxh3_64(&buf);
@@ -370,9 +405,10 @@ fn decode_body(r: &mut Reader<'_>, version: u16) -> Result<DecodedSnapshot, Snap
             version,
             expire_at_ms,
             source_lsn,
+            fill: None,
         });
     }
-    let cdc = if v2 {
+    let mut cdc = if v2 {
         decode_cdc(r)?
     } else {
         CdcSnapshot::default()
@@ -387,6 +423,9 @@ fn decode_body(r: &mut Reader<'_>, version: u16) -> Result<DecodedSnapshot, Snap
     } else {
         Vec::new()
     };
+    if version >= 5 {
+        decode_xids(r, &mut cdc, &mut entries)?;
+    }
     Ok(DecodedSnapshot {
         partition,
         meta: SnapshotMeta {
@@ -416,8 +455,13 @@ fn decode_cdc(r: &mut Reader<'_>) -> Result<CdcSnapshot, SnapshotError> {
             field: "tombstones",
         });
     }
+    // Before version 5 the invalidating transactions are unknown; version 5 fills them in.
+    let unknown = XidGuard {
+        xid: 0,
+        min_xmin: UNKNOWN_XMIN,
+    };
     // `count <= possible`, a usize.
-    let mut tombstones: Vec<(Bytes, u64, u64)> = Vec::with_capacity(count as usize);
+    let mut tombstones: Vec<(Bytes, u64, u64, XidGuard)> = Vec::with_capacity(count as usize);
     let mut previous: Option<&[u8]> = None;
     for _ in 0..count {
         let key = r.bytes("tombstone key")?;
@@ -427,7 +471,7 @@ fn decode_cdc(r: &mut Reader<'_>) -> Result<CdcSnapshot, SnapshotError> {
             return Err(invalid("tombstone keys not strictly ascending"));
         }
         previous = Some(key);
-        tombstones.push((Bytes::copy_from_slice(key), lsn, until_ms));
+        tombstones.push((Bytes::copy_from_slice(key), lsn, until_ms, unknown));
     }
 
     let count = r.u64("prefix count")?;
@@ -435,7 +479,7 @@ fn decode_cdc(r: &mut Reader<'_>) -> Result<CdcSnapshot, SnapshotError> {
     if count > possible as u64 {
         return Err(SnapshotError::Truncated { field: "prefixes" });
     }
-    let mut prefixes: Vec<(Bytes, u64)> = Vec::with_capacity(count as usize);
+    let mut prefixes: Vec<(Bytes, u64, XidGuard)> = Vec::with_capacity(count as usize);
     let mut previous: Option<&[u8]> = None;
     for _ in 0..count {
         let prefix = r.bytes("prefix")?;
@@ -444,15 +488,65 @@ fn decode_cdc(r: &mut Reader<'_>) -> Result<CdcSnapshot, SnapshotError> {
             return Err(invalid("tombstone prefixes not strictly ascending"));
         }
         previous = Some(prefix);
-        prefixes.push((Bytes::copy_from_slice(prefix), lsn));
+        prefixes.push((Bytes::copy_from_slice(prefix), lsn, unknown));
     }
     Ok(CdcSnapshot {
         watermark,
         fence,
         floor,
+        xmin_floor: 0,
         tombstones,
         prefixes,
     })
+}
+
+/// The xid section of a version-5 snapshot: the guards of the tombstones and prefixes
+/// decoded before it, the xmin floor and the entries' fill snapshots.
+fn decode_xids(
+    r: &mut Reader<'_>,
+    cdc: &mut CdcSnapshot,
+    entries: &mut [SnapshotEntry],
+) -> Result<(), SnapshotError> {
+    cdc.xmin_floor = r.u64("xmin floor")?;
+    let guards = cdc.tombstones.iter_mut().map(|(_, _, _, g)| g);
+    for guard in guards.chain(cdc.prefixes.iter_mut().map(|(_, _, g)| g)) {
+        *guard = XidGuard {
+            xid: r.u64("tombstone xid")?,
+            min_xmin: r.u64("tombstone min xmin")?,
+        };
+    }
+    let count = r.u64("fill count")?;
+    if count > entries.len() as u64 {
+        return Err(invalid("more fill snapshots than entries"));
+    }
+    let mut previous: Option<u64> = None;
+    for _ in 0..count {
+        let at = r.u64("fill entry position")?;
+        if previous.is_some_and(|p| p >= at) {
+            return Err(invalid("fill entry positions not strictly ascending"));
+        }
+        previous = Some(at);
+        let xmin = r.u64("fill xmin")?;
+        let xmax = r.u64("fill xmax")?;
+        let k = r.u32("fill running count")?;
+        if k as usize > raftcache_proto::pg_snapshot::MAX_XIP || (k as usize) > r.buf.len() / 8 {
+            return Err(SnapshotError::Truncated {
+                field: "fill running xids",
+            });
+        }
+        let mut xip = Vec::with_capacity(k as usize);
+        for _ in 0..k {
+            xip.push(r.u64("fill running xid")?);
+        }
+        let snapshot =
+            PgSnapshot::new(xmin, xmax, xip).map_err(|_| invalid("fill snapshot is not valid"))?;
+        let entry = usize::try_from(at)
+            .ok()
+            .and_then(|at| entries.get_mut(at))
+            .ok_or_else(|| invalid("fill entry position out of range"))?;
+        entry.fill = Some(snapshot);
+    }
+    Ok(())
 }
 
 /// The request section of a version-3 snapshot.

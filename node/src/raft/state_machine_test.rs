@@ -17,7 +17,7 @@ use super::{
 };
 use crate::storage::{
     CdcChange, CdcSnapshot, Command, Condition, LeaseDecision, Op, Outcome, PartitionId,
-    PartitionSnapshot, PartitionState, RequestId, REQUEST_TTL_MS,
+    PartitionSnapshot, PartitionState, RequestId, XidGuard, REQUEST_TTL_MS, UNKNOWN_XMIN,
 };
 
 const P: PartitionId = PartitionId(3);
@@ -371,7 +371,10 @@ fn encode_decode_round_trip() {
 
 #[test]
 fn damaged_snapshots_are_errors() {
-    let bytes = encoded().to_vec();
+    // The offsets below are those of format 4 (the xid section of format 5 comes last and
+    // has its own test).
+    let current = snapshot::decode(&encoded()).unwrap();
+    let bytes = snapshot::encode_version(4, P, &current.meta, &current.state).to_vec();
 
     for len in [0, 3, 8, 10, 17, 40, bytes.len() / 2, bytes.len() - 1] {
         assert!(
@@ -485,7 +488,7 @@ fn damaged_snapshots_are_errors() {
             .cdc
             .prefixes
             .iter()
-            .map(|(p, _)| 4 + p.len() + 8)
+            .map(|(p, _, _)| 4 + p.len() + 8)
             .sum::<usize>();
     let mut huge = bytes.clone();
     huge[prefixes_at..prefixes_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -520,13 +523,13 @@ fn cdc_section_len(cdc: &CdcSnapshot) -> usize {
         + cdc
             .tombstones
             .iter()
-            .map(|(k, _, _)| 4 + k.len() + 16)
+            .map(|(k, _, _, _)| 4 + k.len() + 16)
             .sum::<usize>()
         + 8
         + cdc
             .prefixes
             .iter()
-            .map(|(p, _)| 4 + p.len() + 8)
+            .map(|(p, _, _)| 4 + p.len() + 8)
             .sum::<usize>()
 }
 
@@ -546,17 +549,23 @@ fn version_2_carries_source_lsns_and_cdc_state() {
     assert_eq!(lsn_of(b"c"), Some(0));
     assert_eq!(lsn_of(b"a"), Some(0));
     assert_eq!(lsn_of(b"b"), None, "invalidated by the batch");
+    // The batch is a `Command::Cdc` from before xids: its transaction is unknown.
+    let guard = XidGuard {
+        xid: 0,
+        min_xmin: UNKNOWN_XMIN,
+    };
     assert_eq!(
         state.cdc,
         CdcSnapshot {
             watermark: 9,
             fence: 1,
             floor: 0,
+            xmin_floor: 0,
             tombstones: vec![
-                (Bytes::from_static(b"b"), 7, 600_000),
-                (Bytes::from_static(b"p:1"), 7, 600_000),
+                (Bytes::from_static(b"b"), 7, 600_000, guard),
+                (Bytes::from_static(b"p:1"), 7, 600_000, guard),
             ],
-            prefixes: vec![(Bytes::from_static(b"q:"), 7)],
+            prefixes: vec![(Bytes::from_static(b"q:"), 7, guard)],
         }
     );
     // Restored, the state refuses the same stale fills as the original.
@@ -768,14 +777,18 @@ fn state_with_leases() -> (PartitionState, SnapshotMeta) {
     (sm, meta)
 }
 
-/// Format 4 carries the leases: a replica restored from the snapshot holds the same
+/// Formats 4 and later carry the leases: a replica restored from the snapshot holds the same
 /// leases, fills with the granted token and refuses the other.
 #[test]
 fn version_4_round_trip_keeps_leases() {
     let (original, meta) = state_with_leases();
     let x_token = original.lease_of(b"x").unwrap().0;
     let bytes = snapshot::encode(P, &meta, &original.snapshot());
-    assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 4);
+    assert_eq!(
+        u16::from_le_bytes([bytes[8], bytes[9]]),
+        5,
+        "the current format carries them"
+    );
     let decoded = snapshot::decode(&bytes).unwrap();
     assert_eq!(decoded.state, original.snapshot());
     assert_eq!(

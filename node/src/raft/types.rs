@@ -125,6 +125,17 @@ impl fmt::Display for Op {
             Command::Cdc { lsn, changes, .. } => {
                 write!(f, "cdc(lsn {lsn}, {} changes)", changes.len())?
             }
+            Command::CdcTx {
+                lsn, xid, changes, ..
+            } => write!(f, "cdc(lsn {lsn}, xid {xid}, {} changes)", changes.len())?,
+            Command::SnapshotFill {
+                key, value, token, ..
+            } => write!(
+                f,
+                "snapshot-fill(key {}B, value {}B, token {token})",
+                key.len(),
+                value.len()
+            )?,
             Command::Lease { key, .. } => write!(f, "lease(key {}B)", key.len())?,
             Command::ReleaseLease { key, token } => {
                 write!(f, "release-lease(key {}B, token {token})", key.len())?

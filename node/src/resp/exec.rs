@@ -441,6 +441,7 @@ impl Frontend {
                         keep_ttl: *keep_ttl,
                         condition: *condition,
                         source_lsn: 0,
+                        source_snapshot: None,
                     }
                 } else {
                     redis(RedisWrite::Set {

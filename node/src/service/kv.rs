@@ -20,6 +20,7 @@ use crate::storage::{
     WriteRequest,
 };
 use bytes::Bytes;
+use raftcache_proto::pg_snapshot::PgSnapshot;
 use raftcache_proto::tonic::{self, Request, Response, Status};
 use raftcache_proto::v1::cache_server::Cache;
 use raftcache_proto::v1::{
@@ -280,6 +281,7 @@ impl CacheService {
             keep_ttl: r.keep_ttl,
             condition,
             source_lsn: r.source_lsn,
+            source_snapshot: fill_snapshot(&r)?,
         };
         match self
             .write_once(r.route.as_ref(), req, r.request.as_ref())
@@ -351,6 +353,13 @@ impl CacheService {
                 r.changes.len()
             )));
         }
+        if !r.changes.is_empty() && r.xid == 0 && r.min_xmin == 0 {
+            return Err(NodeError::InvalidArgument(
+                "ApplyChanges with changes needs the xid of their transaction (or min_xmin \
+                 for a reset): upgrade the CDC worker"
+                    .into(),
+            ));
+        }
         if r.lsn == 0 && !r.changes.is_empty() {
             return Err(NodeError::InvalidArgument(
                 "ApplyChanges with changes needs their commit lsn".into(),
@@ -379,6 +388,8 @@ impl CacheService {
             lsn: r.lsn,
             watermark: r.watermark,
             fence: r.fence,
+            xid: r.xid,
+            min_xmin: r.min_xmin,
             changes,
         };
         let outcome = match self.write(r.route.as_ref(), request(changes.clone())).await {
@@ -553,6 +564,7 @@ impl CacheService {
             value: exact(&r.value),
             ttl_ms: nonzero(r.ttl_ms),
             source_lsn: r.source_lsn,
+            source_snapshot: fill_snapshot(&r)?,
             token: r.lease_token,
         };
         match self
@@ -759,4 +771,15 @@ impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         to_status(&e)
     }
+}
+
+/// The validated `source_snapshot` of a `Set` (an exact cache-aside fill), if any.
+fn fill_snapshot(r: &SetRequest) -> Result<Option<PgSnapshot>> {
+    r.source_snapshot
+        .as_ref()
+        .map(|w| {
+            PgSnapshot::from_wire(w)
+                .map_err(|e| NodeError::InvalidArgument(format!("source_snapshot: {e}")))
+        })
+        .transpose()
 }

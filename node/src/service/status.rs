@@ -18,6 +18,7 @@ pub fn error_code(err: &NodeError) -> ErrorCode {
             StorageError::OutOfMemory { .. } => ErrorCode::OutOfMemory,
             StorageError::NotAnInteger => ErrorCode::NotAnInteger,
             StorageError::IncrOverflow => ErrorCode::IncrOverflow,
+            StorageError::InvalidFill(_) => ErrorCode::InvalidArgument,
         },
         NodeError::WrongEpoch { .. } => ErrorCode::WrongEpoch,
         NodeError::NotLeader { .. } => ErrorCode::NotLeader,

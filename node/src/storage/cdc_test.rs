@@ -352,14 +352,16 @@ fn forgotten_tombstones_raise_the_floor() {
     // "b" still has its own tombstone.
     assert_eq!(sm.fill("b", "x", 11), stale(0, 12));
 
-    // A Cdc op forgets every due tombstone before its changes; the floor does not apply to
-    // its Puts.
+    // A Cdc op forgets every due tombstone before its changes; a Put at or below the
+    // floor (an old replay: the key's newer tombstone may be forgotten) only invalidates.
     sm.now += 10_000;
-    assert_eq!(sm.cdc(11, vec![put("c", "v")]), applied(1, 12));
+    assert_eq!(sm.cdc(11, vec![put("c", "v")]), applied(0, 12));
     assert_eq!(sm.state.tombstone_floor(), 12);
     assert_eq!(sm.state.tombstone_count(), 1, "only c's new tombstone");
+    assert_eq!(sm.state.get(b"c", sm.now), None, "the replay wrote nothing");
+    assert_eq!(sm.cdc(13, vec![put("c", "v")]), applied(1, 13));
     assert_eq!(sm.fill("b", "x", 12), stale(0, 12));
-    assert_eq!(sm.fill("b", "x", 13), filled(10));
+    assert_eq!(sm.fill("b", "x", 13), filled(11));
 }
 
 #[test]
@@ -494,7 +496,11 @@ fn snapshot_round_trips_cdc_state() {
     assert_eq!(snap.cdc.fence, 3);
     assert_eq!(snap.cdc.floor, 10);
     assert_eq!(snap.cdc.tombstones.len(), 2);
-    assert_eq!(snap.cdc.prefixes, vec![(b("q:"), 10)]);
+    assert_eq!(snap.cdc.prefixes.len(), 1);
+    assert_eq!(
+        (&snap.cdc.prefixes[0].0, snap.cdc.prefixes[0].1),
+        (&b("q:"), 10)
+    );
     assert!(snap
         .entries
         .iter()
@@ -603,6 +609,8 @@ fn cdc_write(lsn: u64, changes: Vec<CdcWrite>) -> WriteRequest {
         lsn,
         watermark: lsn,
         fence: 1,
+        xid: lsn,
+        min_xmin: 0,
         changes,
     }
 }
@@ -639,8 +647,10 @@ fn prepare_turns_cdc_ttls_into_deadlines_and_validates() {
     assert_eq!(op.now_ms, START);
     assert_eq!(
         op.cmd,
-        Command::Cdc {
+        Command::CdcTx {
             lsn: 7,
+            xid: 7,
+            min_xmin: 0,
             watermark: 7,
             fence: 1,
             tombstone_until_ms: START + 5_000,
@@ -717,6 +727,8 @@ fn engine_applies_cdc_and_reports_the_watermark_and_source_lsn() {
                 lsn: 40,
                 watermark: 41,
                 fence: 1,
+                xid: 400,
+                min_xmin: 0,
                 changes: vec![CdcWrite::Put {
                     key: b("k"),
                     value: b("v"),
@@ -741,6 +753,7 @@ fn engine_applies_cdc_and_reports_the_watermark_and_source_lsn() {
         keep_ttl: false,
         condition: Condition::Always,
         source_lsn,
+        source_snapshot: None,
     };
     assert_eq!(e.write(P0, fill(39)).unwrap(), stale(1, 40));
     assert_eq!(e.write(P0, fill(41)).unwrap(), filled(3));
@@ -753,6 +766,8 @@ fn engine_applies_cdc_and_reports_the_watermark_and_source_lsn() {
                 lsn: 50,
                 watermark: 50,
                 fence: 0,
+                xid: 500,
+                min_xmin: 0,
                 changes: vec![]
             }
         )

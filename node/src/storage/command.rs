@@ -5,6 +5,7 @@
 //! which never reads a clock itself).
 
 use bytes::Bytes;
+use raftcache_proto::pg_snapshot::PgSnapshot;
 
 use super::LeaseDecision;
 
@@ -149,6 +150,50 @@ pub enum Command {
         key: Bytes,
         /// What to do.
         op: RedisOp,
+    },
+    /// [`Command::Cdc`] with the transaction's id: the form every batch takes now. An old
+    /// `Cdc` (from a log written before xids) applies as a `CdcTx` whose transaction is
+    /// unknown, which refuses every snapshot fill of its keys while their tombstones last.
+    ///
+    /// Each key tombstone (and prefix tombstone) folds `(xid, min_xmin)` into its
+    /// [`XidGuard`](super::XidGuard): a later [`Command::SnapshotFill`] passes only if its
+    /// snapshot sees `xid` and every earlier invalidator. An entry filled under a snapshot
+    /// that saw `xid` is kept by an `Invalidate` (and a `Put` leaves it as it is).
+    CdcTx {
+        /// As `Cdc`'s.
+        lsn: u64,
+        /// The 64-bit id of the transaction (0: none, e.g. a reset).
+        xid: u64,
+        /// A snapshot fill of these keys needs `xmin >= min_xmin` (a reset: every
+        /// transaction below it had ended). 0: none.
+        min_xmin: u64,
+        /// As `Cdc`'s.
+        watermark: u64,
+        /// As `Cdc`'s.
+        fence: u64,
+        /// As `Cdc`'s.
+        tombstone_until_ms: u64,
+        /// As `Cdc`'s.
+        changes: Vec<CdcChange>,
+    },
+    /// The exact cache-aside fill: `value` read from Postgres under `snapshot`. Refused
+    /// (`newer_lsn` names the newest unseen invalidation) unless the snapshot sees every
+    /// transaction the key's tombstone, the prefix tombstones it starts with and the
+    /// partition's xmin floor stand for; otherwise stored with `Condition::Always`,
+    /// source LSN 0 and the snapshot kept with the entry. With `token` 0 the outcome is
+    /// [`Outcome::Set`]; otherwise it is a fill under that lease, exactly as
+    /// [`Command::Fill`] (lease checked first, the lease ends with the fill).
+    SnapshotFill {
+        /// The key.
+        key: Bytes,
+        /// The loaded value.
+        value: Bytes,
+        /// Absolute deadline (ms since epoch), or `None` for no TTL.
+        expire_at_ms: Option<u64>,
+        /// The snapshot the row was read under.
+        snapshot: PgSnapshot,
+        /// 0, or the lease's token (the log index of its grant).
+        token: u64,
     },
 }
 
@@ -305,8 +350,12 @@ impl Command {
             | Command::Lease { key, .. }
             | Command::ReleaseLease { key, .. }
             | Command::Fill { key, .. }
+            | Command::SnapshotFill { key, .. }
             | Command::Redis { key, .. } => Some(key),
-            Command::Evict { .. } | Command::Reclaim { .. } | Command::Cdc { .. } => None,
+            Command::Evict { .. }
+            | Command::Reclaim { .. }
+            | Command::Cdc { .. }
+            | Command::CdcTx { .. } => None,
         }
     }
 }

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
+use raftcache_proto::pg_snapshot::PgSnapshot;
 use rand::Rng;
 use serde::Serialize;
 
@@ -45,6 +46,9 @@ pub enum WriteRequest {
         /// Postgres at this commit LSN, refused when the key has seen a change at this LSN
         /// or a later one (see [`Command::Set`]).
         source_lsn: u64,
+        /// An exact fill read under this Postgres snapshot ([`Command::SnapshotFill`]);
+        /// then `source_lsn` must be 0, `condition` `Always` and `keep_ttl` false.
+        source_snapshot: Option<PgSnapshot>,
     },
     /// Remove a key.
     Delete {
@@ -75,6 +79,10 @@ pub enum WriteRequest {
         watermark: u64,
         /// The worker's fencing token.
         fence: u64,
+        /// The 64-bit id of the transaction (see [`Command::CdcTx`]).
+        xid: u64,
+        /// A snapshot fill of these keys needs `xmin >= min_xmin` (0: none).
+        min_xmin: u64,
         /// The changes, applied in order.
         changes: Vec<CdcWrite>,
     },
@@ -107,6 +115,8 @@ pub enum WriteRequest {
         ttl_ms: Option<u64>,
         /// As [`WriteRequest::Set`]'s `source_lsn`.
         source_lsn: u64,
+        /// As [`WriteRequest::Set`]'s `source_snapshot`.
+        source_snapshot: Option<PgSnapshot>,
         /// The lease's token.
         token: u64,
     },
@@ -388,9 +398,29 @@ impl Engine {
                 keep_ttl,
                 condition,
                 source_lsn,
+                source_snapshot,
             } => {
                 self.check_key(&key)?;
                 self.check_value(&value)?;
+                if let Some(snapshot) = source_snapshot {
+                    if source_lsn != 0 || keep_ttl || condition != Condition::Always {
+                        return Err(StorageError::InvalidFill(
+                            "a set with source_snapshot takes no source_lsn, keep_ttl or \
+                             condition: a fill writes unless it is stale"
+                                .into(),
+                        ));
+                    }
+                    return Ok(Op {
+                        now_ms,
+                        cmd: Command::SnapshotFill {
+                            key,
+                            value,
+                            expire_at_ms: deadline(now_ms, ttl_ms)?,
+                            snapshot,
+                            token: 0,
+                        },
+                    });
+                }
                 Command::Set {
                     key,
                     value,
@@ -419,9 +449,13 @@ impl Engine {
                 lsn,
                 watermark,
                 fence,
+                xid,
+                min_xmin,
                 changes,
-            } => Command::Cdc {
+            } => Command::CdcTx {
                 lsn,
+                xid,
+                min_xmin,
                 watermark,
                 fence,
                 tombstone_until_ms: now_ms.saturating_add(self.config.cdc_tombstone_ttl_ms),
@@ -503,10 +537,28 @@ impl Engine {
                 value,
                 ttl_ms,
                 source_lsn,
+                source_snapshot,
                 token,
             } => {
                 self.check_key(&key)?;
                 self.check_value(&value)?;
+                if let Some(snapshot) = source_snapshot {
+                    if source_lsn != 0 {
+                        return Err(StorageError::InvalidFill(
+                            "source_lsn and source_snapshot exclude each other".into(),
+                        ));
+                    }
+                    return Ok(Op {
+                        now_ms,
+                        cmd: Command::SnapshotFill {
+                            key,
+                            value,
+                            expire_at_ms: deadline(now_ms, ttl_ms)?,
+                            snapshot,
+                            token,
+                        },
+                    });
+                }
                 Command::Fill {
                     key,
                     value,
@@ -588,6 +640,21 @@ impl Engine {
             evictions: self.evictions.load(Ordering::Relaxed),
             expirations: self.expirations.load(Ordering::Relaxed),
         }
+    }
+
+    /// Bytes held by CDC tombstones across partitions (not in `memory_used`: bounded by
+    /// [`MAX_TOMBSTONE_BYTES`](super::MAX_TOMBSTONE_BYTES) per partition instead). Takes
+    /// each partition's lock in turn: for scrapes, not for the request path.
+    pub fn tombstone_bytes(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(|p| {
+                p.state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .tombstone_bytes()
+            })
+            .sum()
     }
 
     /// How many entries partition `p` holds (expired ones not yet reclaimed included),
@@ -1077,6 +1144,16 @@ fn stored_size(cmd: &Command) -> Option<u64> {
             expire_at_ms,
             ..
         } => Some(entry_cost(key.len(), value.len(), expire_at_ms.is_some())),
+        Command::SnapshotFill {
+            key,
+            value,
+            expire_at_ms,
+            snapshot,
+            ..
+        } => Some(
+            entry_cost(key.len(), value.len(), expire_at_ms.is_some())
+                + super::mem::fill_cost(Some(snapshot)),
+        ),
         Command::Redis {
             key,
             op:

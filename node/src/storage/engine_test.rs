@@ -43,6 +43,7 @@ fn set(key: impl Into<Bytes>, value: impl Into<Bytes>, ttl_ms: Option<u64>) -> W
         keep_ttl: false,
         condition: Condition::Always,
         source_lsn: 0,
+        source_snapshot: None,
     }
 }
 

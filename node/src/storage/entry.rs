@@ -1,6 +1,7 @@
 //! One stored entry.
 
 use bytes::Bytes;
+use raftcache_proto::pg_snapshot::PgSnapshot;
 
 use super::evict::Access;
 
@@ -17,6 +18,9 @@ pub(crate) struct Entry {
     /// at that LSN); 0 when the value does not come from Postgres. A CDC invalidation at an
     /// older LSN keeps the entry, and a fill at this LSN or an older one is refused.
     pub(crate) source_lsn: u64,
+    /// For a fill read under a Postgres snapshot (`Command::SnapshotFill`): that snapshot.
+    /// A later CDC invalidation removes the value unless the snapshot saw its transaction.
+    pub(crate) fill: Option<Box<PgSnapshot>>,
     /// Node-local LRU/LFU metadata; never read by `apply`.
     pub(crate) access: Access,
 }

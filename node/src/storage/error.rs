@@ -66,6 +66,9 @@ pub enum StorageError {
     /// INCR whose result would not fit in a signed 64-bit integer.
     #[error("increment or decrement would overflow")]
     IncrOverflow,
+    /// A cache-aside fill whose options contradict each other.
+    #[error("{0}")]
+    InvalidFill(String),
 }
 
 impl From<super::IncrError> for StorageError {

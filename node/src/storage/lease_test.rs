@@ -637,6 +637,7 @@ fn prepare_validates_lease_requests() {
         value: b(value),
         ttl_ms,
         source_lsn: 0,
+        source_snapshot: None,
         token: 1,
     };
     assert!(matches!(
@@ -676,6 +677,7 @@ fn engine_leases_fill_and_reclaims_ended_leases() {
             value: b("v"),
             ttl_ms: None,
             source_lsn: 0,
+            source_snapshot: None,
             token,
         }),
         applied(token + 2)

@@ -84,12 +84,17 @@ mod model_test;
 mod state_machine_test;
 #[cfg(test)]
 mod test_apply;
+#[cfg(test)]
+mod xid_guard_test;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use cdc::{CdcSnapshot, MAX_PREFIX_TOMBSTONES, MAX_TOMBSTONES};
+pub use cdc::{
+    CdcSnapshot, XidGuard, MAX_PREFIX_TOMBSTONES, MAX_TOMBSTONES, MAX_TOMBSTONE_BYTES,
+    TOMBSTONE_OVERHEAD, UNKNOWN_XMIN,
+};
 pub use clock::{clock_offset_ms, set_clock_offset_ms, Clock, ManualClock, SystemClock};
 pub use command::{
     CdcApplied, CdcChange, CdcError, Command, Condition, ExpireCondition, IncrError, Op, Outcome,
@@ -103,7 +108,7 @@ pub use error::StorageError;
 pub use lease::{
     is_fresh, lease_ttl_ms, LeaseDecision, DEFAULT_LEASE_TTL_MS, MAX_LEASES, MAX_LEASE_TTL_MS,
 };
-pub use mem::{ENTRY_OVERHEAD, TTL_OVERHEAD};
+pub use mem::{ENTRY_OVERHEAD, FILL_OVERHEAD, TTL_OVERHEAD};
 pub use requests::{RequestId, RequestLog, MAX_REQUESTS, REQUEST_TTL_MS};
 pub use state_machine::{EntryView, PartitionSnapshot, PartitionState, SnapshotEntry};
 

@@ -339,6 +339,17 @@ impl Model {
                 } => {
                     self.leases.remove(key.as_ref());
                     if self.cdc_lsn(key, now) >= lsn {
+                        // Skipped, but the transaction still counts for the key's guard.
+                        self.tombstone(key, lsn, until);
+                        continue;
+                    }
+                    if lsn <= self.floor {
+                        // An old replay under the floor only invalidates.
+                        let keep = self.live(key, now).is_some_and(|e| e.3 > lsn);
+                        if !keep {
+                            self.map.remove(key.as_ref());
+                        }
+                        self.tombstone(key, lsn, until);
                         continue;
                     }
                     self.map
@@ -698,6 +709,9 @@ impl Model {
             Command::Lease { .. } | Command::ReleaseLease { .. } | Command::Fill { .. } => {
                 unreachable!("handled above")
             }
+            Command::CdcTx { .. } | Command::SnapshotFill { .. } => {
+                unreachable!("not generated: the xid guard has its own model test")
+            }
         }
     }
 
@@ -724,15 +738,17 @@ impl Model {
             watermark: self.watermark,
             fence: self.fence,
             floor: self.floor,
+            // Every generated batch is a `Command::Cdc` (no xid): unknown invalidators.
+            xmin_floor: 0,
             tombstones: self
                 .tombstones
                 .iter()
-                .map(|(k, (lsn, until))| (Bytes::copy_from_slice(k), *lsn, *until))
+                .map(|(k, (lsn, until))| (Bytes::copy_from_slice(k), *lsn, *until, UNKNOWN))
                 .collect(),
             prefixes: self
                 .prefixes
                 .iter()
-                .map(|(p, lsn)| (Bytes::copy_from_slice(p), *lsn))
+                .map(|(p, lsn)| (Bytes::copy_from_slice(p), *lsn, UNKNOWN))
                 .collect(),
         }
     }
@@ -744,6 +760,12 @@ impl Model {
             .sum()
     }
 }
+
+/// The guard of a tombstone written by a `Command::Cdc` (no xid).
+const UNKNOWN: super::XidGuard = super::XidGuard {
+    xid: 0,
+    min_xmin: super::UNKNOWN_XMIN,
+};
 
 fn deadline(now: u64, rel: Option<i64>) -> Option<u64> {
     rel.map(|r| now.saturating_add_signed(r))

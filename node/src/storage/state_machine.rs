@@ -5,18 +5,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use indexmap::IndexMap;
 
+use super::cdc::XidGuard;
 use super::cdc::{CdcSnapshot, CdcState};
 use super::command::parse_i64;
 use super::entry::Entry;
 use super::evict::{Access, Candidate};
 use super::lease::{is_fresh, Lease, LeaseTable, MAX_LEASES};
-use super::mem::entry_cost;
+use super::mem::{entry_cost, fill_cost};
 use super::requests::{RequestId, RequestLog};
 use super::ttl::TtlIndex;
 use super::{
     CdcApplied, CdcChange, CdcError, Command, Condition, EvictionPolicy, IncrError, LeaseDecision,
     Op, Outcome, PartitionId, RedisOp, RedisOutcome,
 };
+use raftcache_proto::pg_snapshot::PgSnapshot;
 
 /// The entries of one partition and the index of the last op applied to them.
 ///
@@ -139,6 +141,8 @@ pub struct SnapshotEntry {
     pub expire_at_ms: Option<u64>,
     /// The Postgres commit LSN the value reflects (0: none).
     pub source_lsn: u64,
+    /// The snapshot of a fill read under one (`Command::SnapshotFill`).
+    pub fill: Option<PgSnapshot>,
 }
 
 /// What a single-key op will do, computed without mutating so that the engine can learn the
@@ -157,11 +161,12 @@ enum Effect {
     Keep,
     /// Remove the key.
     Remove,
-    /// Store this value, deadline and source LSN with version = index.
+    /// Store this value, deadline, source LSN and fill snapshot with version = index.
     Put {
         value: Bytes,
         expire_at_ms: Option<u64>,
         source_lsn: u64,
+        fill: Option<Box<PgSnapshot>>,
     },
 }
 
@@ -225,6 +230,28 @@ impl PartitionState {
                 index,
                 now,
                 *lsn,
+                UNKNOWN_TX,
+                *watermark,
+                *fence,
+                *tombstone_until_ms,
+                changes,
+            )),
+            Command::CdcTx {
+                lsn,
+                xid,
+                min_xmin,
+                watermark,
+                fence,
+                tombstone_until_ms,
+                changes,
+            } => Outcome::Cdc(self.apply_cdc(
+                index,
+                now,
+                *lsn,
+                XidGuard {
+                    xid: *xid,
+                    min_xmin: *min_xmin,
+                },
                 *watermark,
                 *fence,
                 *tombstone_until_ms,
@@ -267,7 +294,11 @@ impl PartitionState {
                 };
                 Outcome::Released(released)
             }
-            Command::Fill { key, .. } => {
+            Command::SnapshotFill { key, token: 0, .. } => {
+                let plan = self.plan(key, op);
+                self.execute(key, index, now, plan)
+            }
+            Command::Fill { key, .. } | Command::SnapshotFill { key, .. } => {
                 let plan = self.plan(key, op);
                 if !matches!(
                     plan.outcome,
@@ -411,6 +442,12 @@ impl PartitionState {
                 fence,
                 changes,
                 ..
+            }
+            | Command::CdcTx {
+                lsn,
+                fence,
+                changes,
+                ..
             } => self.cdc_growth(now, *lsn, *fence, changes),
             // Leases are not accounted.
             Command::Lease { .. } | Command::ReleaseLease { .. } => 0,
@@ -419,6 +456,7 @@ impl PartitionState {
             | Command::Incr { key, .. }
             | Command::Expire { key, .. }
             | Command::Fill { key, .. }
+            | Command::SnapshotFill { key, .. }
             | Command::Redis { key, .. } => {
                 let plan = self.plan(key, op);
                 let old = signed(plan.existing.map_or(0, |(_, cost)| cost));
@@ -429,8 +467,14 @@ impl PartitionState {
                     Effect::Put {
                         value,
                         expire_at_ms,
+                        fill,
                         ..
-                    } => signed(entry_cost(key.len(), value.len(), expire_at_ms.is_some())) - old,
+                    } => {
+                        signed(
+                            entry_cost(key.len(), value.len(), expire_at_ms.is_some())
+                                + fill_cost(fill.as_deref()),
+                        ) - old
+                    }
                 }
             }
         }
@@ -519,6 +563,18 @@ impl PartitionState {
         self.cdc.len()
     }
 
+    /// Bytes charged for the key tombstones held (at most
+    /// [`MAX_TOMBSTONE_BYTES`](super::MAX_TOMBSTONE_BYTES) after each op).
+    pub fn tombstone_bytes(&self) -> u64 {
+        self.cdc.bytes()
+    }
+
+    /// Snapshot fills are refused unless their `xmin` is at least this (the requirement of
+    /// every forgotten tombstone).
+    pub fn xmin_floor(&self) -> u64 {
+        self.cdc.xmin_floor
+    }
+
     /// Prefix tombstones held.
     pub fn prefix_tombstone_count(&self) -> usize {
         self.cdc.prefix_count()
@@ -561,6 +617,7 @@ impl PartitionState {
                     version: entry.version,
                     expire_at_ms: entry.expire_at_ms,
                     source_lsn: entry.source_lsn,
+                    fill: entry.fill.as_deref().cloned(),
                 })
                 .collect(),
             cdc: self.cdc.snapshot(),
@@ -576,7 +633,14 @@ impl PartitionState {
         state.applied_index = snap.applied_index;
         state.entries.reserve(snap.entries.len());
         for e in snap.entries {
-            state.insert_new(e.key, e.value, e.version, e.expire_at_ms, e.source_lsn, 0);
+            let stored = Stored {
+                value: e.value,
+                version: e.version,
+                expire_at_ms: e.expire_at_ms,
+                source_lsn: e.source_lsn,
+                fill: e.fill.map(Box::new),
+            };
+            state.insert_new(e.key, stored, 0);
         }
         state.cdc = CdcState::restore(snap.cdc, exact);
         state.requests = RequestLog::restore(snap.requests);
@@ -691,6 +755,7 @@ impl PartitionState {
                             value: value.clone(),
                             expire_at_ms,
                             source_lsn: *source_lsn,
+                            fill: None,
                         },
                         Outcome::Set {
                             applied: true,
@@ -726,6 +791,7 @@ impl PartitionState {
                             value: Bytes::from(n.to_string()),
                             expire_at_ms: live.and_then(|e| e.expire_at_ms),
                             source_lsn: 0,
+                            fill: None,
                         },
                         Outcome::Incr(Ok((n, 0))), // version filled in by execute
                     ),
@@ -744,6 +810,7 @@ impl PartitionState {
                         value: e.value.clone(),
                         expire_at_ms: *expire_at_ms,
                         source_lsn: e.source_lsn,
+                        fill: e.fill.clone(),
                     },
                     Outcome::Expire(true),
                 ),
@@ -752,6 +819,7 @@ impl PartitionState {
                         value: e.value.clone(),
                         expire_at_ms: None,
                         source_lsn: e.source_lsn,
+                        fill: e.fill.clone(),
                     },
                     Outcome::Expire(true),
                 ),
@@ -810,10 +878,62 @@ impl PartitionState {
                 }
                 return plan;
             }
+            Command::SnapshotFill {
+                value,
+                expire_at_ms,
+                snapshot,
+                token,
+                ..
+            } => {
+                let version = live.map_or(0, |e| e.version);
+                let answer = |applied: bool, newer_lsn: u64, lease_lost: bool| {
+                    if *token == 0 {
+                        Outcome::Set {
+                            applied,
+                            version: if applied { 0 } else { version },
+                            newer_lsn,
+                        }
+                    } else {
+                        Outcome::Fill {
+                            applied,
+                            version: if applied { 0 } else { version },
+                            newer_lsn,
+                            lease_lost,
+                        }
+                    }
+                };
+                let holds = *token == 0
+                    || self
+                        .leases
+                        .get(key)
+                        .is_some_and(|l| l.token == *token && l.is_live(now));
+                if !holds {
+                    // As `Fill`: nothing changes, not even an expired entry is dropped.
+                    return Plan {
+                        existing,
+                        expired: false,
+                        effect: Effect::Keep,
+                        outcome: answer(false, 0, true),
+                    };
+                }
+                match self.cdc.admits(key, snapshot) {
+                    Err(newer_lsn) => (Effect::Keep, answer(false, newer_lsn.max(1), false)),
+                    Ok(()) => (
+                        Effect::Put {
+                            value: value.clone(),
+                            expire_at_ms: *expire_at_ms,
+                            source_lsn: 0,
+                            fill: Some(Box::new(snapshot.clone())),
+                        },
+                        answer(true, 0, false),
+                    ),
+                }
+            }
             Command::Redis { op: redis, .. } => return self.plan_redis(key, now, redis, live),
             Command::Evict { .. }
             | Command::Reclaim { .. }
             | Command::Cdc { .. }
+            | Command::CdcTx { .. }
             | Command::Lease { .. }
             | Command::ReleaseLease { .. } => {
                 unreachable!("plan is only called for single-key writes")
@@ -957,10 +1077,20 @@ impl PartitionState {
                 value,
                 expire_at_ms,
                 source_lsn,
-            } => match existing {
-                Some(at) => self.replace_at(at, value, index, expire_at_ms, source_lsn, now),
-                None => self.insert_new(key.clone(), value, index, expire_at_ms, source_lsn, now),
-            },
+                fill,
+            } => {
+                let stored = Stored {
+                    value,
+                    version: index,
+                    expire_at_ms,
+                    source_lsn,
+                    fill,
+                };
+                match existing {
+                    Some(at) => self.replace_at(at, stored, now),
+                    None => self.insert_new(key.clone(), stored, now),
+                }
+            }
         }
         match plan.outcome {
             Outcome::Set { applied: true, .. } => Outcome::Set {
@@ -1002,6 +1132,7 @@ impl PartitionState {
         index: u64,
         now: u64,
         lsn: u64,
+        tx: XidGuard,
         watermark: u64,
         fence: u64,
         until_ms: u64,
@@ -1018,15 +1149,23 @@ impl PartitionState {
         for change in changes {
             changed += match change {
                 CdcChange::Invalidate { key } => {
-                    u64::from(self.cdc_invalidate(key, lsn, until_ms, now))
+                    u64::from(self.cdc_invalidate(key, lsn, tx, until_ms, now))
                 }
                 CdcChange::Put {
                     key,
                     value,
                     expire_at_ms,
-                } => u64::from(self.cdc_put(key, value, *expire_at_ms, lsn, until_ms, index, now)),
+                } => u64::from(self.cdc_put(
+                    key,
+                    value,
+                    *expire_at_ms,
+                    (lsn, tx),
+                    until_ms,
+                    index,
+                    now,
+                )),
                 CdcChange::InvalidatePrefix { prefix } => {
-                    self.cdc_invalidate_prefix(prefix, lsn, now)
+                    self.cdc_invalidate_prefix(prefix, lsn, tx, now)
                 }
             };
         }
@@ -1082,13 +1221,21 @@ impl PartitionState {
             .sum()
     }
 
-    /// CDC `Invalidate`: removes `key`'s entry unless it is live and newer than `lsn`, then
+    /// CDC `Invalidate`: removes `key`'s entry unless it is live and already reflects the
+    /// change (a newer source LSN, or a fill whose snapshot saw the transaction), then
     /// raises its tombstone. Returns whether an entry was removed.
-    fn cdc_invalidate(&mut self, key: &Bytes, lsn: u64, until_ms: u64, now: u64) -> bool {
+    fn cdc_invalidate(
+        &mut self,
+        key: &Bytes,
+        lsn: u64,
+        tx: XidGuard,
+        until_ms: u64,
+        now: u64,
+    ) -> bool {
         let removed = match self.entries.get_full(key.as_ref()) {
             Some((at, _, entry)) => {
                 let expired = entry.is_expired(now);
-                if !expired && entry.source_lsn > lsn {
+                if !expired && reflects(entry, lsn, tx) {
                     false
                 } else {
                     self.remove_at(at);
@@ -1102,21 +1249,25 @@ impl PartitionState {
         };
         let share = self.share_bytes;
         self.cdc
-            .tombstone(key, lsn, until_ms, || keep_bytes(share, key));
+            .tombstone(key, lsn, until_ms, tx, || keep_bytes(share, key));
         self.leases.remove(key);
         removed
     }
 
     /// CDC `Put`: stores the value at version `index` with `source_lsn = lsn` and raises the
-    /// key's tombstone, unless the key's CDC LSN (without the floor) is `>= lsn`. Returns
-    /// whether the value was stored.
+    /// key's tombstone (folding in the transaction), unless the entry already reflects the
+    /// change: the key's CDC LSN (without the floor) is `>= lsn`, or a live fill's snapshot
+    /// saw the transaction. A live fill whose snapshot did not see it is removed even when
+    /// the key's LSN is newer (a late, older transaction: the fill may predate it). A `Put` at or below the floor (an old replay whose key's
+    /// tombstone was forgotten) cannot tell whether the entry is newer, so it only
+    /// invalidates. Returns whether the value was stored.
     #[allow(clippy::too_many_arguments)]
     fn cdc_put(
         &mut self,
         key: &Bytes,
         value: &Bytes,
         expire_at_ms: Option<u64>,
-        lsn: u64,
+        (lsn, tx): (u64, XidGuard),
         until_ms: u64,
         index: u64,
         now: u64,
@@ -1126,19 +1277,40 @@ impl PartitionState {
         let existing = self.entries.get_full(key.as_ref());
         let expired = existing.is_some_and(|(_, _, e)| e.is_expired(now));
         let live = existing.filter(|_| !expired).map(|(_, _, e)| e);
-        if self.key_cdc_lsn(key, live) >= lsn {
+        let reflected = live.is_some_and(|e| reflects(e, lsn, tx));
+        if self.key_cdc_lsn(key, live) >= lsn || reflected {
+            if live.is_some_and(|e| e.fill.is_some()) && !reflected {
+                // The key has seen a newer change, but a fill carries no LSN: one whose
+                // snapshot missed this (late) transaction may predate it. Drop it.
+                self.cdc_invalidate(key, lsn, tx, until_ms, now);
+                return false;
+            }
+            let share = self.share_bytes;
+            self.cdc
+                .tombstone(key, lsn, until_ms, tx, || keep_bytes(share, key));
             return false;
         }
+        if lsn <= self.cdc.floor {
+            self.cdc_invalidate(key, lsn, tx, until_ms, now);
+            return false;
+        }
+        let stored = Stored {
+            value: value.clone(),
+            version: index,
+            expire_at_ms,
+            source_lsn: lsn,
+            fill: None,
+        };
         let at = existing.map(|(at, _, _)| at);
         match at {
             // An expired entry is dropped and the key created anew, as for `Set`.
             Some(at) if expired => {
                 self.remove_at(at);
                 self.expired_removed += 1;
-                self.insert_new(key.clone(), value.clone(), index, expire_at_ms, lsn, now);
+                self.insert_new(key.clone(), stored, now);
             }
-            Some(at) => self.replace_at(at, value.clone(), index, expire_at_ms, lsn, now),
-            None => self.insert_new(key.clone(), value.clone(), index, expire_at_ms, lsn, now),
+            Some(at) => self.replace_at(at, stored, now),
+            None => self.insert_new(key.clone(), stored, now),
         }
         // Share the entry's copy of the key rather than making another one.
         let stored = self
@@ -1146,7 +1318,7 @@ impl PartitionState {
             .get_key_value(key.as_ref())
             .map(|(k, _)| k.clone());
         let share = self.share_bytes;
-        self.cdc.tombstone(key, lsn, until_ms, || {
+        self.cdc.tombstone(key, lsn, until_ms, tx, || {
             stored.unwrap_or_else(|| keep_bytes(share, key))
         });
         true
@@ -1154,7 +1326,7 @@ impl PartitionState {
 
     /// CDC `InvalidatePrefix`: removes every entry (live or expired) under `prefix` whose
     /// source LSN is below `lsn` and raises the prefix's tombstone. Returns how many.
-    fn cdc_invalidate_prefix(&mut self, prefix: &Bytes, lsn: u64, now: u64) -> u64 {
+    fn cdc_invalidate_prefix(&mut self, prefix: &Bytes, lsn: u64, tx: XidGuard, now: u64) -> u64 {
         let mut removed = 0u64;
         let mut expired = 0u64;
         let ttl = &mut self.ttl;
@@ -1177,7 +1349,7 @@ impl PartitionState {
         self.expired_removed += expired;
         let share = self.share_bytes;
         self.cdc
-            .prefix_tombstone(prefix, lsn, || keep_bytes(share, prefix));
+            .prefix_tombstone(prefix, lsn, tx, || keep_bytes(share, prefix));
         self.leases.remove_prefix(prefix);
         removed
     }
@@ -1222,17 +1394,17 @@ impl PartitionState {
     }
 
     // Every key and value the state keeps passes through `insert_new` or `replace_at`.
-    fn insert_new(
-        &mut self,
-        key: Bytes,
-        value: Bytes,
-        version: u64,
-        expire_at_ms: Option<u64>,
-        source_lsn: u64,
-        now: u64,
-    ) {
+    fn insert_new(&mut self, key: Bytes, stored: Stored, now: u64) {
+        let Stored {
+            value,
+            version,
+            expire_at_ms,
+            source_lsn,
+            fill,
+        } = stored;
         let (key, value) = (self.keep(&key), self.keep(&value));
-        self.memory_used += entry_cost(key.len(), value.len(), expire_at_ms.is_some());
+        self.memory_used +=
+            entry_cost(key.len(), value.len(), expire_at_ms.is_some()) + fill_cost(fill.as_deref());
         if let Some(deadline) = expire_at_ms {
             self.ttl.insert(deadline, key.clone());
         }
@@ -1241,6 +1413,7 @@ impl PartitionState {
             version,
             expire_at_ms,
             source_lsn,
+            fill,
             access: Access::new(now),
         };
         // Callers only insert keys that are not held (checked by `plan`, or distinct in a
@@ -1253,20 +1426,20 @@ impl PartitionState {
         keep_bytes(self.share_bytes, b)
     }
 
-    fn replace_at(
-        &mut self,
-        at: usize,
-        value: Bytes,
-        version: u64,
-        expire_at_ms: Option<u64>,
-        source_lsn: u64,
-        now: u64,
-    ) {
+    fn replace_at(&mut self, at: usize, stored: Stored, now: u64) {
+        let Stored {
+            value,
+            version,
+            expire_at_ms,
+            source_lsn,
+            fill,
+        } = stored;
         let Some((key, entry)) = self.entries.get_index_mut(at) else {
             return;
         };
-        let old = entry_cost(key.len(), entry.value.len(), entry.expire_at_ms.is_some());
-        let new = entry_cost(key.len(), value.len(), expire_at_ms.is_some());
+        let old = cost_of(key, entry);
+        let new =
+            entry_cost(key.len(), value.len(), expire_at_ms.is_some()) + fill_cost(fill.as_deref());
         if entry.expire_at_ms != expire_at_ms {
             if let Some(deadline) = entry.expire_at_ms {
                 self.ttl.remove(deadline, key);
@@ -1283,6 +1456,7 @@ impl PartitionState {
         entry.version = version;
         entry.expire_at_ms = expire_at_ms;
         entry.source_lsn = source_lsn;
+        entry.fill = fill;
         entry.access.on_write(now);
         self.memory_used = self.memory_used - old + new;
     }
@@ -1297,6 +1471,19 @@ impl PartitionState {
     }
 }
 
+/// Whether a live entry already reflects a CDC change at `lsn` by transaction `tx`: its
+/// value comes from a newer LSN, or it was filled under a snapshot that saw `tx`.
+fn reflects(entry: &Entry, lsn: u64, tx: XidGuard) -> bool {
+    entry.source_lsn > lsn || (tx.xid != 0 && entry.fill.as_deref().is_some_and(|s| tx.seen_by(s)))
+}
+
+/// The guard of a batch whose transaction is unknown (a `Command::Cdc` from before xids):
+/// it refuses every snapshot fill of its keys while its tombstones are held.
+const UNKNOWN_TX: XidGuard = XidGuard {
+    xid: 0,
+    min_xmin: super::cdc::UNKNOWN_XMIN,
+};
+
 /// The bytes to store: `b` itself when the op's bytes are exact (`share`), else a copy.
 fn keep_bytes(share: bool, b: &Bytes) -> Bytes {
     if share {
@@ -1308,6 +1495,16 @@ fn keep_bytes(share: bool, b: &Bytes) -> Bytes {
 
 fn cost_of(key: &Bytes, entry: &Entry) -> u64 {
     entry_cost(key.len(), entry.value.len(), entry.expire_at_ms.is_some())
+        + fill_cost(entry.fill.as_deref())
+}
+
+/// What an applied write stores under a key.
+struct Stored {
+    value: Bytes,
+    version: u64,
+    expire_at_ms: Option<u64>,
+    source_lsn: u64,
+    fill: Option<Box<PgSnapshot>>,
 }
 
 /// Accounted sizes fit in i64 by a wide margin (they are bounded by real memory).

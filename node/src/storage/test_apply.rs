@@ -16,7 +16,7 @@ pub(super) fn apply_checked(
     let before = state.memory_used() as i64;
     let outcome = state.apply(index, &op);
     let grown = state.memory_used() as i64 - before;
-    if let Command::Cdc { .. } = op.cmd {
+    if let Command::Cdc { .. } | Command::CdcTx { .. } = op.cmd {
         assert!(
             predicted >= 0 && grown <= predicted,
             "{grown} > {predicted}"
