@@ -156,6 +156,10 @@ pub struct TableSection {
     pub ttl: Option<Duration>,
     /// `update` mode: only these columns go into the JSON (default: all).
     pub columns: Option<Vec<String>>,
+    /// `raftcache-cdc verify`: a SQL expression over the row (the table is aliased `t`)
+    /// whose text is the value the cache should hold for the row's keys, e.g. `"v"` or
+    /// `"row_to_json(t)::text"`. Default: the JSON object `update` mode writes.
+    pub verify_value: Option<String>,
 }
 
 /// A validated table mapping.
@@ -318,6 +322,14 @@ impl Config {
                     ))
                 }
                 _ => {}
+            }
+            if t.verify_value.as_ref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(
+                    option("verify-value"),
+                    "must not be empty (a SQL expression over the row aliased `t`, \
+                     e.g. \"row_to_json(t)::text\"; leave it out for the update-mode JSON)"
+                        .into(),
+                ));
             }
             out.push(TableMapping {
                 schema,

@@ -29,5 +29,7 @@ pub mod lsn;
 pub mod mapping;
 pub mod metrics;
 pub mod pgoutput;
+pub mod verify;
+pub mod verify_metrics;
 pub mod walsender;
 pub mod worker;
