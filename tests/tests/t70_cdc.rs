@@ -2,7 +2,7 @@
 //! real `raftcache-cdc` worker; changes are made with SQL and checked through the client.
 #![allow(clippy::unwrap_used)]
 
-use raftcache_client::{Client, ClientConfig, ClientError, Lsn};
+use raftcache_client::{Client, ClientConfig, ClientError, Lsn, PgSnapshot};
 use raftcache_tests::cdc::{config, free_addr, CdcProc, CdcStack};
 use raftcache_tests::pg::{current_lsn, exec};
 use raftcache_tests::{bins, run_cli, runtime, NodeProc};
@@ -185,10 +185,46 @@ fn a_stale_fill_after_an_invalidation_is_refused() {
             "{out:?}"
         );
 
-        // A fresh fill (read after the commit) is accepted.
-        let fresh_at = current_lsn(&reader).await;
+        // The exact form: the stale reader's snapshot (taken with its read, before the
+        // UPDATE) is refused too, through the client and the CLI.
+        let (stale_snap, fresh_snap, fresh_at) = {
+            let snap = |sql: &'static str| {
+                let reader = &reader;
+                async move {
+                    let row = reader.query_one(sql, &[]).await.unwrap();
+                    row.get::<_, String>(0).parse::<PgSnapshot>().unwrap()
+                }
+            };
+            let fresh = snap("SELECT pg_current_snapshot()::text FROM users WHERE id = 7").await;
+            // Older than the UPDATE: its xid is not below xmin, nor visible.
+            let stale = PgSnapshot::new(3, 3, Vec::new()).unwrap();
+            (stale, fresh, current_lsn(&reader).await)
+        };
         let outcome = c
-            .set_if_newer("user:7", "New", fresh_at, None)
+            .set_if_fresh("user:7", "Old", &stale_snap, None)
+            .await
+            .unwrap();
+        assert!(
+            !outcome.applied && outcome.refused_by.is_some(),
+            "{outcome:?}"
+        );
+        let out = run_cli(
+            &bins!(),
+            &s.node.endpoint(),
+            &["set", "--source-snapshot", "3:3:", "user:7", "Old"],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("not visible in snapshot"),
+            "{out:?}"
+        );
+
+        // A fresh fill (row and snapshot read after the commit) is accepted. (The LSN
+        // form would need an LSN past the commit's end, i.e. any later WAL.)
+        let outcome = c
+            .set_if_fresh("user:7", "New", &fresh_snap, None)
             .await
             .unwrap();
         assert!(

@@ -164,7 +164,7 @@ async fn read_all(client: &Client, keys: &[String]) -> Vec<Option<Value>> {
 async fn set_retrying(client: &Client, key: &str, value: String, options: SetOptions) -> u64 {
     let deadline = Instant::now() + SETTLE;
     loop {
-        match client.set_with(key, value.clone(), options).await {
+        match client.set_with(key, value.clone(), options.clone()).await {
             Ok(out) => {
                 assert!(
                     out.applied,
