@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use raftcache_client::{
-    Client, ClientConfig, LoadOptions, LoadSource, NearCacheConfig, NearMode, NearStats,
+    Client, ClientConfig, LoadOptions, LoadSource, NearCacheConfig, NearMode, NearStats, PgSnapshot,
 };
 use raftcache_proto::v1::admin_client::AdminClient;
 use raftcache_proto::v1::InjectFaultRequest;
@@ -213,8 +213,16 @@ fn a_cdc_change_invalidates_the_near_cache() {
             plain.get_with_min_lsn("user:1", inserted).await.unwrap(),
             None
         );
+        // The exact cache-aside fill: a snapshot taken after the insert committed.
+        let snapshot: PgSnapshot = db
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            .parse()
+            .unwrap();
         for (k, v) in [("user:1", "Ada"), ("user:2", "Bob"), ("other:1", "kept")] {
-            let fill = plain.set_if_newer(k, v, inserted, None).await.unwrap();
+            let fill = plain.set_if_fresh(k, v, &snapshot, None).await.unwrap();
             assert!(fill.applied, "{k}: {fill:?}");
             assert_eq!(text(&a, k).await.as_deref(), Some(v));
         }

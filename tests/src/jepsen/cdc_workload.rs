@@ -8,7 +8,7 @@
 //!   its commit;
 //! - `cache-read`: a LEASE read of the key, half of the time with `min_lsn` = the
 //!   newest LSN any `db-write` returned so far (the invoke carries it);
-//! - after a miss, `cache-fill`: the documented cache-aside fill (`pg_current_wal_lsn()`
+//! - after a miss, `cache-fill`: the LSN form of the cache-aside fill (`pg_current_wal_lsn()`
 //!   *before* `SELECT ver`, then `set_if_newer` with that LSN).
 //!
 //! The nemesis may also SIGKILL the worker and stop PostgreSQL. After the run: wait
