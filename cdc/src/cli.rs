@@ -2,14 +2,25 @@
 //!
 //! ```text
 //! raftcache-cdc --config cdc.toml [--check]          the worker (or only check the file)
+//! raftcache-cdc drop-slot --config cdc.toml          drop the configured replication slot
 //! raftcache-cdc verify --config cdc.toml [--sample N | --all] [--bound 1s] [--json]
 //!               [--watch [--interval 10s] [--metrics-listen ADDR]] [--rate 200]
 //!               [--page-size 500] [--max-time 5m] [--table NAME]...
 //! ```
+//!
+//! Exit codes of the worker: 0 after SIGTERM / ctrl-c, 2 for errors (an invalid cache
+//! endpoint, the metrics address cannot be bound, ...; a cache that does not answer yet
+//! is waited for, not an error), and
+//! [`EXIT_MISCONFIGURED`] (3) for configuration or set-up errors that restarting does
+//! not fix — the config file, or Postgres: wal_level, the password, pg_hba.conf, a role
+//! without REPLICATION, a missing database or mapped table, a slot of another
+//! database... — with one line on stderr naming the cause and the fix. Transient
+//! errors (Postgres down or restarting, connection limits) are retried, not fatal.
 
 use crate::config::Config;
+use crate::pg_errors::{Misconfigured, EXIT_MISCONFIGURED};
 use crate::verify::{Options, Report, Scope, Verifier};
-use crate::worker::Worker;
+use crate::worker::{DropSlot, Worker};
 use clap::{Args, Parser, Subcommand};
 use humantime_serde::re::humantime;
 use std::net::SocketAddr;
@@ -45,6 +56,21 @@ enum Command {
     /// watermark past that LSN, until it agrees (converged) or --bound has passed
     /// (stale: named in the report).
     Verify(VerifyArgs),
+    /// Drop the configured replication slot (exit 0: dropped, or there was none; 1:
+    /// refused, since a worker streams on it or it belongs to another database; 2: an
+    /// error).
+    ///
+    /// A stopped worker's slot keeps WAL on the Postgres server until it is dropped.
+    /// The next worker started with this config creates the slot again and invalidates
+    /// every mapped key space once.
+    DropSlot(DropSlotArgs),
+}
+
+#[derive(Debug, Args)]
+struct DropSlotArgs {
+    /// The TOML configuration of the worker (`[postgres] url` and `slot`).
+    #[arg(long, short, env = "RAFTCACHE_CDC_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -98,11 +124,15 @@ fn positive_rate(s: &str) -> Result<f64, String> {
 }
 
 /// Runs the command line; the worker's exit code is 0 on a clean shutdown, 2 on
-/// errors; `verify`'s is 0 (no stale key), 1 (stale keys) or 2 (errors).
+/// errors, 3 ([`EXIT_MISCONFIGURED`]) on configuration or set-up errors; `verify`'s is 0
+/// (no stale key), 1 (stale keys) or 2 (errors); `drop-slot`'s is 0 (dropped or
+/// absent), 1 (refused) or 2 (errors).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Verify(args)) = cli.command {
-        return verify_main(args, cli.config, cli.check);
+    match cli.command {
+        Some(Command::Verify(args)) => return verify_main(args, cli.config, cli.check),
+        Some(Command::DropSlot(args)) => return drop_slot_main(args, cli.config, cli.check),
+        None => {}
     }
     let Some(config_path) = cli.config else {
         eprintln!("error: --config is required");
@@ -113,12 +143,13 @@ pub fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
+            eprintln!("error: {}", one_line(&e.to_string()));
+            return ExitCode::from(EXIT_MISCONFIGURED);
         }
     };
     if cli.check {
@@ -135,9 +166,73 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A set-up error is one line that already names the cause and the fix.
+            if let Some(m) = e.chain().find_map(|c| c.downcast_ref::<Misconfigured>()) {
+                eprintln!("error: {}", one_line(&m.0));
+                return ExitCode::from(EXIT_MISCONFIGURED);
+            }
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::from(2)
         }
+    }
+}
+
+/// `raftcache-cdc drop-slot`: drops the configured slot and says what it did on
+/// stdout; refuses (exit 1) while a walsender streams from it.
+fn drop_slot_main(args: DropSlotArgs, outer_config: Option<PathBuf>, check: bool) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "raftcache_cdc=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let fail = |message: String| {
+        eprintln!("error: {}", one_line(&message));
+        ExitCode::from(2)
+    };
+    if check {
+        return fail("--check is for the worker; drop-slot takes only --config".into());
+    }
+    let Some(path) = args.config.or(outer_config) else {
+        return fail("drop-slot needs --config cdc.toml".into());
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let slot = &config.postgres.slot;
+    match runtime.block_on(crate::worker::drop_slot(&config)) {
+        Ok(DropSlot::Dropped {
+            database,
+            confirmed,
+            retained_bytes,
+        }) => {
+            println!(
+                "dropped replication slot \"{slot}\" of database \"{database}\" (confirmed up \
+                 to {confirmed}; {retained_bytes} bytes of WAL held for it are released). The \
+                 next worker started with this config creates it again and invalidates every \
+                 mapped key space once."
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(DropSlot::Absent { database }) => {
+            println!(
+                "replication slot \"{slot}\" does not exist in database \"{database}\": \
+                 nothing dropped"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(DropSlot::Refused(why)) => {
+            eprintln!("error: {}", one_line(&why));
+            ExitCode::from(1)
+        }
+        Err(e) => fail(format!("{e:#}")),
     }
 }
 
@@ -172,6 +267,7 @@ fn verify_main(args: VerifyArgs, outer_config: Option<PathBuf>, check: bool) -> 
                 .unwrap_or_else(|_| "raftcache_cdc=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let fail = |message: String| {
         eprintln!("error: {}", one_line(&message));

@@ -28,6 +28,7 @@ pub mod lease;
 pub mod lsn;
 pub mod mapping;
 pub mod metrics;
+pub mod pg_errors;
 pub mod pgoutput;
 pub mod verify;
 pub mod verify_metrics;

@@ -11,6 +11,7 @@
 //! | `raftcache_cdc_lag_seconds` | gauge | now − commit time of the last transaction applied (0 when idle) |
 //! | `raftcache_cdc_commit_to_applied_seconds` | summary | commit time → committed in the cache, per transaction |
 //! | `raftcache_cdc_reconnects_total` | counter | streaming sessions that ended with an error |
+//! | `raftcache_cdc_retries_total{cause}` | counter | transient errors retried after a back-off, by cause (`connect`, `io`, `shutdown`, `starting`, `limits`, `slot_in_use`, `server`, `protocol`, `cache`: see `pg_errors`) |
 //! | `raftcache_cdc_apply_retries_total` | counter | cache writes retried |
 //! | `raftcache_cdc_round_seconds` | summary | time of one apply round |
 
@@ -70,11 +71,28 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
         "raftcache_cdc_reconnects_total",
         "Streaming sessions that ended with an error"
     );
+    describe_counter!(
+        "raftcache_cdc_retries_total",
+        "Transient errors retried after a back-off, by cause (connect, io, shutdown, \
+         starting, limits, slot_in_use, server, protocol, cache)"
+    );
+    // Every cause from zero, so that rate() and alerts see the first retry.
+    for cause in crate::pg_errors::Cause::ALL {
+        counter!("raftcache_cdc_retries_total", "cause" => cause.label()).absolute(0);
+    }
     describe_counter!("raftcache_cdc_apply_retries_total", "Cache writes retried");
     describe_histogram!(
         "raftcache_cdc_round_seconds",
         metrics::Unit::Seconds,
         "Time of one apply round"
+    );
+    describe_counter!(
+        "raftcache_client_breaker_opened_total",
+        "Circuit breakers opened by the worker's cache client"
+    );
+    describe_gauge!(
+        "raftcache_client_breaker_state",
+        "Circuit breaker of the worker's cache client per node: 0 closed, 1 open, 2 half-open"
     );
     Ok(())
 }
@@ -113,6 +131,11 @@ pub(crate) fn lag_bytes(server_end: Lsn, acked: Lsn) {
 
 pub(crate) fn reconnect() {
     counter!("raftcache_cdc_reconnects_total").increment(1);
+}
+
+/// A transient error, retried after a back-off.
+pub(crate) fn retry(cause: crate::pg_errors::Cause) {
+    counter!("raftcache_cdc_retries_total", "cause" => cause.label()).increment(1);
 }
 
 pub(crate) fn apply_retry() {
