@@ -277,6 +277,15 @@ impl Breakers {
         }
     }
 
+    /// Forgets every breaker (the client follows another cluster now: what the old
+    /// one's nodes did says nothing about the new one's).
+    pub(crate) fn reset(&self) {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// Whether `addr`'s breaker is open now (cool-down not over).
     pub(crate) fn is_open(&self, addr: &str, now: Instant) -> bool {
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);

@@ -40,8 +40,7 @@ struct Cli {
         default_value = DEFAULT_ENDPOINT
     )]
     endpoints: Vec<String>,
-    /// Timeout of each call, retries included, e.g. `500ms`, `5s` [default: 5s]. For
-    /// `admin remove-node --wait`: how long to wait for the drain [default: 60s].
+    /// Timeout of each call, retries included, e.g. `500ms`, `5s` [default: 5s].
     #[arg(long, global = true, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
     #[command(subcommand)]
@@ -82,9 +81,16 @@ enum ClientCommand {
     Set {
         /// The key.
         key: String,
-        /// The value.
-        #[arg(allow_hyphen_values = true)]
-        value: String,
+        /// The value (or `--stdin` / `--file`).
+        #[arg(allow_hyphen_values = true, required_unless_present_any = ["stdin", "file"])]
+        value: Option<String>,
+        /// Read the value from standard input, as bytes (binary-safe, nothing trimmed):
+        /// `raftcache set k --stdin < photo.jpg`.
+        #[arg(long, conflicts_with_all = ["value", "file"])]
+        stdin: bool,
+        /// Read the value from this file, as bytes.
+        #[arg(long, value_name = "PATH", conflicts_with = "value")]
+        file: Option<PathBuf>,
         /// Time to live, e.g. `10s`, `1h 30m`.
         #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "keep_ttl")]
         ttl: Option<Duration>,
@@ -231,8 +237,8 @@ enum AdminCommand {
     RemoveNode {
         /// The node id.
         id: u64,
-        /// Wait until the node is gone from the cluster map (bounded by `--timeout`,
-        /// default 60s).
+        /// Wait until the node is gone from the cluster map; `--timeout` bounds the wait
+        /// here [default: 60s].
         #[arg(long)]
         wait: bool,
     },
@@ -342,6 +348,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -397,7 +404,8 @@ async fn run_client(
         config.load.degraded_concurrency = args.degraded_concurrency;
         config.load.cache_deadline = args.cache_deadline;
     }
-    let client = Client::connect(config).await?;
+    // A command reports an unreachable cluster at once rather than wait for it.
+    let client = Client::try_connect(config).await?;
     let mut out = String::new();
     let code = match command {
         ClientCommand::Get {
@@ -443,6 +451,8 @@ async fn run_client(
         ClientCommand::Set {
             key,
             value,
+            stdin,
+            file,
             ttl,
             nx,
             xx,
@@ -464,6 +474,18 @@ async fn run_client(
                 keep_ttl,
                 source_lsn,
                 source_snapshot: source_snapshot.clone(),
+            };
+            let value: Vec<u8> = match (value, file) {
+                (Some(value), _) => value.into_bytes(),
+                (None, Some(path)) => std::fs::read(&path)
+                    .with_context(|| format!("cannot read the value from {}", path.display()))?,
+                (None, None) => {
+                    debug_assert!(stdin, "clap requires a value, --stdin or --file");
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
+                        .context("cannot read the value from standard input")?;
+                    buf
+                }
             };
             let outcome = client.set_with(&key, value, options).await?;
             if json {
@@ -928,14 +950,38 @@ mod tests {
         assert_eq!(cli.timeout, Some(Duration::from_millis(250)));
         match cli.command {
             Command::Client(ClientCommand::Set { value, ttl, nx, .. }) => {
-                assert_eq!(value, "-v");
+                assert_eq!(value.as_deref(), Some("-v"));
                 assert_eq!(ttl, Some(Duration::from_secs(10)));
                 assert!(nx);
             }
             other => panic!("{other:?}"),
         }
 
+        let cli = Cli::try_parse_from(["raftcache", "set", "k", "--stdin"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Client(ClientCommand::Set {
+                value: None,
+                stdin: true,
+                file: None,
+                ..
+            })
+        ));
+        let cli = Cli::try_parse_from(["raftcache", "set", "k", "--file", "/tmp/v"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Client(ClientCommand::Set {
+                value: None,
+                stdin: false,
+                file: Some(_),
+                ..
+            })
+        ));
         for conflicting in [
+            &["raftcache", "set", "k"][..],
+            &["raftcache", "set", "k", "v", "--stdin"],
+            &["raftcache", "set", "k", "v", "--file", "f"],
+            &["raftcache", "set", "k", "--stdin", "--file", "f"],
             &["raftcache", "set", "k", "v", "--nx", "--xx"][..],
             &["raftcache", "set", "k", "v", "--xx", "--if-version", "3"],
             &["raftcache", "set", "k", "v", "--ttl", "1s", "--keep-ttl"],

@@ -34,7 +34,7 @@ use crate::load::Loads;
 use crate::lsn::Lsn;
 use crate::near::{NearCache, NearRead, NearStats, NearWriteGuard};
 use crate::pool::Pool;
-use crate::routing::{ClusterMap, ClusterStatus, Topology};
+use crate::routing::{follow_cluster, map_change, ClusterMap, ClusterStatus, MapChange, Topology};
 use bytes::Bytes;
 use futures::future::{join_all, try_join_all};
 use futures::StreamExt;
@@ -44,7 +44,7 @@ use raftcache_proto::tonic::{Code, Request, Response, Status};
 use raftcache_proto::v1::{self, admin_client::AdminClient, cache_client::CacheClient};
 use rand::Rng;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -53,6 +53,10 @@ use tokio::time::Instant;
 
 /// How many nodes a map refresh asks at once.
 const REFRESH_FAN_OUT: usize = 8;
+/// How long a node that answered `REMOVED` or `WRONG_CLUSTER` is not asked for maps.
+const SHUN_FOR: Duration = Duration::from_secs(30);
+/// The longest pause between two map fetches of a client that has none yet.
+const MAP_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// A connection to a raftcache cluster.
 ///
@@ -79,10 +83,16 @@ struct Inner {
     /// When a background map refresh was last started by
     /// [`Client::refresh_in_background`].
     last_background_refresh: std::sync::Mutex<Option<Instant>>,
+    /// Nodes that answered `REMOVED` or `WRONG_CLUSTER` (by address), and since when:
+    /// not asked for maps for [`SHUN_FOR`].
+    shunned: std::sync::Mutex<HashMap<String, Instant>>,
     /// Single-flight table, loader limiter and counters of `get_or_load`.
     pub(crate) loads: Loads,
     /// The near cache, when configured (see [`crate::near`]).
     near: Option<Arc<crate::near::NearCache>>,
+    /// Why the client has no cluster map yet (the last endpoint error), for the
+    /// errors of calls made before one arrives.
+    no_map_reason: std::sync::Mutex<String>,
 }
 
 /// A handle on a client that does not keep it alive: the near cache's driver holds
@@ -318,9 +328,21 @@ impl Client {
     /// Connects to a cluster: fetches the cluster map from the first endpoint of
     /// `config` that answers and builds the ring it describes.
     ///
+    /// When no endpoint answers (the cache is down while the application starts), the
+    /// client is returned anyway, without a map: it keeps asking the endpoints in the
+    /// background (exponential back-off with full jitter, at most 1 s apart), and until
+    /// a map arrives its calls fail at once with [`ClientError::Unreachable`] (never
+    /// sent, so safe to retry), which sends `get_or_load` to its degraded path (the
+    /// loader, at a bounded concurrency). [`Client::has_map`] says whether it has one;
+    /// [`Client::try_connect`] fails instead.
+    ///
     /// # Errors
-    /// [`ClientError::NoEndpoints`] when `config.endpoints` is empty; otherwise, when
-    /// no endpoint answers, the [`ClientError::Connect`] of the last one tried.
+    /// Configuration errors, at once: [`ClientError::NoEndpoints`] when
+    /// `config.endpoints` is empty, [`ClientError::InvalidEndpoint`] for an endpoint
+    /// that is not `host:port`, [`ClientError::NotGrpcEndpoint`] when an endpoint
+    /// answers with something other than gRPC (e.g. a node's RESP or metrics port),
+    /// [`ClientError::WrongCluster`] when an endpoint serves another cluster than
+    /// [`ClientConfig::cluster_id`].
     ///
     /// # Examples
     /// ```no_run
@@ -332,55 +354,151 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn connect(config: ClientConfig) -> Result<Client> {
-        let pool = Pool::new(&config);
-        let mut last_error = ClientError::NoEndpoints;
+        Self::connect_with(config, true).await
+    }
+
+    /// [`Client::connect`], but failing when no endpoint answers now (what a command
+    /// line wants: report and exit, rather than wait for the cluster).
+    ///
+    /// # Errors
+    /// As [`Client::connect`]; and when no endpoint answers, the error of the last one
+    /// tried: [`ClientError::NothingListens`] when the connection was refused, else
+    /// [`ClientError::Connect`].
+    pub async fn try_connect(config: ClientConfig) -> Result<Client> {
+        Self::connect_with(config, false).await
+    }
+
+    async fn connect_with(config: ClientConfig, degraded: bool) -> Result<Client> {
+        if config.endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
         for endpoint in &config.endpoints {
-            let connected = fetch_map(&config, &pool, endpoint, Limit::request(&config))
-                .await
-                .and_then(|map| Topology::new(map, &pool, None));
-            match connected {
-                Ok(topology) => {
-                    tracing::debug!(%endpoint, epoch = topology.map.epoch, "connected");
-                    let breakers = Breakers::new(config.breaker.clone());
-                    let loads = Loads::new(&config.load);
-                    let (near, near_driver) =
-                        crate::near::NearCache::for_config(config.near_cache.as_ref());
-                    let client = Client {
-                        inner: Arc::new(Inner {
-                            topology: RwLock::new(Arc::new(topology)),
-                            config,
-                            pool,
-                            follower_reads: AtomicUsize::new(0),
-                            client_id: rand::random::<u64>().max(1),
-                            next_seq: AtomicU64::new(1),
-                            breakers,
-                            last_background_refresh: std::sync::Mutex::new(None),
-                            loads,
-                            near,
-                        }),
-                    };
-                    if let Some(driver) = near_driver {
-                        driver.start(WeakClient(Arc::downgrade(&client.inner)));
-                    }
-                    return Ok(client);
-                }
-                Err(e) => {
-                    tracing::debug!(%endpoint, error = %e, "endpoint did not answer");
-                    let message = match e {
-                        // "cannot connect to X: unavailable: ..." would say it twice.
-                        ClientError::Unavailable(message) | ClientError::Unreachable(message) => {
-                            message
-                        }
-                        other => other.to_string(),
-                    };
-                    last_error = ClientError::Connect {
-                        endpoint: endpoint.clone(),
-                        message,
-                    };
-                }
+            crate::endpoint::check(endpoint)?;
+        }
+        let pool = Pool::new(&config);
+        match map_from_endpoints(&config, &pool).await {
+            Ok(topology) => Ok(Self::with_topology(config, pool, topology)),
+            Err(e) if !degraded || is_misconfigured(&e) => Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "no raftcache node answers yet: calls fail at once (get_or_load calls its \
+                     loader) until a cluster map arrives; asking again in the background"
+                );
+                let placeholder = ClusterMap {
+                    epoch: 0,
+                    partition_count: 1,
+                    vnodes: 1,
+                    replication_factor: 0,
+                    node_id: 0,
+                    nodes: Vec::new(),
+                    partitions: Vec::new(),
+                    cluster_id: config.cluster_id,
+                };
+                let topology = Topology::new(placeholder, &pool, None)?;
+                let client = Self::with_topology(config, pool, topology);
+                *client
+                    .inner
+                    .no_map_reason
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = e.to_string();
+                client.fetch_map_in_background();
+                Ok(client)
             }
         }
-        Err(last_error)
+    }
+
+    /// A client routing with `topology` (a placeholder without nodes until a map
+    /// arrives).
+    fn with_topology(config: ClientConfig, pool: Pool, topology: Topology) -> Client {
+        let breakers = Breakers::new(config.breaker.clone());
+        let loads = Loads::new(&config.load);
+        let (near, near_driver) = crate::near::NearCache::for_config(config.near_cache.as_ref());
+        let client = Client {
+            inner: Arc::new(Inner {
+                topology: RwLock::new(Arc::new(topology)),
+                config,
+                pool,
+                follower_reads: AtomicUsize::new(0),
+                client_id: rand::random::<u64>().max(1),
+                next_seq: AtomicU64::new(1),
+                breakers,
+                last_background_refresh: std::sync::Mutex::new(None),
+                shunned: std::sync::Mutex::new(HashMap::new()),
+                loads,
+                near,
+                no_map_reason: std::sync::Mutex::new(String::new()),
+            }),
+        };
+        if let Some(driver) = near_driver {
+            driver.start(WeakClient(Arc::downgrade(&client.inner)));
+        }
+        client
+    }
+
+    /// Whether the client has a cluster map (see [`Client::connect`]: a client
+    /// connected while no node answered has none until one arrives).
+    pub fn has_map(&self) -> bool {
+        !self.topology().map.nodes.is_empty()
+    }
+
+    /// The error of a call made before the client has a map: never sent.
+    fn no_map(&self) -> ClientError {
+        let reason = self
+            .inner
+            .no_map_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        ClientError::Unreachable(format!(
+            "no cluster map yet, no endpoint answered ({reason}); retrying in the background"
+        ))
+    }
+
+    /// Asks the endpoints for a map until one arrives (or the client is dropped), with
+    /// exponential back-off and full jitter, from [`ClientConfig::backoff_base`] up to
+    /// [`MAP_RETRY_MAX`] between attempts.
+    fn fetch_map_in_background(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut backoff = Backoff {
+            next: self.inner.config.backoff_base,
+            max: MAP_RETRY_MAX,
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(backoff.next_pause()).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let client = Client { inner };
+                if client.has_map() {
+                    return;
+                }
+                match map_from_endpoints(&client.inner.config, &client.inner.pool).await {
+                    Ok(topology) => {
+                        let epoch = topology.map.epoch;
+                        let mut slot = client
+                            .inner
+                            .topology
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        // A refresh (e.g. `cluster_map`) may have installed one meanwhile.
+                        if slot.map.nodes.is_empty() {
+                            *slot = Arc::new(topology);
+                        }
+                        drop(slot);
+                        tracing::info!(epoch, "cluster map received: the cache is reachable");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "still no cluster map");
+                        *client
+                            .inner
+                            .no_map_reason
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = e.to_string();
+                    }
+                }
+            }
+        });
     }
 
     /// The state of `get_or_load`.
@@ -498,8 +616,11 @@ impl Client {
         options: SetOptions,
     ) -> Result<SetOutcome> {
         let key = key.as_ref();
-        let _near = self.near_write(key);
         let value = value.into();
+        // Over the limits: refused here, unsent and not retried (a message the node
+        // cannot take would otherwise break its HTTP/2 stream and look transient).
+        self.check_sizes(key, Some(value.len()))?;
+        let _near = self.near_write(key);
         let (condition, expected_version) = match options.condition {
             Condition::Always => (v1::SetCondition::None, 0),
             Condition::IfAbsent => (v1::SetCondition::IfAbsent, 0),
@@ -803,6 +924,7 @@ impl Client {
     pub async fn add_node(&self, addr: &str) -> Result<u64> {
         let request = v1::AddNodeRequest {
             addr: addr.to_owned(),
+            cluster_id: self.topology().map.cluster_id,
         };
         let r = self
             .admin(request, |mut c, r| async move { c.add_node(r).await })
@@ -862,6 +984,9 @@ impl Client {
     /// # Errors
     /// The first error of any node.
     pub async fn stats(&self) -> Result<Vec<NodeStats>> {
+        if !self.has_map() {
+            return Err(self.no_map());
+        }
         let topology = self.topology();
         let config = &self.inner.config;
         try_join_all(topology.map_nodes().iter().map(|node| async move {
@@ -959,6 +1084,9 @@ impl Client {
     /// The first error of any node (e.g. `FAILED_PRECONDITION` from a node without
     /// persistence).
     pub async fn snapshot(&self, partition: Option<u32>) -> Result<Vec<NodeSnapshots>> {
+        if !self.has_map() {
+            return Err(self.no_map());
+        }
         let topology = self.topology();
         let config = &self.inner.config;
         // Writing a large partition takes longer than a request timeout.
@@ -1017,7 +1145,8 @@ impl Client {
         }
     }
 
-    /// The partition `key` belongs to under the cached cluster map.
+    /// The partition `key` belongs to under the cached cluster map (0 while the client
+    /// has no map, see [`Client::has_map`]).
     pub fn partition_of(&self, key: impl AsRef<[u8]>) -> u32 {
         self.topology().ring.partition_of(key)
     }
@@ -1063,26 +1192,83 @@ impl Client {
         Arc::clone(&topology)
     }
 
-    /// Caches `map` unless the cached one is newer. Leaders the cached table learned
-    /// survive where `map` did not observe its partitions (see [`Topology::new`]).
+    /// Caches `map` by the rule of [`map_change`]: a map of the cached cluster unless
+    /// the cached one is newer (leaders the cached table learned survive where `map`
+    /// did not observe its partitions, see [`Topology::new`]); a map of another cluster
+    /// replaces the cached one whatever the epochs, starting from nothing (no leader
+    /// learnt from the old cluster, breakers of its addresses reset).
     fn install(&self, map: ClusterMap) -> Result<()> {
         let mut slot = self
             .inner
             .topology
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if map.epoch < slot.map.epoch {
-            tracing::debug!(
-                fetched = map.epoch,
-                cached = slot.map.epoch,
-                "ignoring an older cluster map"
-            );
-            return Ok(());
+        match map_change(&slot.map, &map, self.inner.config.cluster_id) {
+            MapChange::Ignore => {
+                tracing::debug!(
+                    fetched = map.epoch,
+                    fetched_cluster = map.cluster_id,
+                    cached = slot.map.epoch,
+                    cached_cluster = slot.map.cluster_id,
+                    "ignoring an older cluster map (or one of another cluster)"
+                );
+            }
+            MapChange::Install => {
+                let topology = Topology::new(map, &self.inner.pool, Some(&slot))?;
+                tracing::debug!(epoch = topology.map.epoch, "cluster map refreshed");
+                *slot = Arc::new(topology);
+            }
+            MapChange::NewCluster => {
+                let topology = Topology::new(map, &self.inner.pool, None)?;
+                tracing::info!(
+                    old_cluster = format_args!("{:016x}", slot.map.cluster_id),
+                    old_epoch = slot.map.epoch,
+                    new_cluster = format_args!("{:016x}", topology.map.cluster_id),
+                    new_epoch = topology.map.epoch,
+                    "the endpoints now serve another cluster (restarted?): replacing the \
+                     cached cluster map"
+                );
+                self.inner.breakers.reset();
+                // Addresses shunned as "another cluster" may be the one followed now.
+                self.inner
+                    .shunned
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clear();
+                *slot = Arc::new(topology);
+            }
         }
-        let topology = Topology::new(map, &self.inner.pool, Some(&slot))?;
-        tracing::debug!(epoch = topology.map.epoch, "cluster map refreshed");
-        *slot = Arc::new(topology);
         Ok(())
+    }
+
+    /// Stops asking `addr` for maps for a while (it answered `REMOVED` or
+    /// `WRONG_CLUSTER`).
+    fn shun(&self, addr: &str) {
+        self.inner
+            .shunned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(addr.to_owned(), Instant::now());
+    }
+
+    fn is_shunned(&self, addr: &str) -> bool {
+        let mut shunned = self
+            .inner
+            .shunned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        shunned.retain(|_, since| since.elapsed() < SHUN_FOR);
+        shunned.contains_key(addr)
+    }
+
+    /// Whether `addr` is one of the configured endpoints.
+    fn is_endpoint(&self, addr: &str) -> bool {
+        let bare = |s: &str| s.strip_prefix("http://").unwrap_or(s).to_owned();
+        self.inner
+            .config
+            .endpoints
+            .iter()
+            .any(|e| bare(e) == bare(addr))
     }
 
     /// Puts a `NOT_LEADER` hint into the leader cache. True when the cache now
@@ -1114,18 +1300,29 @@ impl Client {
     ///
     /// # Errors
     /// The last error when no node answers.
+    ///
+    /// Which cluster's maps count is decided by [`follow_cluster`]: a node that is not a
+    /// configured endpoint only answers for the cached cluster. With `want.endpoints`
+    /// (after a `REMOVED` / `WRONG_CLUSTER` answer) only the configured endpoints are
+    /// asked.
     async fn refresh(&self, want: Want, limit: Limit) -> Result<ClusterMap> {
         let current = self.topology();
+        let cached_cluster = current.map.cluster_id;
+        let pinned = self.inner.config.cluster_id;
         let mut candidates: Vec<String> = Vec::new();
-        for addr in current
+        let map_nodes = current
             .nodes
             .iter()
             .map(|n| &n.info.addr)
-            .chain(&self.inner.config.endpoints)
-        {
-            if !candidates.contains(addr) {
+            .filter(|_| !want.endpoints);
+        for addr in map_nodes.chain(&self.inner.config.endpoints) {
+            if !candidates.contains(addr) && !self.is_shunned(addr) {
                 candidates.push(addr.clone());
             }
+        }
+        if candidates.is_empty() {
+            // Everything is shunned: ask the endpoints anyway.
+            candidates.clone_from(&self.inner.config.endpoints);
         }
         let config = &self.inner.config;
         let pool = &self.inner.pool;
@@ -1135,20 +1332,30 @@ impl Client {
                 (addr, answer)
             })
             .buffer_unordered(REFRESH_FAN_OUT);
-        let mut best: Option<ClusterMap> = None;
+        let mut maps: Vec<(bool, ClusterMap)> = Vec::new();
         let mut last_error = ClientError::NoEndpoints;
         while let Some((addr, answer)) = answers.next().await {
             if answer.is_ok() {
                 self.inner.breakers.node_answered(&addr, Instant::now());
             }
             match answer {
-                Ok(map) if want.is_met_by(&map) => {
-                    best = Some(map);
-                    break;
-                }
                 Ok(map) => {
-                    if best.as_ref().is_none_or(|b| want.rank(&map) > want.rank(b)) {
-                        best = Some(map);
+                    let from_endpoint = self.is_endpoint(&addr);
+                    let usable = (pinned == 0 || map.cluster_id == pinned)
+                        && (from_endpoint || map.cluster_id == cached_cluster);
+                    if !usable {
+                        tracing::debug!(%addr, cluster = map.cluster_id, "map of another cluster");
+                        last_error = ClientError::WrongCluster(format!(
+                            "{addr} answered a map of cluster {:016x}, the client follows \
+                             {:016x}",
+                            map.cluster_id, cached_cluster
+                        ));
+                        continue;
+                    }
+                    let done = want.is_met_by(&map);
+                    maps.push((from_endpoint, map));
+                    if done {
+                        break;
                     }
                 }
                 Err(e) => {
@@ -1158,6 +1365,16 @@ impl Client {
             }
         }
         drop(answers);
+        let clusters: Vec<(bool, u64)> = maps.iter().map(|(e, m)| (*e, m.cluster_id)).collect();
+        let cluster = follow_cluster(cached_cluster, pinned, &clusters);
+        let mut best: Option<ClusterMap> = None;
+        for (_, map) in maps {
+            if map.cluster_id == cluster
+                && best.as_ref().is_none_or(|b| want.rank(&map) > want.rank(b))
+            {
+                best = Some(map);
+            }
+        }
         let map = best.ok_or(last_error)?;
         self.install(map.clone())?;
         Ok(map)
@@ -1174,6 +1391,7 @@ impl Client {
         rpc: impl Fn(CacheClient<Channel>, Request<Req>) -> Fut,
     ) -> Result<Resp>
     where
+        Req: raftcache_proto::prost::Message,
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
         self.keyed_to(key, retry, false, build, rpc).await
@@ -1189,6 +1407,7 @@ impl Client {
         rpc: impl Fn(CacheClient<Channel>, Request<Req>) -> Fut,
     ) -> Result<Resp>
     where
+        Req: raftcache_proto::prost::Message,
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
         let budget = self.inner.config.request_deadline;
@@ -1208,8 +1427,10 @@ impl Client {
         rpc: impl Fn(CacheClient<Channel>, Request<Req>) -> Fut,
     ) -> Result<Resp>
     where
+        Req: raftcache_proto::prost::Message,
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
+        self.check_sizes(key, None)?;
         let key = &Bytes::copy_from_slice(key);
         let build = &build;
         let rpc = &rpc;
@@ -1225,11 +1446,48 @@ impl Client {
             let addr = topology.node_addr(target.node);
             self.inner.breakers.admit(addr, Instant::now())?;
             let request = build(key.clone(), target.route);
+            // A request over the message limit (a fill's value, a forwarded command) would
+            // fail in HTTP/2 and look transient: refuse it unsent, not retried.
+            let size = raftcache_proto::prost::Message::encoded_len(&request);
+            if size > self.inner.config.max_message_bytes {
+                return Err(ClientError::ValueTooLarge {
+                    size: size as u64,
+                    limit: self.inner.config.max_message_bytes as u64,
+                });
+            }
             let answer = call(&self.inner.config, target.channel, request, limit, rpc).await;
             self.inner.breakers.record(addr, &answer, Instant::now());
+            if let Err(e) = &answer {
+                if e.is_foreign_node() {
+                    self.shun(addr);
+                }
+            }
             answer.map_err(|e| with_partition(e, partition))
         };
         self.routed_within(budget, retry, attempt).await
+    }
+
+    /// Refuses a key over [`ClientConfig::max_key_bytes`] or a value over
+    /// [`ClientConfig::max_value_bytes`] before anything is sent.
+    ///
+    /// # Errors
+    /// [`ClientError::KeyTooLarge`], [`ClientError::ValueTooLarge`] (the node's answer to
+    /// the same request; neither is retried).
+    pub(crate) fn check_sizes(&self, key: &[u8], value: Option<usize>) -> Result<()> {
+        let config = &self.inner.config;
+        if key.len() > config.max_key_bytes {
+            return Err(ClientError::KeyTooLarge {
+                size: key.len() as u64,
+                limit: config.max_key_bytes as u64,
+            });
+        }
+        match value {
+            Some(len) if len > config.max_value_bytes => Err(ClientError::ValueTooLarge {
+                size: len as u64,
+                limit: config.max_value_bytes as u64,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// A fresh request id for one write call (the same on all its attempts).
@@ -1261,6 +1519,9 @@ impl Client {
     where
         Fut: Future<Output = Result<T>>,
     {
+        if !self.has_map() {
+            return Err(self.no_map());
+        }
         let config = &self.inner.config;
         let deadline = Instant::now() + budget;
         let mut backoff = Backoff::new(config);
@@ -1308,6 +1569,7 @@ impl Client {
                     want.partition = Some(*partition);
                 }
                 ClientError::WrongEpoch { epoch: Some(epoch) } => want.min_epoch = *epoch,
+                e if e.is_foreign_node() => want.endpoints = true,
                 _ => {}
             }
             let pause = backoff.next_pause();
@@ -1554,6 +1816,9 @@ struct Want {
     min_epoch: u64,
     /// A live leader of this partition (a `NOT_LEADER` without a usable hint).
     partition: Option<u32>,
+    /// Ask only the configured endpoints (a node answered `REMOVED` or
+    /// `WRONG_CLUSTER`: the nodes of the cached map may be another cluster's).
+    endpoints: bool,
 }
 
 impl Want {
@@ -1646,6 +1911,81 @@ fn with_partition(error: ClientError, partition: u32) -> ClientError {
             leader_addr,
         },
         other => other,
+    }
+}
+
+/// Asks the configured endpoints in turn for a cluster map and builds the routing
+/// table of the first usable one.
+///
+/// # Errors
+/// A configuration error of any endpoint ([`is_misconfigured`]: it answers but is no
+/// raftcache gRPC endpoint, or serves another cluster than the pinned one), else the
+/// error of the last one, explained by [`diagnose`].
+async fn map_from_endpoints(config: &ClientConfig, pool: &Pool) -> Result<Topology> {
+    let mut last_error = ClientError::NoEndpoints;
+    let mut misconfigured = None;
+    for endpoint in &config.endpoints {
+        let connected = fetch_map(config, pool, endpoint, Limit::request(config))
+            .await
+            .and_then(|map| {
+                if config.cluster_id != 0 && map.cluster_id != config.cluster_id {
+                    return Err(ClientError::WrongCluster(format!(
+                        "{endpoint} belongs to cluster {:016x}, not {:016x}",
+                        map.cluster_id, config.cluster_id
+                    )));
+                }
+                Topology::new(map, pool, None)
+            });
+        match connected {
+            Ok(topology) => {
+                tracing::debug!(%endpoint, epoch = topology.map.epoch, "connected");
+                return Ok(topology);
+            }
+            Err(e) => {
+                tracing::debug!(%endpoint, error = %e, "endpoint did not answer with a map");
+                let e = diagnose(config, endpoint, e).await;
+                if misconfigured.is_none() && is_misconfigured(&e) {
+                    misconfigured = Some(e.clone());
+                }
+                last_error = e;
+            }
+        }
+    }
+    Err(misconfigured.unwrap_or(last_error))
+}
+
+/// Errors that asking again will not fix: the endpoint configuration is wrong.
+fn is_misconfigured(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::NoEndpoints
+            | ClientError::InvalidEndpoint { .. }
+            | ClientError::NotGrpcEndpoint(_)
+            | ClientError::WrongCluster(_)
+    )
+}
+
+/// Explains why `endpoint` gave no map: when it was not an answer of a raftcache
+/// node, a probe of the port tells "nothing listens" from "something that is not
+/// gRPC answers" (see [`crate::endpoint`]); otherwise a [`ClientError::Connect`]
+/// naming the endpoint.
+async fn diagnose(config: &ClientConfig, endpoint: &str, error: ClientError) -> ClientError {
+    let message = match error {
+        // Answers of a raftcache node (or of the config check): nothing to explain.
+        e @ (ClientError::WrongCluster(_)
+        | ClientError::Removed(_)
+        | ClientError::InvalidEndpoint { .. }) => return e,
+        // "cannot connect to X: unavailable: ..." would say it twice.
+        ClientError::Unavailable(message) | ClientError::Unreachable(message) => message,
+        other => other.to_string(),
+    };
+    match crate::endpoint::probe(endpoint, config.connect_timeout).await {
+        crate::endpoint::Probe::Refused => ClientError::NothingListens(endpoint.to_owned()),
+        crate::endpoint::Probe::NotHttp2 => ClientError::NotGrpcEndpoint(endpoint.to_owned()),
+        crate::endpoint::Probe::Http2 | crate::endpoint::Probe::Unknown => ClientError::Connect {
+            endpoint: endpoint.to_owned(),
+            message,
+        },
     }
 }
 
@@ -1791,13 +2131,68 @@ mod tests {
         let mut config = ClientConfig::new([format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}")]);
         config.connect_timeout = Duration::from_millis(500);
         config.request_timeout = Duration::from_secs(2);
-        match Client::connect(config).await.unwrap_err() {
-            ClientError::Connect { endpoint, message } => {
-                assert_eq!(endpoint, format!("127.0.0.1:{b}"));
-                assert!(!message.is_empty());
-                println!("connect error: {message}");
+        let e = Client::try_connect(config).await.unwrap_err();
+        assert_eq!(e, ClientError::NothingListens(format!("127.0.0.1:{b}")));
+        assert_eq!(e.to_string(), format!("nothing listens on 127.0.0.1:{b}"));
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_bad_endpoints_at_once() {
+        let e = Client::connect(ClientConfig::new(["127.0.0.1"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::InvalidEndpoint { endpoint, .. } if endpoint == "127.0.0.1"),
+            "{e:?}"
+        );
+        // Something that answers HTTP/1 (a node's metrics port).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                });
             }
-            other => panic!("expected a connect error, got {other:?}"),
-        }
+        });
+        let e = Client::connect(ClientConfig::new([addr.as_str()]))
+            .await
+            .unwrap_err();
+        assert_eq!(e, ClientError::NotGrpcEndpoint(addr.clone()));
+        assert_eq!(
+            e.to_string(),
+            format!("{addr} is not a raftcache gRPC endpoint (is it the RESP or metrics port?)")
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_without_a_node_gives_a_client_that_fails_fast() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::connect(ClientConfig::new([format!("127.0.0.1:{port}")]))
+            .await
+            .unwrap();
+        assert!(!client.has_map());
+        let started = Instant::now();
+        let e = client.get("k").await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(e, ClientError::Unreachable(_)), "{e:?}");
+        assert!(e.is_unapplied(), "{e:?}");
+        assert!(e.to_string().contains("nothing listens on"), "{e}");
+        let e = client.set("k", "v").await.unwrap_err();
+        assert!(e.is_unapplied(), "{e:?}");
+        assert!(client.stats().await.is_err());
     }
 }

@@ -10,6 +10,11 @@ pub use crate::near::{NearCacheConfig, NearMode};
 /// The endpoint a client uses when none is given: the first node of `raftcache dev`.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7001";
 
+/// The nodes' default `storage.max-value-size`: [`ClientConfig::max_value_bytes`].
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 16 << 20;
+/// The nodes' default `storage.max-key-size`: [`ClientConfig::max_key_bytes`].
+pub const DEFAULT_MAX_KEY_BYTES: usize = 16 << 10;
+
 /// Settings of a [`Client`](crate::Client).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
@@ -36,6 +41,15 @@ pub struct ClientConfig {
     /// The largest gRPC message sent or accepted, in bytes. Above the node's 16 MiB
     /// value limit so that the largest values (and multi-gets of them) pass.
     pub max_message_bytes: usize,
+    /// The largest value the client sends (the nodes' `storage.max-value-size`, 16 MiB
+    /// by default; nodes do not advertise it). A larger value fails at once with
+    /// [`ClientError::ValueTooLarge`](crate::ClientError::ValueTooLarge), unsent and
+    /// never retried.
+    pub max_value_bytes: usize,
+    /// The longest key the client sends (the nodes' `storage.max-key-size`, 16 KiB by
+    /// default). A longer key fails at once with
+    /// [`ClientError::KeyTooLarge`](crate::ClientError::KeyTooLarge).
+    pub max_key_bytes: usize,
     /// When a node's circuit breaker opens (see [`crate::breaker`]).
     pub breaker: BreakerConfig,
     /// How [`Client::get_or_load`](crate::Client::get_or_load) protects the loader.
@@ -43,6 +57,11 @@ pub struct ClientConfig {
     /// An opt-in near cache of values in this process, kept correct by the nodes'
     /// `Watch` streams (see [`crate::near`]); `None` (the default) for none.
     pub near_cache: Option<NearCacheConfig>,
+    /// Pins the client to one cluster (its `ClusterMap.cluster_id`): maps of any other
+    /// cluster are ignored. 0 (the default) follows the configured endpoints: when they
+    /// answer with another cluster's map (the cluster was restarted on the same
+    /// addresses), the client drops its cached map and follows the new cluster.
+    pub cluster_id: u64,
 }
 
 impl ClientConfig {
@@ -69,9 +88,12 @@ impl Default for ClientConfig {
             backoff_base: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
             max_message_bytes: 64 << 20,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
             breaker: BreakerConfig::default(),
             load: LoadConfig::default(),
             near_cache: None,
+            cluster_id: 0,
         }
     }
 }

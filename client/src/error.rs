@@ -35,6 +35,17 @@ pub enum ClientError {
         /// The node's current epoch, when it said.
         epoch: Option<u64>,
     },
+    /// The node was removed from its cluster and serves no keys (the message names it
+    /// and the cluster). The client refreshes its map from its configured endpoints,
+    /// skipping that node, and retries by itself within its attempt and time budget.
+    #[error("{0}")]
+    Removed(String),
+    /// The node belongs to another cluster than the map the request was routed with
+    /// (the cluster was restarted on the same addresses, or a leftover node of an old
+    /// cluster answered). The client refreshes its map from its configured endpoints
+    /// and retries by itself within its attempt and time budget.
+    #[error("{0}")]
+    WrongCluster(String),
     /// The key is longer than the node accepts.
     #[error("key is {size} bytes, over the {limit}-byte limit")]
     KeyTooLarge {
@@ -121,6 +132,27 @@ pub enum ClientError {
     /// The configuration lists no endpoint to connect to.
     #[error("no endpoints configured")]
     NoEndpoints,
+    /// A configured endpoint is not a usable `host:port` (no port, an unparsable
+    /// address): a configuration error, reported by [`Client::connect`] at once.
+    ///
+    /// [`Client::connect`]: crate::Client::connect
+    #[error("invalid endpoint {endpoint:?}: {reason}")]
+    InvalidEndpoint {
+        /// The endpoint as configured.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Something answers at the endpoint, but not raftcache's gRPC (HTTP/2) service:
+    /// an HTTP/1 server (a node's metrics port), a Redis-protocol port, anything else.
+    /// A configuration error, reported by [`Client::connect`] at once.
+    ///
+    /// [`Client::connect`]: crate::Client::connect
+    #[error("{0} is not a raftcache gRPC endpoint (is it the RESP or metrics port?)")]
+    NotGrpcEndpoint(String),
+    /// Nothing accepts connections at the endpoint (connection refused).
+    #[error("nothing listens on {0}")]
+    NothingListens(String),
     /// A node's answer breaks the protocol (an unusable cluster map, a multi-get
     /// answer of the wrong length, ...).
     #[error("invalid response from the cluster: {0}")]
@@ -200,6 +232,8 @@ impl ClientError {
             ErrorCode::Fenced => ClientError::Fenced {
                 current: detail.limit.unwrap_or(0),
             },
+            ErrorCode::Removed => ClientError::Removed(message),
+            ErrorCode::WrongCluster => ClientError::WrongCluster(message),
             ErrorCode::InvalidArgument => ClientError::InvalidArgument(message),
             ErrorCode::Unavailable => ClientError::Unavailable(message),
             ErrorCode::Internal | ErrorCode::Unspecified => server(message),
@@ -210,8 +244,18 @@ impl ClientError {
     pub fn is_routing(&self) -> bool {
         matches!(
             self,
-            ClientError::NotLeader { .. } | ClientError::WrongEpoch { .. }
+            ClientError::NotLeader { .. }
+                | ClientError::WrongEpoch { .. }
+                | ClientError::Removed(_)
+                | ClientError::WrongCluster(_)
         )
+    }
+
+    /// Whether the node that answered is no member of the cluster the client routes
+    /// for (`REMOVED`, `WRONG_CLUSTER`): the next map must come from the configured
+    /// endpoints, not from that node.
+    pub fn is_foreign_node(&self) -> bool {
+        matches!(self, ClientError::Removed(_) | ClientError::WrongCluster(_))
     }
 
     /// Whether the request surely had no effect: a node refused it for routing
@@ -450,6 +494,21 @@ mod tests {
                 leader_addr: None
             }
         );
+    }
+
+    #[test]
+    fn removed_and_wrong_cluster_are_unapplied_routing_errors() {
+        let msg = "node 4 was removed from cluster 00000000000000aa; it can be shut down";
+        let e = ClientError::from_status(&status_with(detail(ErrorCode::Removed), msg));
+        assert_eq!(e, ClientError::Removed(msg.into()));
+        assert_eq!(e.to_string(), msg);
+        let w = ClientError::from_status(&status_with(detail(ErrorCode::WrongCluster), "w"));
+        assert_eq!(w, ClientError::WrongCluster("w".into()));
+        for e in [e, w] {
+            assert!(e.is_routing() && e.is_unapplied() && e.is_transient());
+            assert!(e.is_foreign_node());
+        }
+        assert!(!ClientError::WrongEpoch { epoch: None }.is_foreign_node());
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! - [`near`]: the opt-in near cache ([`NearCacheConfig`]): values kept in the
 //!   process, invalidated by the nodes' `Watch` streams (one background driver per
 //!   client).
+//! - `endpoint`: endpoint syntax checks, and the probe that tells a closed port or a
+//!   non-gRPC port (a node's RESP or metrics port) from a gRPC endpoint.
 //! - `pool`: one lazily created gRPC channel per node address (and one per node for
 //!   `Watch` streams, with keepalive).
 //! - [`bench`](mod@bench): the load generator behind `raftcache bench`.
@@ -52,6 +54,7 @@ pub mod breaker;
 pub mod cli;
 pub mod client;
 pub mod config;
+mod endpoint;
 pub mod error;
 pub mod hot;
 pub mod load;
@@ -62,6 +65,8 @@ pub mod ring;
 pub mod routing;
 pub mod stampede;
 
+/// The byte buffer values are read and loaded as (`get_or_load` loaders return it).
+pub use bytes::Bytes;
 pub use client::{
     Client, Condition, Consistency, NodeSnapshots, NodeStats, PgSnapshot, ReadOptions, RespCall,
     SetOptions, SetOutcome, Ttl, Value,

@@ -45,6 +45,63 @@ pub struct ClusterMap {
     pub nodes: Vec<NodeInfo>,
     /// The partitions, ordered by id.
     pub partitions: Vec<PartitionInfo>,
+    /// The cluster's identity (random, non-zero, chosen when the cluster was founded;
+    /// 0 from nodes of a version without cluster ids). Epochs order the maps of one
+    /// cluster only: a map with another id is another cluster (see [`map_change`]).
+    pub cluster_id: u64,
+}
+
+/// What the client does with a fetched map, given the one it caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapChange {
+    /// Same cluster, same or newer epoch: cache it.
+    Install,
+    /// Same cluster, older epoch (or another cluster than the one the client is
+    /// pinned to): keep the cached map.
+    Ignore,
+    /// Another cluster (restarted on the same addresses): drop the cached map and
+    /// everything learnt about its nodes, and cache this one whatever its epoch.
+    NewCluster,
+}
+
+/// The map-replacement rule: an epoch only orders maps of the same cluster; a map of
+/// another cluster replaces the cached one regardless of epoch, unless the client is
+/// pinned to a cluster (`pinned` non-zero, [`ClientConfig::cluster_id`]) and the map
+/// is not of it.
+///
+/// [`ClientConfig::cluster_id`]: crate::ClientConfig::cluster_id
+pub fn map_change(cached: &ClusterMap, fetched: &ClusterMap, pinned: u64) -> MapChange {
+    if pinned != 0 && fetched.cluster_id != pinned {
+        MapChange::Ignore
+    } else if fetched.cluster_id != cached.cluster_id {
+        MapChange::NewCluster
+    } else if fetched.epoch < cached.epoch {
+        MapChange::Ignore
+    } else {
+        MapChange::Install
+    }
+}
+
+/// Which cluster a map refresh follows, given the clusters of the maps that came back
+/// (`from_seed`: the answering address is one of the configured endpoints) and the
+/// cached cluster:
+/// - pinned: only that one;
+/// - the cached cluster while any configured endpoint still answers with it, or when
+///   no configured endpoint answered at all (a node learnt from an old map — a
+///   leftover member of a cluster that was restarted — can never move the client to
+///   its cluster, nor away from it);
+/// - otherwise the cluster of the first configured endpoint that answered: the
+///   endpoints were restarted as a new cluster.
+pub fn follow_cluster(cached: u64, pinned: u64, answers: &[(bool, u64)]) -> u64 {
+    if pinned != 0 {
+        return pinned;
+    }
+    let mut seeds = answers.iter().filter(|(seed, _)| *seed).map(|(_, c)| *c);
+    let first = seeds.clone().next();
+    if seeds.any(|c| c == cached) {
+        return cached;
+    }
+    first.unwrap_or(cached)
 }
 
 /// A node of the cluster.
@@ -163,6 +220,7 @@ impl TryFrom<v1::ClusterMapResponse> for ClusterMap {
                 })
                 .collect(),
             partitions,
+            cluster_id: m.cluster_id,
         })
     }
 }
@@ -463,6 +521,7 @@ impl Topology {
             route: v1::Route {
                 partition,
                 epoch: self.map.epoch,
+                cluster_id: self.map.cluster_id,
             },
             node: index,
             channel: node.channel.clone(),
@@ -510,6 +569,7 @@ mod tests {
                 .collect(),
             node_id: 1,
             replication_factor: 1,
+            cluster_id: 0xa,
         }
     }
 
@@ -539,8 +599,55 @@ mod tests {
                 .collect(),
             node_id: me,
             replication_factor: 3,
+            cluster_id: 0xa,
         };
         ClusterMap::try_from(m).unwrap()
+    }
+
+    fn map_of(cluster_id: u64, epoch: u64) -> ClusterMap {
+        let mut m = three(1, epoch, &[(1, 1, 1, true)]);
+        m.cluster_id = cluster_id;
+        m
+    }
+
+    #[test]
+    fn epochs_order_maps_of_one_cluster_only() {
+        use MapChange::*;
+        let cached = map_of(0xa, 8);
+        // Same cluster: the epoch decides.
+        assert_eq!(map_change(&cached, &map_of(0xa, 9), 0), Install);
+        assert_eq!(map_change(&cached, &map_of(0xa, 8), 0), Install);
+        assert_eq!(map_change(&cached, &map_of(0xa, 3), 0), Ignore);
+        // Another cluster on the same addresses: replaced whatever its epoch (the
+        // measured case: new cluster at epoch 3, cached old one at 8).
+        assert_eq!(map_change(&cached, &map_of(0xb, 3), 0), NewCluster);
+        assert_eq!(map_change(&cached, &map_of(0xb, 30), 0), NewCluster);
+        // A node of an older version (no id) is another cluster too.
+        assert_eq!(map_change(&cached, &map_of(0, 9), 0), NewCluster);
+        assert_eq!(map_change(&map_of(0, 8), &map_of(0, 9), 0), Install);
+        // Pinned: only maps of that cluster.
+        assert_eq!(map_change(&cached, &map_of(0xb, 3), 0xa), Ignore);
+        assert_eq!(map_change(&cached, &map_of(0xa, 9), 0xa), Install);
+    }
+
+    #[test]
+    fn a_refresh_follows_the_configured_endpoints_not_leftover_nodes() {
+        // Only the leftover old node (not an endpoint) answers: stay.
+        assert_eq!(follow_cluster(0xa, 0, &[(false, 0xa)]), 0xa);
+        // A leftover node of another cluster never moves the client.
+        assert_eq!(follow_cluster(0xa, 0, &[(false, 0xb), (true, 0xa)]), 0xa);
+        assert_eq!(follow_cluster(0xb, 0, &[(false, 0xa)]), 0xb);
+        // The endpoints were restarted as a new cluster: follow them, even when the
+        // leftover node answers the old one first.
+        assert_eq!(
+            follow_cluster(0xa, 0, &[(false, 0xa), (true, 0xb), (true, 0xb)]),
+            0xb
+        );
+        // While any endpoint still answers the cached cluster, keep it.
+        assert_eq!(follow_cluster(0xa, 0, &[(true, 0xb), (true, 0xa)]), 0xa);
+        // Nobody answered: unchanged. Pinned: always the pin.
+        assert_eq!(follow_cluster(0xa, 0, &[]), 0xa);
+        assert_eq!(follow_cluster(0xa, 0xc, &[(true, 0xb)]), 0xc);
     }
 
     #[test]
@@ -667,7 +774,8 @@ mod tests {
                         t.route,
                         v1::Route {
                             partition,
-                            epoch: 1
+                            epoch: 1,
+                            cluster_id: 0xa,
                         }
                     );
                     assert_eq!(t.node, 0);

@@ -72,7 +72,9 @@ pub struct RespSection {
     pub addr: Option<SocketAddr>,
     /// Most client connections at once.
     pub max_clients: usize,
-    /// Accept `FLUSHALL` / `FLUSHDB` (they empty the whole cluster).
+    /// Accept `FLUSHALL` / `FLUSHDB` (they empty the whole cluster, internal keys
+    /// excepted). Off by default: a stray `FLUSHALL` from a Redis tool must not wipe a
+    /// shared cache (Redis operators rename the command away for the same reason).
     pub allow_flushall: bool,
     /// Most bytes of unanswered requests buffered per connection (Redis
     /// `client-query-buffer-limit`); must exceed `storage.max-value-size`.
@@ -84,7 +86,7 @@ impl Default for RespSection {
         RespSection {
             addr: None,
             max_clients: 10_000,
-            allow_flushall: true,
+            allow_flushall: false,
             max_query_buffer: ByteSize::mib(64),
         }
     }

@@ -55,6 +55,24 @@ pub enum NodeError {
         /// The partition's token.
         current: u64,
     },
+    /// This node was removed from its cluster: it serves no keys any more.
+    #[error("node {node} was removed from cluster {}; it can be shut down", fmt_cluster(*cluster))]
+    Removed {
+        /// The node id it had.
+        node: u64,
+        /// The cluster it was removed from.
+        cluster: u64,
+    },
+    /// A request or peer message of another cluster than this node's.
+    #[error("{what} belongs to cluster {}, this node to cluster {}; refresh the cluster map from the configured endpoints", fmt_cluster(*got), fmt_cluster(*mine))]
+    WrongCluster {
+        /// What was refused (`request`, `raft message from node 4`, ...).
+        what: String,
+        /// The cluster id it carried (0: none, an older raftcache).
+        got: u64,
+        /// This node's cluster id.
+        mine: u64,
+    },
     /// A malformed request (missing route, unknown enum value, ...).
     #[error("{0}")]
     InvalidArgument(String),
@@ -68,6 +86,16 @@ pub enum NodeError {
 
 /// Result of the node's request path.
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+/// A cluster id as logs and messages show it: 16 hex digits; `0` (no id: a node or
+/// cluster of a raftcache version without cluster ids) as `none`.
+pub fn fmt_cluster(id: u64) -> String {
+    if id == 0 {
+        "none".to_string()
+    } else {
+        format!("{id:016x}")
+    }
+}
 
 /// An LSN as Postgres prints it (`16/B374D848`).
 pub fn fmt_lsn(lsn: u64) -> String {

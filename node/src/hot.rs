@@ -192,6 +192,18 @@ impl SpaceSaving {
     }
 }
 
+/// The prefix of raftcache's internal keys (the CDC worker's lease and slot marker,
+/// `__raftcache:cdc:lease:<slot>`, `__raftcache:cdc:slot:<slot>`). They live in the
+/// partitions like any key and gRPC reaches them (the worker uses it), but they are no
+/// part of the user's keyspace: never reported as hot keys, not counted by RESP
+/// `DBSIZE`/`INFO keyspace`, kept by `FLUSHALL`, refused to RESP commands.
+pub const INTERNAL_PREFIX: &[u8] = b"__raftcache:";
+
+/// Whether `key` is an internal key ([`INTERNAL_PREFIX`]).
+pub fn is_internal(key: &[u8]) -> bool {
+    key.starts_with(INTERNAL_PREFIX)
+}
+
 /// The hash [`SpaceSaving`] and [`HotKeys`] use for `(partition, key)`.
 pub fn key_hash(partition: u32, key: &[u8]) -> u64 {
     xxh3_64_with_seed(key, u64::from(partition))
@@ -239,8 +251,12 @@ impl HotKeys {
         self.record_at(partition, key, self.now_ms());
     }
 
-    /// Counts one request at `now_ms` (ms since the tracker was created).
+    /// Counts one request at `now_ms` (ms since the tracker was created). Internal
+    /// keys ([`is_internal`]) are not counted.
     pub fn record_at(&self, partition: u32, key: &[u8], now_ms: u64) {
+        if is_internal(key) {
+            return;
+        }
         let hash = key_hash(partition, key);
         self.shard(hash).record(partition, key, hash, now_ms);
     }
@@ -279,6 +295,24 @@ mod tests {
 
     fn record(s: &mut SpaceSaving, p: u32, key: &[u8], now: u64) {
         s.record(p, key, key_hash(p, key), now);
+    }
+
+    #[test]
+    fn internal_keys_are_never_hot() {
+        let hot = HotKeys::new();
+        for _ in 0..100 {
+            hot.record_at(0, b"__raftcache:cdc:lease:slot", 1);
+            hot.record_at(0, b"__raftcache:cdc:slot:slot", 1);
+        }
+        hot.record_at(0, b"user:1", 1);
+        let top = hot.top_at(REPORTED, 1);
+        assert_eq!(top.len(), 1, "{top:?}");
+        assert_eq!(top[0].key, "user:1");
+        assert!(
+            is_internal(b"__raftcache:x")
+                && !is_internal(b"__raftcache")
+                && !is_internal(b"x__raftcache:")
+        );
     }
 
     #[test]

@@ -55,12 +55,16 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 fn describe() {
     describe_counter!(
         "raftcache_ops_total",
-        "Requests handled, by op and result (ok or the error code)"
+        "Requests handled, by op and result. gRPC calls: op is the call (get, set, ...), result ok or the error code. Redis commands on this node's RESP listener: op is resp_<command> (resp_get, resp_set, ...; resp_unknown for unknown commands), result ok or the Redis error prefix (ERR, OOM, TRYAGAIN, LOADING, ...); counted once, on the node the client talks to"
     );
     describe_histogram!(
         "raftcache_request_duration_seconds",
         metrics::Unit::Seconds,
-        "Time to handle a request inside the node, by op"
+        "Time to handle a request inside the node, by op (gRPC calls and resp_<command>, forwarding included)"
+    );
+    describe_counter!(
+        "raftcache_resp_too_large_total",
+        "RESP commands refused for a key or value over its limit, by limit (max-key-size, max-value-size; max-query-buffer closes the connection); the connection goes on"
     );
     describe_counter!("raftcache_hits_total", "Reads that found their key");
     describe_counter!(
@@ -111,6 +115,61 @@ fn describe() {
         "raftcache_lease_fills_total",
         "Sets under a fill lease, by result (applied, lost, stale)"
     );
+    describe_gauge!(
+        "raftcache_partitions_led",
+        "Partitions whose Raft group this node leads (as the cluster map observes it)"
+    );
+    describe_gauge!(
+        "raftcache_partitions_hosted",
+        "Partitions with a replica on this node"
+    );
+    describe_gauge!(
+        "raftcache_cluster_epoch",
+        "Epoch of the cluster map this node holds (grows with every placement change)"
+    );
+    describe_counter!(
+        "raftcache_raft_batches_total",
+        "Raft transport batches sent to peers (each carries messages of many groups)"
+    );
+    describe_counter!(
+        "raftcache_raft_messages_total",
+        "Raft messages sent to peers, all groups together"
+    );
+    describe_counter!(
+        "raftcache_persist_flushes_total",
+        "fsyncs of the durable Raft log (group commit: one per batch of waiting writes)"
+    );
+    describe_counter!(
+        "raftcache_persist_flushed_writes_total",
+        "Writes made durable by those fsyncs"
+    );
+    describe_counter!(
+        "raftcache_snapshots_total",
+        "Partition snapshots written to the data directory"
+    );
+    describe_gauge!(
+        "raftcache_snapshot_last_bytes",
+        metrics::Unit::Bytes,
+        "Size of the last partition snapshot written"
+    );
+    describe_histogram!(
+        "raftcache_snapshot_pause_seconds",
+        metrics::Unit::Seconds,
+        "How long a snapshot held its partition's writes while copying its state"
+    );
+    describe_histogram!(
+        "raftcache_snapshot_write_seconds",
+        metrics::Unit::Seconds,
+        "Time to encode and write one partition snapshot"
+    );
+    describe_counter!(
+        "raftcache_client_breaker_opened_total",
+        "Circuit breakers opened by this node's forwarding client (RESP commands for keys led elsewhere)"
+    );
+    describe_gauge!(
+        "raftcache_client_breaker_state",
+        "Circuit breaker of the forwarding client per peer node: 0 closed, 1 open, 2 half-open"
+    );
 }
 
 /// Counts one request and its latency. `error` is `None` for success.
@@ -124,6 +183,22 @@ pub fn record_op(op: &'static str, error: Option<ErrorCode>, elapsed: Duration) 
     };
     counter!("raftcache_ops_total", "op" => op, "result" => result).increment(1);
     histogram!("raftcache_request_duration_seconds", "op" => op).record(elapsed.as_secs_f64());
+}
+
+/// Counts one Redis command served over RESP: `op` is `resp_<command>`, `result` `ok`
+/// or the Redis error prefix; `elapsed` `None` for a command refused before it ran (an
+/// oversized argument), counted without a latency.
+pub fn record_resp_op(op: &'static str, result: &'static str, elapsed: Option<Duration>) {
+    counter!("raftcache_ops_total", "op" => op, "result" => result).increment(1);
+    if let Some(elapsed) = elapsed {
+        histogram!("raftcache_request_duration_seconds", "op" => op).record(elapsed.as_secs_f64());
+    }
+}
+
+/// Counts one RESP command refused for a key or value over `limit` (`max-key-size`,
+/// `max-value-size`, `max-query-buffer`).
+pub fn record_resp_too_large(limit: &'static str) {
+    counter!("raftcache_resp_too_large_total", "limit" => limit).increment(1);
 }
 
 /// Counts one `GetOrLease` answer: `outcome` is `hit`, `granted`, `wait` or `miss`.

@@ -101,6 +101,10 @@ pub struct Identity {
     pub advertise: String,
     /// The mode the directory was written in.
     pub persistence: Persistence,
+    /// The cluster the node is a member of (0: stored by a raftcache without cluster
+    /// ids; the node then keeps 0, see `ClusterNode::restore`).
+    #[serde(default)]
+    pub cluster_id: u64,
 }
 
 /// A callback run once the writes made before it are on disk.
@@ -582,6 +586,7 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.identity().unwrap(), None);
             let id = Identity {
+                cluster_id: 0x5eed,
                 node_id: 3,
                 advertise: "127.0.0.1:7003".into(),
                 persistence: Persistence::Durable,
@@ -636,6 +641,13 @@ mod tests {
         for w in waits {
             w.await.unwrap().unwrap();
         }
+    }
+
+    #[test]
+    fn an_identity_stored_before_cluster_ids_loads_with_cluster_0() {
+        let json = r#"{"node_id":2,"advertise":"127.0.0.1:7002","persistence":"durable"}"#;
+        let id: Identity = serde_json::from_str(json).unwrap();
+        assert_eq!((id.node_id, id.cluster_id), (2, 0));
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         ErrorCode::OutOfMemory => Code::ResourceExhausted,
         ErrorCode::LsnNotReached => Code::FailedPrecondition,
         ErrorCode::Fenced => Code::FailedPrecondition,
+        ErrorCode::Removed | ErrorCode::WrongCluster => Code::FailedPrecondition,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Internal | ErrorCode::Unspecified => Code::Internal,
     }
@@ -66,6 +67,15 @@ mod tests {
         let st = d.clone().into_status("key too large");
         assert_eq!(st.code(), Code::InvalidArgument);
         assert_eq!(ErrorDetail::from_status(&st), Some(d));
+    }
+
+    #[test]
+    fn identity_errors_are_failed_precondition() {
+        for code in [ErrorCode::Removed, ErrorCode::WrongCluster] {
+            let st = ErrorDetail::of(code).into_status("x");
+            assert_eq!(st.code(), Code::FailedPrecondition);
+            assert_eq!(ErrorDetail::from_status(&st).map(|d| d.code()), Some(code));
+        }
     }
 
     #[test]

@@ -236,6 +236,7 @@ fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
             route: Some(Route {
                 partition: 0,
                 epoch: 0,
+                cluster_id: 0,
             }),
             condition: SetCondition::None as i32,
             ..SetRequest::default()
@@ -270,6 +271,7 @@ fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
                     route: Some(Route {
                         partition: 16,
                         epoch: 0,
+                        cluster_id: 0,
                     }),
                     ..base.clone()
                 },
@@ -293,6 +295,7 @@ fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
             route: Some(Route {
                 partition: 0,
                 epoch: 7,
+                cluster_id: 0,
             }),
             ..base.clone()
         })

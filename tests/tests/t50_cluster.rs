@@ -144,6 +144,7 @@ async fn raw_get(
             route: Some(Route {
                 partition,
                 epoch: 0,
+                cluster_id: 0,
             }),
             consistency: consistency as i32,
             max_staleness_ms,

@@ -258,6 +258,7 @@ async fn follower_read_from(
                     route: Some(Route {
                         partition: client.partition_of(k),
                         epoch: 0,
+                        cluster_id: 0,
                     }),
                 })
                 .collect(),

@@ -268,7 +268,12 @@ fn assert_alive(cluster: &Cluster, what: &str) {
 #[test]
 fn redis_py_drives_every_command() {
     let _one = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    let cluster = start(&[]);
+    // The suite runs FLUSHALL, which nodes refuse unless resp.allow-flushall is set.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[resp]\nallow-flushall = true\n").unwrap();
+    let config_arg = format!("--config={}", config.display());
+    let cluster = start(&[&config_arg]);
     let (a, b) = (resp_addr(&cluster.nodes[0]), resp_addr(&cluster.nodes[2]));
     let out = output_within(
         Command::new("bash")

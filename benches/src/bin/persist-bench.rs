@@ -323,7 +323,7 @@ fn client_config(grpc: &str) -> ClientConfig {
 /// Connects to `grpc`, retrying until `deadline`.
 async fn connect_until(grpc: &str, deadline: Instant) -> anyhow::Result<Client> {
     loop {
-        match Client::connect(client_config(grpc)).await {
+        match Client::try_connect(client_config(grpc)).await {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() < deadline => {
                 let _ = e;

@@ -206,7 +206,7 @@ async fn wait_settled(
             }
         }
         if client.is_none() {
-            match Client::connect(client_config.clone()).await {
+            match Client::try_connect(client_config.clone()).await {
                 Ok(c) => client = Some(c),
                 Err(e) => last = e.to_string(),
             }

@@ -102,6 +102,7 @@ impl Fake {
                 .collect(),
             node_id: 1,
             replication_factor: 1,
+            cluster_id: 0,
         }
     }
 }

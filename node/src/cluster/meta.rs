@@ -66,6 +66,11 @@ pub struct Placement {
 /// The replicated cluster metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterMeta {
+    /// The cluster's identity: random and non-zero, chosen by the founder; 0 for a
+    /// cluster founded by a raftcache without cluster ids (metadata stored then has no
+    /// such field). Never changes.
+    #[serde(default)]
+    pub cluster_id: u64,
     /// Increases with every change.
     pub epoch: u64,
     /// P, fixed at creation.
@@ -95,6 +100,7 @@ impl ClusterMeta {
     /// A new cluster of one node (id 1) at `addr` holding every partition.
     pub fn bootstrap(addr: &str, partitions: u32, vnodes: u32, replication_factor: u32) -> Self {
         let mut meta = ClusterMeta {
+            cluster_id: 0,
             epoch: 0,
             partition_count: partitions,
             vnodes,

@@ -26,9 +26,9 @@ mod persist;
 
 pub use persist::{PersistSettings, Restart, SnapshotStats};
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -36,12 +36,12 @@ use raftcache_proto::v1::admin_client::AdminClient;
 use raftcache_proto::v1::raft_transport_client::RaftTransportClient;
 use raftcache_proto::v1::{
     AddNodeRequest, AssignRequest, ClusterMapResponse, Consistency, HelloRequest,
-    NodeInfo as PbNodeInfo, PartitionInfo,
+    NodeInfo as PbNodeInfo, PartitionInfo, RemovedRequest,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::error::{NodeError, Result};
+use crate::error::{fmt_cluster, NodeError, Result};
 use crate::raft::{
     raft_config, ChangeMembers, Group, GroupId, Proposal, RaftConfig, ReadPolicy, ReplicaId,
     ReplicaNode, Tickets, Transport, WriteError, HEARTBEAT, META_GROUP,
@@ -96,6 +96,13 @@ pub struct ClusterNode {
     tickets: Arc<Tickets>,
     raft_config: RaftConfig,
     node_id: AtomicU64,
+    /// The cluster this node belongs to (see [`ClusterNode::cluster_id`]).
+    cluster_id: AtomicU64,
+    /// Set once this node learns that its cluster removed it.
+    removed: AtomicBool,
+    /// (cluster id, node id) of peers whose messages were refused as another
+    /// cluster's: each is logged once.
+    refused_peers: Mutex<HashSet<(u64, u64)>>,
     engine: OnceLock<Arc<Engine>>,
     meta_engine: Arc<Engine>,
     groups: RwLock<HashMap<GroupId, Arc<Group>>>,
@@ -151,6 +158,9 @@ impl ClusterNode {
             tickets: Arc::new(Tickets::default()),
             raft_config: raft_config().map_err(anyhow::Error::msg)?,
             node_id: AtomicU64::new(0),
+            cluster_id: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            refused_peers: Mutex::new(HashSet::new()),
             engine: OnceLock::new(),
             groups: RwLock::new(HashMap::new()),
             meta: RwLock::new(None),
@@ -169,6 +179,131 @@ impl ClusterNode {
     /// This node's id; 0 until it is part of a cluster.
     pub fn node_id(&self) -> u64 {
         self.node_id.load(Ordering::Acquire)
+    }
+
+    /// The id of the cluster this node belongs to: random and non-zero, chosen by the
+    /// node that founded the cluster and learnt by every node that joins it (0 until the
+    /// node is a member, and for a cluster founded by a raftcache without cluster ids).
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id.load(Ordering::Acquire)
+    }
+
+    /// Whether this node learnt that its cluster removed it.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// `Removed` once this node was removed from its cluster: keyed requests (gRPC and
+    /// RESP) are refused from then on, so callers are told to go elsewhere.
+    ///
+    /// # Errors
+    ///
+    /// `Removed`.
+    pub fn serving(&self) -> Result<()> {
+        if self.is_removed() {
+            return Err(NodeError::Removed {
+                node: self.node_id(),
+                cluster: self.cluster_id(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a client request routed with the map of cluster `route_cluster` (0: the
+    /// client did not say): refused when this node was removed or belongs to another
+    /// cluster.
+    ///
+    /// # Errors
+    ///
+    /// `Removed`, `WrongCluster`.
+    pub fn check_route_cluster(&self, route_cluster: u64) -> Result<()> {
+        self.serving()?;
+        let mine = self.cluster_id();
+        if route_cluster != 0 && route_cluster != mine && self.node_id() != 0 {
+            return Err(NodeError::WrongCluster {
+                what: "the request's cluster map".into(),
+                got: route_cluster,
+                mine,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a message from `from_node` of cluster `from_cluster` (a Raft batch or a
+    /// snapshot): refused, and logged once per peer, when the clusters differ — a
+    /// message without a cluster id (an older raftcache) too, unless this node's own
+    /// cluster predates cluster ids. A node that is not a member yet holds no replica
+    /// to protect (its answer is "no such group" anyway) and checks nothing.
+    ///
+    /// # Errors
+    ///
+    /// `WrongCluster`.
+    pub fn check_peer_cluster(&self, from_cluster: u64, from_node: u64) -> Result<()> {
+        let mine = self.cluster_id();
+        if (mine == 0 && self.node_id() == 0) || from_cluster == mine {
+            return Ok(());
+        }
+        let first = self
+            .refused_peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((from_cluster, from_node));
+        if first {
+            warn!(
+                peer_node = from_node,
+                peer_cluster = %fmt_cluster(from_cluster),
+                cluster = %fmt_cluster(mine),
+                "refusing raft messages from node {from_node} of cluster {}: this node belongs \
+                 to cluster {} (a leftover node of another cluster on a peer's address?); \
+                 logged once per peer",
+                fmt_cluster(from_cluster),
+                fmt_cluster(mine)
+            );
+        }
+        Err(NodeError::WrongCluster {
+            what: format!("raft message from node {from_node}"),
+            got: from_cluster,
+            mine,
+        })
+    }
+
+    /// Records that this node's cluster removed it (logged once).
+    pub fn mark_removed(&self, why: &str) {
+        if self.node_id() == 0 || self.removed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        warn!(
+            node = self.node_id(),
+            cluster = %fmt_cluster(self.cluster_id()),
+            "node {} was removed from cluster {} ({why}); it serves no keys any more and \
+             can be shut down",
+            self.node_id(),
+            fmt_cluster(self.cluster_id())
+        );
+    }
+
+    /// A `Removed` notice from the meta leader of `cluster` (the RPC).
+    ///
+    /// # Errors
+    ///
+    /// `WrongCluster` or `InvalidArgument` when it is not about this node.
+    pub fn removed_notice(&self, cluster: u64, node: u64) -> Result<()> {
+        let mine = self.cluster_id();
+        if cluster != mine {
+            return Err(NodeError::WrongCluster {
+                what: "the removal notice".into(),
+                got: cluster,
+                mine,
+            });
+        }
+        if node == 0 || node != self.node_id() {
+            return Err(NodeError::InvalidArgument(format!(
+                "this node is node {}, not {node}",
+                self.node_id()
+            )));
+        }
+        self.mark_removed("the meta leader says so");
+        Ok(())
     }
 
     /// The address this node advertises.
@@ -255,12 +390,15 @@ impl ClusterNode {
     /// When a group cannot start or the first metadata cannot be written.
     pub async fn bootstrap(self: &Arc<Self>) -> anyhow::Result<()> {
         let storage = &self.settings.storage;
-        let meta = ClusterMeta::bootstrap(
+        let mut meta = ClusterMeta::bootstrap(
             &self.settings.advertise,
             storage.partitions,
             self.settings.vnodes,
             self.settings.replication_factor,
         );
+        // A new cluster, a new identity: whatever runs on these addresses from an
+        // earlier cluster can never be mistaken for a member of this one.
+        meta.cluster_id = new_cluster_id();
         let me = 1;
         let meta_replica = meta.meta_replicas.get(&me).copied().unwrap_or(0);
         self.become_member(me, meta_replica, meta.clone()).await?;
@@ -309,7 +447,9 @@ impl ClusterNode {
         }
         info!(
             partitions = meta.partition_count,
-            "founded a new cluster as node 1"
+            cluster = %fmt_cluster(meta.cluster_id),
+            "founded a new cluster {} as node 1",
+            fmt_cluster(meta.cluster_id)
         );
         Ok(())
     }
@@ -334,6 +474,7 @@ impl ClusterNode {
                 let mut client = AdminClient::new(channel);
                 let req = AddNodeRequest {
                     addr: self.settings.advertise.clone(),
+                    cluster_id: self.cluster_id(),
                 };
                 match tokio::time::timeout(Duration::from_secs(10), client.add_node(req)).await {
                     Ok(Ok(resp)) => {
@@ -374,6 +515,13 @@ impl ClusterNode {
         }
         let meta: ClusterMeta = serde_json::from_slice(&req.meta)
             .map_err(|e| NodeError::InvalidArgument(format!("bad cluster metadata: {e}")))?;
+        if req.cluster_id != meta.cluster_id {
+            return Err(NodeError::InvalidArgument(format!(
+                "the assignment names cluster {} but its metadata cluster {}",
+                fmt_cluster(req.cluster_id),
+                fmt_cluster(meta.cluster_id)
+            )));
+        }
         self.become_member(req.node_id, req.meta_replica, meta)
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?;
@@ -392,7 +540,7 @@ impl ClusterNode {
             return Ok(());
         }
         // A new identity: whatever the data directory held belongs to an older one.
-        self.persist_new_identity(node_id)?;
+        self.persist_new_identity(node_id, meta.cluster_id)?;
         self.take_identity(node_id, meta)?;
         self.persist_replica(META_GROUP, meta_replica)?;
         self.host(META_GROUP, meta_replica, self.meta_engine.clone(), None)
@@ -409,6 +557,8 @@ impl ClusterNode {
             ..self.settings.storage.clone()
         };
         anyhow::ensure!(storage.partitions > 0, "cluster metadata has no partitions");
+        self.cluster_id.store(meta.cluster_id, Ordering::Release);
+        self.transport.set_cluster_id(meta.cluster_id);
         let engine = self
             .engine
             .get_or_init(|| Arc::new(Engine::new(storage, self.clock.clone())))
@@ -454,8 +604,24 @@ impl ClusterNode {
     }
 
     fn install_meta(&self, meta: ClusterMeta) {
+        if meta.cluster_id != self.cluster_id() {
+            // Cannot come from this node's meta group (its peers are checked); never
+            // mix another cluster's map in.
+            warn!(
+                "ignoring cluster metadata of cluster {}: this node belongs to cluster {}",
+                fmt_cluster(meta.cluster_id),
+                fmt_cluster(self.cluster_id())
+            );
+            return;
+        }
         let mut slot = self.meta.write().unwrap_or_else(PoisonError::into_inner);
         if slot.as_ref().is_none_or(|m| m.epoch < meta.epoch) {
+            let me = self.node_id();
+            if me != 0 && !meta.nodes.contains_key(&me) {
+                // Node ids are never reused: a newer map without this node means the
+                // cluster removed it (`remove-node` finished).
+                self.mark_removed("the cluster map no longer lists it");
+            }
             for (node, n) in &meta.nodes {
                 if let Some(r) = meta.meta_replicas.get(node) {
                     self.transport.learn_replica(*r, &n.addr);
@@ -786,20 +952,39 @@ impl ClusterNode {
                     continue;
                 };
                 let mut client = RaftTransportClient::new(channel);
-                let hello =
-                    tokio::time::timeout(Duration::from_secs(1), client.hello(HelloRequest {}))
-                        .await;
+                let mine = self.cluster_id();
+                let hello = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.hello(HelloRequest { cluster_id: mine }),
+                )
+                .await;
                 let drained = match hello {
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
-                        r.node_id != id || r.partitions_hosted == 0
+                        r.node_id != id || r.cluster_id != mine || r.partitions_hosted == 0
                     }
                     _ => false,
                 };
                 if drained {
                     let result = self.change_meta(|m| m.forget_node(id)).await;
                     match result {
-                        Ok(_) => info!(node = id, "node drained and removed"),
+                        Ok(_) => {
+                            info!(node = id, "node drained and removed");
+                            // Tell it, so that it stops serving at once (it would also
+                            // notice the map without it, if its meta replica got it).
+                            let notice = RemovedRequest {
+                                cluster_id: mine,
+                                node_id: id,
+                            };
+                            let told = tokio::time::timeout(
+                                Duration::from_secs(1),
+                                client.removed(notice),
+                            )
+                            .await;
+                            if !matches!(told, Ok(Ok(_))) {
+                                debug!(node = id, "could not tell the removed node");
+                            }
+                        }
                         Err(e) => debug!(node = id, "cannot forget drained node yet: {e}"),
                     }
                 }
@@ -907,13 +1092,31 @@ impl ClusterNode {
             .channel(addr)
             .map_err(NodeError::InvalidArgument)?;
         let mut client = RaftTransportClient::new(channel);
-        let hello = tokio::time::timeout(Duration::from_secs(2), client.hello(HelloRequest {}))
-            .await
-            .map_err(|_| NodeError::Unavailable(format!("node at {addr} did not answer")))?
-            .map_err(|s| {
-                NodeError::Unavailable(format!("node at {addr} unreachable: {}", s.message()))
-            })?
-            .into_inner();
+        let mine = self.cluster_id();
+        let hello = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.hello(HelloRequest { cluster_id: mine }),
+        )
+        .await
+        .map_err(|_| NodeError::Unavailable(format!("node at {addr} did not answer")))?
+        .map_err(|s| {
+            NodeError::Unavailable(format!("node at {addr} unreachable: {}", s.message()))
+        })?
+        .into_inner();
+        if hello.node_id != 0 && hello.cluster_id != mine {
+            return Err(NodeError::WrongCluster {
+                what: format!("the node at {addr} (node {})", hello.node_id),
+                got: hello.cluster_id,
+                mine,
+            });
+        }
+        if hello.node_id != 0 && hello.removed {
+            return Err(NodeError::InvalidArgument(format!(
+                "the node at {addr} was node {} of this cluster and was removed; restart it \
+                 (without its old data directory) to add it again",
+                hello.node_id
+            )));
+        }
         if hello.node_id != 0 {
             let meta = self.meta();
             let known = meta
@@ -935,6 +1138,7 @@ impl ClusterNode {
                 node_id,
                 meta_replica,
                 meta: Bytes::from(json),
+                cluster_id: meta.cluster_id,
             })
             .await
             .map_err(|s| {
@@ -1290,9 +1494,14 @@ impl ClusterNode {
                 ..Default::default()
             };
         };
+        // A removed node still tells clients where the cluster is (its last map), but
+        // never lists itself or claims a live replica.
+        let removed = self.is_removed();
+        let me = self.node_id();
         let nodes = meta
             .nodes
             .iter()
+            .filter(|(&id, _)| !removed || id != me)
             .map(|(&id, n)| PbNodeInfo {
                 id,
                 addr: n.addr.clone(),
@@ -1305,8 +1514,13 @@ impl ClusterNode {
             .enumerate()
             .map(|(p, placement)| {
                 let p = p as u32;
-                let placed: Vec<u64> = placement.replicas.iter().map(|r| r.node).collect();
-                match self.group(p) {
+                let placed: Vec<u64> = placement
+                    .replicas
+                    .iter()
+                    .map(|r| r.node)
+                    .filter(|n| !removed || *n != me)
+                    .collect();
+                match self.group(p).filter(|_| !removed) {
                     Some(g) => {
                         let view = g.view();
                         let owner = |r: &ReplicaId| meta.owner(*r).unwrap_or(0);
@@ -1346,6 +1560,7 @@ impl ClusterNode {
             partitions,
             node_id: self.node_id(),
             replication_factor: meta.replication_factor,
+            cluster_id: meta.cluster_id,
         }
     }
 
@@ -1369,6 +1584,11 @@ impl ClusterNode {
         }
         self.checkpoint(&groups).await;
     }
+}
+
+/// A new cluster id: random, never 0 (0 means "no id").
+fn new_cluster_id() -> u64 {
+    rand::random::<u64>().max(1)
 }
 
 fn node_of(meta: &ClusterMeta, node: u64) -> Option<ReplicaNode> {

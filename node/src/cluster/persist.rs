@@ -309,12 +309,13 @@ impl ClusterNode {
     }
 
     /// Forgets the directory's old contents and records a new identity.
-    pub(super) fn persist_new_identity(&self, node_id: u64) -> anyhow::Result<()> {
+    pub(super) fn persist_new_identity(&self, node_id: u64, cluster_id: u64) -> anyhow::Result<()> {
         let Some(store) = self.store() else {
             return Ok(());
         };
         store
             .reset(&Identity {
+                cluster_id,
                 node_id,
                 advertise: self.settings.advertise.clone(),
                 persistence: self.settings.persist.mode,
@@ -488,6 +489,14 @@ impl ClusterNode {
         let _guard = self.assign_lock.lock().await;
         let node_id = identity.node_id;
         let store = self.store().cloned().context("persistence is off")?;
+        // The metadata and the identity carry the same id (both 0 when written by a
+        // raftcache without cluster ids: the node then stays in "cluster 0", which only
+        // nodes of that same old cluster share; see ARCHITECTURE.md).
+        let mut meta = meta;
+        if meta.cluster_id == 0 {
+            meta.cluster_id = identity.cluster_id;
+        }
+        let cluster_id = meta.cluster_id;
         let engine = self.take_identity(node_id, meta)?;
         let (meta_replica, meta_state) = groups
             .remove(&META_GROUP)
@@ -520,6 +529,7 @@ impl ClusterNode {
         }
         store.set_identity(&Identity {
             persistence: self.settings.persist.mode,
+            cluster_id,
             ..identity
         })?;
         store.set_clean(false)?;

@@ -18,7 +18,7 @@
 //! Errors: a peer that refuses connections or does not answer in time is `Unreachable`
 //! (openraft backs off); a node that has no such group yet is a `Network` error (retried).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -34,7 +34,9 @@ use openraft::raft::{
 use openraft_multi::{GroupNetworkAdapter, GroupRouter};
 use raftcache_proto::tonic::transport::{Channel, Endpoint};
 use raftcache_proto::v1::raft_transport_client::RaftTransportClient;
-use raftcache_proto::v1::{RaftBatch, RaftKind, RaftMessage, SnapshotChunk, SnapshotHeader};
+use raftcache_proto::v1::{
+    ErrorCode, ErrorDetail, RaftBatch, RaftKind, RaftMessage, SnapshotChunk, SnapshotHeader,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -103,6 +105,11 @@ pub struct Transport {
 struct Inner {
     /// This node's id, sent with every batch (0 until assigned).
     node_id: AtomicU64,
+    /// This node's cluster id, sent with every batch and snapshot.
+    cluster_id: AtomicU64,
+    /// Peers (by address) that refused our messages as another cluster's: each is
+    /// logged once.
+    refused_by: Mutex<HashSet<String>>,
     /// Peers by address.
     peers: Mutex<HashMap<String, Arc<Peer>>>,
     /// Published address → the address dialled instead (`cluster.peer-routes`).
@@ -131,6 +138,8 @@ impl Transport {
         Transport {
             inner: Arc::new(Inner {
                 node_id: AtomicU64::new(0),
+                cluster_id: AtomicU64::new(0),
+                refused_by: Mutex::new(HashSet::new()),
                 peers: Mutex::new(HashMap::new()),
                 routes,
                 replicas: RwLock::new(HashMap::new()),
@@ -143,6 +152,11 @@ impl Transport {
     /// Sets this node's id once it is known.
     pub fn set_node_id(&self, id: u64) {
         self.inner.node_id.store(id, Ordering::Relaxed);
+    }
+
+    /// Sets this node's cluster id once it is known.
+    pub fn set_cluster_id(&self, id: u64) {
+        self.inner.cluster_id.store(id, Ordering::Relaxed);
     }
 
     /// (batches sent, messages sent) so far.
@@ -218,6 +232,7 @@ impl Transport {
         });
         tokio::spawn(run_batcher(
             self.inner.clone(),
+            addr.to_string(),
             RaftTransportClient::new(channel)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
@@ -300,6 +315,7 @@ impl Transport {
             vote: encode(&vote).map_err(network)?,
             meta: encode(&snapshot.meta).map_err(network)?,
             total_len: snapshot.snapshot.len() as u64,
+            cluster_id: self.inner.cluster_id.load(Ordering::Relaxed),
         };
         let data = snapshot.snapshot;
         let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK + 1);
@@ -321,7 +337,10 @@ impl Transport {
         let reply = client
             .install_snapshot(futures::stream::iter(chunks))
             .await
-            .map_err(|s| unreachable(format!("snapshot to {addr}: {}", s.message())))?
+            .map_err(|s| {
+                self.inner.note_refusal(&addr, &s);
+                unreachable(format!("snapshot to {addr}: {}", s.message()))
+            })?
             .into_inner();
         if !reply.unreachable.is_empty() {
             return Err(network(reply.unreachable));
@@ -334,6 +353,7 @@ impl Transport {
 /// sends it on its own task and hands each message its answer.
 async fn run_batcher(
     inner: Arc<Inner>,
+    addr: String,
     client: RaftTransportClient<Channel>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
@@ -371,6 +391,9 @@ async fn run_batcher(
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let mut client = client.clone();
         let from_node = inner.node_id.load(Ordering::Relaxed);
+        let cluster_id = inner.cluster_id.load(Ordering::Relaxed);
+        let inner = inner.clone();
+        let addr = addr.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let (messages, replies): (Vec<_>, Vec<_>) =
@@ -379,6 +402,7 @@ async fn run_batcher(
                 from_node,
                 messages,
                 sent_at_ms,
+                cluster_id,
             };
             let answer = tokio::time::timeout(BATCH_TIMEOUT, client.batch(request)).await;
             match answer {
@@ -395,6 +419,7 @@ async fn run_batcher(
                     }
                 }
                 Ok(Err(status)) => {
+                    inner.note_refusal(&addr, &status);
                     let e = SendError::Unreachable(status.message().to_string());
                     for reply in replies {
                         let _ = reply.send(Err(e.clone()));
@@ -409,6 +434,31 @@ async fn run_batcher(
                 }
             }
         });
+    }
+}
+
+impl Inner {
+    /// Logs, once per peer, that the peer at `addr` refused our messages as another
+    /// cluster's (its status carries `WRONG_CLUSTER`): the messages are then treated
+    /// as undeliverable, so openraft backs off as from an unreachable peer.
+    fn note_refusal(&self, addr: &str, status: &raftcache_proto::tonic::Status) {
+        let wrong_cluster =
+            ErrorDetail::from_status(status).is_some_and(|d| d.code() == ErrorCode::WrongCluster);
+        if !wrong_cluster {
+            return;
+        }
+        let first = self
+            .refused_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(addr.to_string());
+        if first {
+            tracing::warn!(
+                peer = addr,
+                "the node at {addr} refuses this node's raft messages: {} (logged once per peer)",
+                status.message()
+            );
+        }
     }
 }
 

@@ -131,9 +131,34 @@ pub enum ProtocolError {
     /// something other than a space.
     #[error("ERR Protocol error: unbalanced quotes in request")]
     UnbalancedQuotes,
+    /// A well-formed `$<len>` header over [`Limits::max_bulk`]. Unlike the other
+    /// errors the connection can go on: [`parse_command`] consumed the command up to
+    /// and including that header (`buf` starts at the bulk's payload), and a
+    /// [`Discard`] skips the rest of it (the payload, then the `rest` arguments after
+    /// it) as it arrives; the server then answers an error naming the limit.
+    #[error(
+        "ERR Protocol error: argument {arg} of {len} bytes is over the {limit}-byte bulk limit"
+    )]
+    BulkTooLarge {
+        /// The declared length.
+        len: u64,
+        /// The argument's index (0 is the command name).
+        arg: usize,
+        /// Arguments after it, still to skip.
+        rest: usize,
+        /// [`Limits::max_bulk`].
+        limit: usize,
+        /// The command name, when the oversized argument is not the name itself.
+        command: Option<Bytes>,
+    },
 }
 
 impl ProtocolError {
+    /// Whether the connection can go on after it ([`ProtocolError::BulkTooLarge`]).
+    pub fn is_recoverable(&self) -> bool {
+        matches!(self, ProtocolError::BulkTooLarge { .. })
+    }
+
     /// The error reply to send before closing the connection.
     pub fn reply(&self) -> Reply {
         Reply::Error(Cow::Owned(self.to_string()))
@@ -160,7 +185,8 @@ impl From<ProtocolError> for Reply {
 /// # Errors
 /// A [`ProtocolError`] when the front of `buf` is not, and cannot become, a valid
 /// command within `limits`. The connection should reply with it and close. `buf` is
-/// then left in an unspecified state.
+/// then left in an unspecified state. Except [`ProtocolError::BulkTooLarge`]: `buf`
+/// then starts at the oversized payload, for a [`Discard`].
 pub fn parse_command(
     buf: &mut BytesMut,
     limits: &Limits,
@@ -169,6 +195,25 @@ pub fn parse_command(
         match scan(buf, limits)? {
             Frame::Partial { .. } => return Ok(None),
             Frame::Skip(len) => buf.advance(len),
+            Frame::Oversized {
+                payload,
+                first,
+                len,
+                arg,
+                rest,
+            } => {
+                let head = buf.split_to(payload).freeze();
+                let command = (arg > 0)
+                    .then(|| array_args(head, first, 1).pop())
+                    .flatten();
+                return Err(ProtocolError::BulkTooLarge {
+                    len,
+                    arg,
+                    rest,
+                    limit: limits.max_bulk,
+                    command,
+                });
+            }
             Frame::Array { len, first, argc } => {
                 let frame = buf.split_to(len).freeze();
                 return Ok(Some(array_args(frame, first, argc)));
@@ -198,6 +243,89 @@ pub fn needed_hint(buf: &[u8], limits: &Limits) -> usize {
     }
 }
 
+/// Skips the rest of a command after [`ProtocolError::BulkTooLarge`], as its bytes
+/// arrive: the oversized payload and its CRLF, then the arguments after it (each
+/// `$<len>\r\n<payload>\r\n`, of any length). It keeps only counters, so skipping
+/// costs no memory whatever the sizes; the caller bounds it with
+/// [`Discard::declared`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discard {
+    /// Payload bytes of the current argument still to skip.
+    payload: u64,
+    /// CRLF bytes after that payload still to check (2, 1 or 0).
+    crlf: u8,
+    /// Arguments after the current one still to skip.
+    rest: usize,
+    /// Payload bytes declared so far (the oversized one included).
+    declared: u64,
+}
+
+impl Discard {
+    /// Starts skipping after a [`ProtocolError::BulkTooLarge`] of `len` bytes with
+    /// `rest` arguments after it.
+    pub fn new(len: u64, rest: usize) -> Self {
+        Discard {
+            payload: len,
+            crlf: 2,
+            rest,
+            declared: len,
+        }
+    }
+
+    /// Payload bytes the skipped command declared so far.
+    pub fn declared(&self) -> u64 {
+        self.declared
+    }
+
+    /// Consumes what it can of the command from the front of `buf`: `Ok(true)` once
+    /// the whole command is skipped (what follows in `buf` is the next command),
+    /// `Ok(false)` when more bytes are needed.
+    ///
+    /// # Errors
+    /// A [`ProtocolError`] when the rest of the command is malformed (the connection
+    /// then closes, as for any protocol error).
+    pub fn feed(&mut self, buf: &mut BytesMut, limits: &Limits) -> Result<bool, ProtocolError> {
+        loop {
+            if self.payload > 0 {
+                let n = usize::try_from(self.payload).map_or(buf.len(), |p| p.min(buf.len()));
+                buf.advance(n);
+                self.payload -= n as u64;
+                if self.payload > 0 {
+                    return Ok(false);
+                }
+            }
+            while self.crlf > 0 {
+                let Some(&b) = buf.first() else {
+                    return Ok(false);
+                };
+                let want = if self.crlf == 2 { b'\r' } else { b'\n' };
+                if b != want {
+                    return Err(ProtocolError::UnterminatedBulk);
+                }
+                buf.advance(1);
+                self.crlf -= 1;
+            }
+            if self.rest == 0 {
+                return Ok(true);
+            }
+            match buf.first() {
+                None => return Ok(false),
+                Some(b'$') => {}
+                Some(&got) => return Err(ProtocolError::ExpectedBulk { got }),
+            }
+            let Some((len, start)) = read_len(buf, 0, Header::Bulk, MAX_LEN, limits.max_inline)?
+            else {
+                return Ok(false);
+            };
+            buf.advance(start);
+            self.payload = len as u64;
+            self.declared = self.declared.saturating_add(len as u64);
+            self.crlf = 2;
+            self.rest -= 1;
+        }
+    }
+}
+
 /// What the front of a buffer holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Frame {
@@ -213,6 +341,16 @@ enum Frame {
     },
     /// A whole inline line: `len` bytes with the line ending, `line` without it.
     Inline { len: usize, line: usize },
+    /// A well-formed bulk header over `max_bulk`: argument `arg` declares `len` bytes,
+    /// its payload starts at `payload`, `rest` arguments follow it; the first argument
+    /// starts at `first`.
+    Oversized {
+        payload: usize,
+        first: usize,
+        len: u64,
+        arg: usize,
+        rest: usize,
+    },
 }
 
 fn scan(buf: &[u8], limits: &Limits) -> Result<Frame, ProtocolError> {
@@ -244,6 +382,8 @@ fn scan_inline(buf: &[u8], limits: &Limits) -> Result<Frame, ProtocolError> {
 fn scan_array(buf: &[u8], limits: &Limits) -> Result<Frame, ProtocolError> {
     let max_args = u64::try_from(limits.max_args).map_or(MAX_COUNT, |n| n.min(MAX_COUNT));
     let max_bulk = u64::try_from(limits.max_bulk).map_or(MAX_LEN, |n| n.min(MAX_LEN));
+    // Headers are read up to MAX_LEN: a well-formed one over `max_bulk` is an
+    // `Oversized` frame (skipped, answered, the connection goes on), not garbage.
     let Some((argc, first)) = read_len(buf, 0, Header::Multibulk, max_args, limits.max_inline)?
     else {
         return Ok(Frame::Partial { missing: 1 });
@@ -252,16 +392,25 @@ fn scan_array(buf: &[u8], limits: &Limits) -> Result<Frame, ProtocolError> {
         return Ok(Frame::Skip(first));
     }
     let mut pos = first;
-    for _ in 0..argc {
+    for arg in 0..argc {
         match buf.get(pos) {
             None => return Ok(Frame::Partial { missing: 1 }),
             Some(b'$') => {}
             Some(&got) => return Err(ProtocolError::ExpectedBulk { got }),
         }
-        let Some((len, start)) = read_len(buf, pos, Header::Bulk, max_bulk, limits.max_inline)?
+        let Some((len, start)) = read_len(buf, pos, Header::Bulk, MAX_LEN, limits.max_inline)?
         else {
             return Ok(Frame::Partial { missing: 1 });
         };
+        if len as u64 > max_bulk {
+            return Ok(Frame::Oversized {
+                payload: start,
+                first,
+                len: len as u64,
+                arg,
+                rest: argc - arg - 1,
+            });
+        }
         // Cannot overflow: `start <= buf.len() <= isize::MAX` and `len <= MAX_LEN`.
         let end = start + len;
         match buf.get(end..end + 2) {
@@ -1262,19 +1411,65 @@ mod tests {
                 .len(),
             1024
         );
-        // Refused at the header, before any payload arrives.
+        // Reported at the header, before any payload arrives: recoverable, with the
+        // command consumed up to the payload.
+        let mut buf = BytesMut::from(&b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$1025\r\nvv"[..]);
+        let e = parse_command(&mut buf, &l).unwrap_err();
+        assert!(e.is_recoverable());
         assert_eq!(
-            error_text(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1025\r\n", &l),
-            "ERR Protocol error: invalid bulk length"
+            e,
+            ProtocolError::BulkTooLarge {
+                len: 1025,
+                arg: 2,
+                rest: 1,
+                limit: 1024,
+                command: Some(Bytes::from_static(b"SET")),
+            }
         );
+        assert_eq!(&buf[..], b"vv");
+        // The rest of the command is skipped as it arrives; the next one parses.
+        let mut skip = Discard::new(1025, 1);
+        assert_eq!(skip.feed(&mut buf, &l), Ok(false));
+        buf.extend_from_slice(&[b'v'; 1023]);
+        buf.extend_from_slice(b"\r\n$200");
+        assert_eq!(skip.feed(&mut buf, &l), Ok(false));
+        buf.extend_from_slice(b"0\r\n");
+        assert_eq!(skip.feed(&mut buf, &l), Ok(false));
+        assert_eq!(skip.declared(), 1025 + 2000);
+        buf.extend_from_slice(&[b'x'; 2000]);
+        buf.extend_from_slice(b"\r\n*1\r\n$4\r\nPING\r\n");
+        assert_eq!(skip.feed(&mut buf, &l), Ok(true));
         assert_eq!(
-            error_text(b"*1\r\n$1025", &l),
-            "ERR Protocol error: invalid bulk length"
+            parse_command(&mut buf, &l).unwrap().unwrap(),
+            strs(&["PING"])
         );
+        // A payload without its CRLF is still a protocol error.
+        let mut skip = Discard::new(2, 0);
         assert_eq!(
-            error_text(b"*1\r\n$2147483647\r\n", &Limits::default()),
-            "ERR Protocol error: invalid bulk length"
+            skip.feed(&mut BytesMut::from(&b"abX"[..]), &l),
+            Err(ProtocolError::UnterminatedBulk)
         );
+        let e = parse_command(&mut BytesMut::from(&b"*1\r\n$1025\r\n"[..]), &l).unwrap_err();
+        assert!(matches!(
+            e,
+            ProtocolError::BulkTooLarge {
+                arg: 0,
+                command: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse_command(
+                &mut BytesMut::from(&b"*1\r\n$2147483647\r\n"[..]),
+                &Limits::default()
+            ),
+            Err(ProtocolError::BulkTooLarge {
+                len: 2_147_483_647,
+                ..
+            })
+        ));
+        // An incomplete header waits.
+        assert_eq!(parse(b"*1\r\n$1025"), Ok(None));
     }
 
     #[test]
@@ -1600,9 +1795,12 @@ mod tests {
                 Some((b'$', r)) => rest = r,
                 Some(_) => return false,
             }
-            let len = match number_prefix(rest, false, l.max_bulk) {
+            // Any well-formed length is a valid prefix; one over `max_bulk` is
+            // reported (recoverable) as soon as its header is whole.
+            let len = match number_prefix(rest, false, MAX_LEN as usize) {
                 Number::Partial => return true,
                 Number::Invalid => return false,
+                Number::Whole(n, _) if n as u64 > l.max_bulk as u64 => return false,
                 Number::Whole(n, r) => {
                     rest = r;
                     usize::try_from(n).unwrap()

@@ -182,6 +182,26 @@ impl KeyOp {
     }
 }
 
+/// The `op` label of a command in `raftcache_ops_total`: `resp_<name>` for the
+/// commands of [`COMMANDS`] (any case), `resp_unknown` otherwise.
+pub fn op_label(name: &[u8]) -> &'static str {
+    static LABELS: std::sync::OnceLock<Vec<(&'static str, &'static str)>> =
+        std::sync::OnceLock::new();
+    let labels = LABELS.get_or_init(|| {
+        COMMANDS
+            .iter()
+            .map(|(n, ..)| {
+                let label: &'static str = Box::leak(format!("resp_{n}").into_boxed_str());
+                (*n, label)
+            })
+            .collect()
+    });
+    labels
+        .iter()
+        .find(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+        .map_or("resp_unknown", |(_, label)| label)
+}
+
 /// `(name, arity, flags, first key, last key, step)` as `COMMAND INFO` shows them.
 pub type CommandSpec = (&'static str, i64, &'static [&'static str], i64, i64, i64);
 
@@ -1023,6 +1043,15 @@ mod tests {
         assert!(!KeyOp::Get.is_write());
         assert!(KeyOp::GetDel.is_write() && !KeyOp::GetDel.exactly_once());
         assert!(KeyOp::Incr(1).exactly_once());
+    }
+
+    #[test]
+    fn op_labels_name_the_command() {
+        assert_eq!(op_label(b"GET"), "resp_get");
+        assert_eq!(op_label(b"set"), "resp_set");
+        assert_eq!(op_label(b"FlushAll"), "resp_flushall");
+        assert_eq!(op_label(b"nosuchcommand"), "resp_unknown");
+        assert_eq!(op_label(b""), "resp_unknown");
     }
 
     #[test]

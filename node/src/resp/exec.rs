@@ -6,14 +6,14 @@
 //! Reads are lease reads on the leader (what the gRPC API calls `LEASE`, its default);
 //! writes go through the partition's Raft group like every other write.
 
-use super::codec::{Protocol, Reply};
+use super::codec::{Protocol, ProtocolError, Reply};
 use super::command::{self, Cmd, CommandSub, KeyOp, SetReply};
 use crate::cluster::ClusterNode;
 use crate::error::NodeError;
-use crate::hot::HotKeys;
+use crate::hot::{self, HotKeys};
 use crate::storage::{
-    Condition, Expiry, IncrError, Outcome, PartitionId, RedisOutcome, RedisWrite, RequestId,
-    StorageError, WriteRequest,
+    Command, Condition, Engine, Expiry, IncrError, Op, Outcome, PartitionId, RedisOutcome,
+    RedisWrite, RequestId, StorageError, WriteRequest,
 };
 use bytes::Bytes;
 use futures::future::join_all;
@@ -22,7 +22,7 @@ use raftcache_client::{Client, ClientConfig, ClientError, RespCall};
 use raftcache_proto::v1::Consistency;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Settings of the RESP front end (`[resp]` in the node's config).
@@ -44,6 +44,11 @@ pub struct RespSettings {
 const FLUSH_CHUNK: usize = 4_096;
 /// Most `Evict` rounds of `FLUSHALL` per partition (bounds a flush racing writers).
 const FLUSH_ROUNDS: usize = 1_024;
+/// At most one warning per this many ms about refused oversized arguments.
+const OVERSIZED_LOG_MS: u64 = 10_000;
+
+/// `FLUSHALL`/`FLUSHDB` while `resp.allow-flushall` is false (the default).
+pub const FLUSHALL_DISABLED: &str = "ERR FLUSHALL and FLUSHDB are disabled on this node: they empty the whole cluster. To enable them set `allow-flushall = true` under [resp] in every node's config file and restart (internal __raftcache: keys are kept)";
 
 /// Counters shown by `INFO`.
 #[derive(Debug, Default)]
@@ -58,6 +63,10 @@ pub struct Counters {
     pub(crate) net_in: AtomicU64,
     pub(crate) net_out: AtomicU64,
     next_id: AtomicU64,
+    /// Oversized arguments refused (for the rate-limited warning).
+    oversized: AtomicU64,
+    /// When the last such warning was logged, in ms since the front end started.
+    oversized_logged_ms: AtomicU64,
 }
 
 /// One client connection's state.
@@ -79,6 +88,10 @@ pub struct Conn {
     pub quit: bool,
 }
 
+/// Internal keys found per partition, by the (generation, seq, length) they were
+/// found at.
+type InternalCache = std::collections::HashMap<u32, ((u64, u64, u64), Vec<Bytes>)>;
+
 /// The RESP front end of one node: shared by every connection and by the `Cache.Resp`
 /// handler.
 pub struct Frontend {
@@ -93,6 +106,9 @@ pub struct Frontend {
     pub counters: Counters,
     started: Instant,
     run_id: String,
+    /// Internal keys per led partition, by the watch track (generation, seq) and
+    /// length they were found at (see [`Frontend::internal_keys`]).
+    internal: Mutex<InternalCache>,
 }
 
 impl std::fmt::Debug for Frontend {
@@ -108,6 +124,7 @@ pub fn error_reply(e: &NodeError) -> Reply {
     match e {
         NodeError::Storage(s) => storage_reply(s),
         NodeError::ShuttingDown => Reply::error("LOADING node is shutting down"),
+        NodeError::Removed { .. } => Reply::error(format!("ERR {e}")),
         other => Reply::error(format!("TRYAGAIN {other}")),
     }
 }
@@ -120,8 +137,99 @@ fn storage_reply(e: &StorageError) -> Reply {
             Reply::error("OOM command not allowed when used memory > 'maxmemory'.")
         }
         StorageError::TtlOutOfRange { .. } => Reply::error("ERR invalid expire time"),
+        StorageError::KeyTooLarge { size, limit } => too_large("key", *size as u64, *limit),
+        StorageError::ValueTooLarge { size, limit } => too_large("value", *size as u64, *limit),
         other => Reply::error(format!("ERR {other}")),
     }
+}
+
+/// The error of a key or value over its limit, naming the option that sets it, e.g.
+/// `ERR value of 20971520 bytes is over the 16777216-byte limit (storage.max-value-size)`.
+fn too_large(what: &str, size: u64, limit: usize) -> Reply {
+    let option = if what == "key" {
+        "storage.max-key-size"
+    } else {
+        "storage.max-value-size"
+    };
+    crate::metrics::record_resp_too_large(if what == "key" {
+        "max-key-size"
+    } else {
+        "max-value-size"
+    });
+    Reply::error(format!(
+        "ERR {what} of {size} bytes is over the {limit}-byte limit ({option})"
+    ))
+}
+
+/// The `result` label of a reply in `raftcache_ops_total`: `ok`, or the Redis error
+/// prefix (`ERR`, `OOM`, `TRYAGAIN`, ...; `ERR` for any other) of an error reply, a
+/// forwarded one included.
+pub fn result_label(reply: &Reply) -> &'static str {
+    let text: &[u8] = match reply {
+        Reply::Error(text) => text.as_bytes(),
+        Reply::Raw(raw) if raw.first() == Some(&b'-') => &raw[1..],
+        _ => return "ok",
+    };
+    let word = text.split(|&b| b == b' ').next().unwrap_or_default();
+    [
+        "ERR",
+        "OOM",
+        "TRYAGAIN",
+        "LOADING",
+        "WRONGTYPE",
+        "NOPROTO",
+        "WRONGPASS",
+    ]
+    .into_iter()
+    .find(|p| p.as_bytes() == word)
+    .unwrap_or("ERR")
+}
+
+/// Counts a command served over RESP (`raftcache_ops_total`, latency histogram).
+pub fn record_command(name: &[u8], reply: &Reply, started: Instant) {
+    crate::metrics::record_resp_op(
+        command::op_label(name),
+        result_label(reply),
+        Some(started.elapsed()),
+    );
+}
+
+/// The refusal of a RESP command on an internal key.
+fn reserved_key() -> Reply {
+    Reply::error(format!(
+        "ERR keys starting with '{}' are reserved for raftcache itself (CDC lease and slot markers) and cannot be read or written over RESP; use the gRPC API",
+        String::from_utf8_lossy(hot::INTERNAL_PREFIX)
+    ))
+}
+
+/// Whether argument `arg` of command `name` is a key (for the error of an oversized
+/// argument): every argument of `MGET`/`DEL`/`UNLINK`/`EXISTS`, the odd ones of `MSET`,
+/// otherwise the first.
+fn is_key_arg(name: &[u8], arg: usize) -> bool {
+    let any = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    if any(b"mget") || any(b"del") || any(b"unlink") || any(b"exists") {
+        arg >= 1
+    } else if any(b"mset") || any(b"msetnx") {
+        arg % 2 == 1
+    } else {
+        arg == 1
+    }
+}
+
+/// Whether `cmd` reads or writes keys (refused by a removed node; connection and
+/// server commands such as `PING`, `HELLO`, `INFO` still answer).
+fn touches_data(cmd: &Cmd) -> bool {
+    matches!(
+        cmd,
+        Cmd::Key { .. }
+            | Cmd::MGet(_)
+            | Cmd::MSet(_)
+            | Cmd::Del(_)
+            | Cmd::Exists(_)
+            | Cmd::DbSize
+            | Cmd::Keyspace
+            | Cmd::FlushAll
+    )
 }
 
 fn client_error_reply(e: &ClientError) -> Reply {
@@ -186,12 +294,81 @@ impl Frontend {
             counters: Counters::default(),
             started: Instant::now(),
             run_id,
+            internal: Mutex::default(),
         }
     }
 
     /// The settings.
     pub fn settings(&self) -> &RespSettings {
         &self.settings
+    }
+
+    /// The reply to a command skipped for an argument over the parser's bulk limit
+    /// ([`ProtocolError::BulkTooLarge`]), naming the storage limit it is over; counts
+    /// it and logs it (at most once per [`OVERSIZED_LOG_MS`], with the count since).
+    pub fn oversized(&self, e: &ProtocolError) -> Reply {
+        let ProtocolError::BulkTooLarge {
+            len,
+            arg,
+            limit,
+            command,
+            ..
+        } = e
+        else {
+            return e.reply();
+        };
+        let name = command.as_deref().unwrap_or_default();
+        let key = is_key_arg(name, *arg);
+        let engine = self.node.engine().map(|e| e.config());
+        // The parser's bound is the larger limit plus slack; without an engine (not a
+        // member yet) that bound is all there is to name.
+        let reply = match engine {
+            Some(c) if key => too_large("key", *len, c.max_key_bytes),
+            Some(c) => too_large("value", *len, c.max_value_bytes),
+            None => Reply::error(format!(
+                "ERR argument of {len} bytes is over the {limit}-byte limit (storage.max-value-size)"
+            )),
+        };
+        if !name.is_empty() {
+            crate::metrics::record_resp_op(command::op_label(name), "ERR", None);
+        }
+        let c = &self.counters;
+        let suppressed = c.oversized.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = c.oversized_logged_ms.load(Ordering::Relaxed);
+        let due = suppressed == 0 || now.saturating_sub(last) >= OVERSIZED_LOG_MS;
+        if due
+            && c.oversized_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let text = match &reply {
+                Reply::Error(t) => t.to_string(),
+                _ => String::new(),
+            };
+            tracing::warn!(
+                command = %String::from_utf8_lossy(name),
+                refused_total = suppressed + 1,
+                "RESP: refused a command with an oversized argument (read and dropped, the connection goes on): {text}"
+            );
+        }
+        reply
+    }
+
+    /// A key or value over the engine's limits, refused before it is routed (the
+    /// leader would refuse it with the same text); `None` when within them.
+    fn check_sizes(&self, key: &Bytes, op: &KeyOp) -> Option<Reply> {
+        let config = self.node.engine()?.config();
+        if key.len() > config.max_key_bytes {
+            return Some(too_large("key", key.len() as u64, config.max_key_bytes));
+        }
+        let value = match op {
+            KeyOp::Set { value, .. } => value,
+            KeyOp::Append(suffix) => suffix,
+            _ => return None,
+        };
+        (value.len() > config.max_value_bytes)
+            .then(|| too_large("value", value.len() as u64, config.max_value_bytes))
     }
 
     /// A new connection's state.
@@ -228,9 +405,17 @@ impl Frontend {
         self.client
             .get_or_try_init(|| async {
                 let mut config = ClientConfig::new([self.node.advertise().to_owned()]);
+                // Forward only within this node's cluster: a restarted cluster on the
+                // peers' addresses must never receive (or answer) this node's commands.
+                config.cluster_id = self.node.cluster_id();
                 config.max_message_bytes = config
                     .max_message_bytes
                     .max(self.settings.max_query_buffer + 1024 * 1024);
+                // The node's own limits (checked before forwarding), not the defaults.
+                if let Some(engine) = self.node.engine() {
+                    config.max_key_bytes = engine.config().max_key_bytes;
+                    config.max_value_bytes = engine.config().max_value_bytes;
+                }
                 Client::connect(config).await
             })
             .await
@@ -240,6 +425,11 @@ impl Frontend {
     /// as they are when the key is led elsewhere).
     pub async fn run(&self, conn: &mut Conn, cmd: Cmd, args: &[Bytes]) -> Reply {
         let protocol = conn.protocol;
+        if touches_data(&cmd) {
+            if let Err(e) = self.node.serving() {
+                return error_reply(&e);
+            }
+        }
         match cmd {
             Cmd::Key { key, op } => self.run_key(&key, &op, args, protocol).await,
             other => self.run_other(conn, other).await,
@@ -255,6 +445,15 @@ impl Frontend {
         args: &[Bytes],
         protocol: Protocol,
     ) -> Reply {
+        if let Err(e) = self.node.serving() {
+            return error_reply(&e);
+        }
+        if hot::is_internal(key) {
+            return reserved_key();
+        }
+        if let Some(reply) = self.check_sizes(key, op) {
+            return reply;
+        }
         let reply = self.route_key(key, op, args, protocol).await;
         if matches!(op, KeyOp::Get | KeyOp::GetEx(_) | KeyOp::GetDel) {
             let miss = match &reply {
@@ -342,6 +541,7 @@ impl Frontend {
                 self.local_flush().await;
                 Ok(Reply::Ok)
             }
+            (None, Cmd::FlushAll) => Ok(Reply::error(FLUSHALL_DISABLED)),
             _ => Err(NodeError::InvalidArgument(
                 "only single-key commands (with a route) and RAFTCACHE.KEYSPACE/FLUSHALL (without) are forwarded"
                     .into(),
@@ -588,9 +788,7 @@ impl Frontend {
             Cmd::Keyspace => keyspace_reply(self.local_keyspace()),
             Cmd::FlushAll => {
                 if !self.settings.allow_flushall {
-                    return Reply::error(
-                        "ERR FLUSHALL is disabled on this node (resp.allow-flushall = false)",
-                    );
+                    return Reply::error(FLUSHALL_DISABLED);
                 }
                 self.flushall().await
             }
@@ -718,21 +916,78 @@ impl Frontend {
     }
 
     /// Keys, and keys with a deadline, in the partitions this node leads (expired keys
-    /// not yet reclaimed count, as in Redis).
+    /// not yet reclaimed count, as in Redis); internal keys (`__raftcache:`) do not.
     fn local_keyspace(&self) -> (u64, u64) {
         let Some(engine) = self.node.engine() else {
             return (0, 0);
         };
         (0..engine.partition_count())
             .filter(|&p| self.node.leads(p))
-            .map(PartitionId)
             .map(|p| {
+                let (ik, ie) = self.internal_counts(engine, p);
                 (
-                    engine.partition_len(p).unwrap_or(0),
-                    engine.partition_expires(p).unwrap_or(0),
+                    engine
+                        .partition_len(PartitionId(p))
+                        .unwrap_or(0)
+                        .saturating_sub(ik),
+                    engine
+                        .partition_expires(PartitionId(p))
+                        .unwrap_or(0)
+                        .saturating_sub(ie),
                 )
             })
             .fold((0, 0), |(k, e), (pk, pe)| (k + pk, e + pe))
+    }
+
+    /// The internal keys held in partition `p`, and how many of them have a deadline.
+    fn internal_counts(&self, engine: &Engine, p: u32) -> (u64, u64) {
+        let keys = self.internal_keys(engine, p);
+        // Every key found is held (the scan is as fresh as the partition); one that
+        // reads as absent has expired and awaits reclaim, so it has a deadline.
+        let expires = keys
+            .iter()
+            .filter(|k| {
+                engine
+                    .peek(PartitionId(p), k)
+                    .ok()
+                    .flatten()
+                    .is_none_or(|v| v.ttl_remaining_ms.is_some())
+            })
+            .count();
+        (keys.len() as u64, expires as u64)
+    }
+
+    /// The internal keys of partition `p`. The engine keeps no index by prefix, so
+    /// they are found by a scan of the partition's keys; the result is kept until the
+    /// partition changes (its watch track: every applied write that changes a key moves
+    /// its `seq`, a snapshot install or restart its generation; a reclaim its length),
+    /// so an idle keyspace costs nothing and a busy one one scan per `DBSIZE`/`INFO
+    /// keyspace`.
+    fn internal_keys(&self, engine: &Engine, p: u32) -> Vec<Bytes> {
+        let (generation, seq) = self
+            .node
+            .watch()
+            .tracks(&[p])
+            .first()
+            .map_or((0, 0), |(_, t)| (t.generation, t.seq));
+        let track = (
+            generation,
+            seq,
+            engine.partition_len(PartitionId(p)).unwrap_or(0),
+        );
+        let mut cache = self.internal.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, keys)) = cache.get(&p) {
+            if *at == track {
+                return keys.clone();
+            }
+        }
+        let keys: Vec<Bytes> = engine
+            .partition_keys(PartitionId(p), usize::MAX)
+            .into_iter()
+            .filter(|k| hot::is_internal(k))
+            .collect();
+        cache.insert(p, (track, keys.clone()));
+        keys
     }
 
     /// [`local_keyspace`](Self::local_keyspace) summed over every node (`DBSIZE`,
@@ -751,21 +1006,49 @@ impl Frontend {
         Ok((keys, expires))
     }
 
-    /// Empties the partitions this node leads: `Evict` ops of the keys it holds, until
-    /// none is left (bounded).
+    /// Empties the partitions this node leads of user keys: `Evict` ops of up to
+    /// [`FLUSH_CHUNK`] keys each, until none is left (at most [`FLUSH_ROUNDS`]), keeping
+    /// internal keys (`__raftcache:`). Each op is atomic, a partition's flush is not
+    /// (a single op per partition needs a flush command in the state machine).
     async fn local_flush(&self) {
         let Some(engine) = self.node.engine() else {
             return;
         };
         for p in (0..engine.partition_count()).filter(|&p| self.node.leads(p)) {
-            if let Err(e) = self
-                .node
-                .flush_partition(PartitionId(p), FLUSH_CHUNK, FLUSH_ROUNDS)
-                .await
-            {
+            if let Err(e) = self.flush_partition(engine, p).await {
                 tracing::warn!(partition = p, error = %e, "FLUSHALL: partition not emptied");
             }
         }
+    }
+
+    /// One partition of [`local_flush`](Self::local_flush); the keys removed.
+    async fn flush_partition(&self, engine: &Engine, p: u32) -> Result<u64, String> {
+        let mut removed = 0;
+        for _ in 0..FLUSH_ROUNDS {
+            let Some(group) = self.node.group(p).filter(|g| g.is_leader()) else {
+                return Err("this node no longer leads the partition".into());
+            };
+            // A few more than a chunk, so that internal keys at the front cannot stall it.
+            let keys: Vec<Bytes> = engine
+                .partition_keys(PartitionId(p), FLUSH_CHUNK + 64)
+                .into_iter()
+                .filter(|k| !hot::is_internal(k))
+                .take(FLUSH_CHUNK)
+                .collect();
+            if keys.is_empty() {
+                break;
+            }
+            let op = Op {
+                now_ms: engine.now_ms(),
+                cmd: Command::Evict { keys },
+            };
+            match group.write(crate::raft::Proposal::from(op)).await {
+                Ok(Some(Outcome::Evicted(n))) => removed += n as u64,
+                Ok(_) => {}
+                Err(e) => return Err(format!("{e:?}")),
+            }
+        }
+        Ok(removed)
     }
 
     /// `FLUSHALL` over the cluster.
@@ -777,8 +1060,17 @@ impl Frontend {
         };
         let args = [Bytes::from_static(b"FLUSHALL")];
         for (addr, r) in client.resp_nodes(&args, 2, self.node.advertise()).await {
-            if let Err(e) = r {
-                return Reply::error(format!("TRYAGAIN node {addr}: {e}"));
+            match r {
+                Err(e) => return Reply::error(format!("TRYAGAIN node {addr}: {e}")),
+                // That node refused (its allow-flushall is off): say which.
+                Ok(raw) if raw.starts_with(b"-") => {
+                    let text = String::from_utf8_lossy(&raw[1..]);
+                    return Reply::error(format!(
+                        "ERR node {addr}: {}",
+                        text.trim_end().trim_start_matches("ERR ")
+                    ));
+                }
+                Ok(_) => {}
             }
         }
         Reply::Ok

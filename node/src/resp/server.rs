@@ -10,17 +10,21 @@
 //! Bounds: at most `max-clients` connections (more get `-ERR max number of clients
 //! reached` and are closed), `max-query-buffer` bytes of unanswered requests per
 //! connection, the parser's [`Limits`](super::codec::Limits). A protocol error is
-//! answered and the connection closed, as Redis does.
+//! answered and the connection closed, as Redis does. An argument over the bulk limit
+//! (a value over `storage.max-value-size`) is not: the rest of its command is read and
+//! dropped as it arrives ([`Discard`], bounded by `max-query-buffer`), then answered
+//! with an error naming the limit, and the connection goes on.
 
-use super::codec::{parse_command, Reply};
+use super::codec::{parse_command, Discard, ProtocolError, Reply};
 use super::command::{self, Cmd};
-use super::exec::{Conn, Frontend};
+use super::exec::{record_command, Conn, Frontend};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -99,25 +103,57 @@ async fn connection(
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut wbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut batch: Vec<Vec<Bytes>> = Vec::new();
+    // The command being skipped after an oversized argument, with its error.
+    let mut skipping: Option<(Discard, ProtocolError)> = None;
+    let max_query = u64::try_from(settings.max_query_buffer).unwrap_or(u64::MAX);
     loop {
-        // Every complete command in the buffer.
         let mut failure = None;
-        while batch.len() < MAX_BATCH {
+        let mut started_skip = false;
+        if let Some((skip, oversized)) = &mut skipping {
+            match skip.feed(&mut rbuf, &limits) {
+                Ok(true) => {
+                    frontend
+                        .oversized(oversized)
+                        .encode(conn.protocol, &mut wbuf);
+                    skipping = None;
+                }
+                Ok(false) if skip.declared() > max_query => {
+                    crate::metrics::record_resp_too_large("max-query-buffer");
+                    failure = Some(Reply::error(format!(
+                        "ERR Protocol error: a command of {} bytes is over the {}-byte query buffer limit (resp.max-query-buffer)",
+                        skip.declared(),
+                        settings.max_query_buffer
+                    )));
+                }
+                Ok(false) => {}
+                Err(e) => failure = Some(e.reply()),
+            }
+        }
+        // Every complete command in the buffer.
+        while skipping.is_none() && failure.is_none() && batch.len() < MAX_BATCH {
             match parse_command(&mut rbuf, &limits) {
                 Ok(Some(args)) => batch.push(args),
                 Ok(None) => break,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
+                Err(e @ ProtocolError::BulkTooLarge { len, rest, .. }) if len <= max_query => {
+                    skipping = Some((Discard::new(len, rest), e));
+                    started_skip = true;
                 }
+                Err(ProtocolError::BulkTooLarge { len, .. }) => {
+                    crate::metrics::record_resp_too_large("max-query-buffer");
+                    failure = Some(Reply::error(format!(
+                        "ERR Protocol error: an argument of {len} bytes is over the {}-byte query buffer limit (resp.max-query-buffer)",
+                        settings.max_query_buffer
+                    )));
+                }
+                Err(e) => failure = Some(e.reply()),
             }
         }
         let full = batch.len() >= MAX_BATCH;
         if !batch.is_empty() {
             run_batch(frontend, conn, &mut batch, &mut wbuf, &mut stream).await?;
         }
-        if let Some(e) = failure {
-            Reply::error(e.to_string()).encode(conn.protocol, &mut wbuf);
+        if let Some(reply) = failure {
+            reply.encode(conn.protocol, &mut wbuf);
             write(frontend, &mut stream, &mut wbuf).await?;
             return Ok(());
         }
@@ -127,8 +163,9 @@ async fn connection(
         if conn.quit {
             return Ok(());
         }
-        if full {
-            // MAX_BATCH stopped the parse: the buffer may hold more whole commands.
+        if full || started_skip {
+            // MAX_BATCH stopped the parse: the buffer may hold more whole commands; or
+            // a skip started: the buffer may hold more of the skipped command.
             continue;
         }
         if rbuf.len() > settings.max_query_buffer {
@@ -214,15 +251,20 @@ async fn run_batch(
                 }
                 touched.push((key.clone(), write));
                 running.push(Box::pin(async move {
-                    frontend.run_key(&key, &op, &args, protocol).await
+                    let started = Instant::now();
+                    let reply = frontend.run_key(&key, &op, &args, protocol).await;
+                    record_command(args.first().map_or(&[][..], |a| &a[..]), &reply, started);
+                    reply
                 }));
             }
             other => {
                 finish(&mut running, &mut touched, protocol, wbuf).await;
+                let started = Instant::now();
                 let reply = match other {
                     Ok(cmd) => frontend.run(conn, cmd, &args).await,
                     Err(reply) => reply,
                 };
+                record_command(args.first().map_or(&[][..], |a| &a[..]), &reply, started);
                 reply.encode(conn.protocol, wbuf);
             }
         }
@@ -252,8 +294,11 @@ async fn finish(
 
 /// One command, parsed and run.
 async fn run_one(frontend: &Frontend, conn: &mut Conn, args: Vec<Bytes>) -> Reply {
-    match command::parse(&args) {
+    let started = Instant::now();
+    let reply = match command::parse(&args) {
         Ok(cmd) => frontend.run(conn, cmd, &args).await,
         Err(reply) => reply,
-    }
+    };
+    record_command(args.first().map_or(&[][..], |a| &a[..]), &reply, started);
+    reply
 }

@@ -130,6 +130,9 @@ impl CacheService {
         };
         let request = request_id(r.request.as_ref());
         let route = r.route.as_ref();
+        // Forwards carry the forwarding node's cluster in their route.
+        self.node
+            .check_route_cluster(route.map_or(0, |r| r.cluster_id))?;
         let reply = frontend
             .run_forwarded(route.map(|r| r.partition), &r.args, request)
             .await
@@ -151,14 +154,18 @@ impl CacheService {
         }
     }
 
-    /// The partition a keyed request was routed to (range checked by the node).
+    /// The partition a keyed request was routed to (range checked by the node). A
+    /// removed node, or a request routed with another cluster's map, is refused here:
+    /// every keyed call goes through this.
     fn route(&self, route: Option<&Route>) -> Result<PartitionId> {
+        self.node.serving()?;
         let route = route.ok_or_else(|| {
             NodeError::InvalidArgument(
                 "missing route: compute the key's partition with the ring described by ClusterMap"
                     .into(),
             )
         })?;
+        self.node.check_route_cluster(route.cluster_id)?;
         Ok(PartitionId(route.partition))
     }
 
@@ -747,7 +754,8 @@ impl Cache for CacheService {
         let t = Instant::now();
         let opened = self
             .node
-            .data_engine()
+            .serving()
+            .and_then(|()| self.node.data_engine())
             .and_then(|engine| {
                 crate::watch::requested_partitions(
                     &req.get_ref().partitions,

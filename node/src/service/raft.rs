@@ -21,8 +21,8 @@ use raftcache_proto::v1::{
     AddNodeRequest, AddNodeResponse, AssignRequest, AssignResponse, HelloRequest, HelloResponse,
     InjectFaultRequest, InjectFaultResponse, RaftBatch, RaftBatchReply, RaftKind, RaftMessage,
     RaftResult, RebalanceRequest, RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse,
-    SnapshotChunk, SnapshotReply, SnapshotRequest, SnapshotResponse, SnapshotWritten,
-    TransferLeaderRequest, TransferLeaderResponse,
+    RemovedRequest, RemovedResponse, SnapshotChunk, SnapshotReply, SnapshotRequest,
+    SnapshotResponse, SnapshotWritten, TransferLeaderRequest, TransferLeaderResponse,
 };
 
 use crate::cluster::ClusterNode;
@@ -132,6 +132,9 @@ impl RaftService {
         let header = first
             .header
             .ok_or_else(|| Status::invalid_argument("first snapshot chunk has no header"))?;
+        self.node
+            .check_peer_cluster(header.cluster_id, 0)
+            .map_err(|e| to_status(&e))?;
         if header.total_len > MAX_SNAPSHOT_BYTES {
             return Err(Status::invalid_argument(format!(
                 "snapshot of {} bytes is over the limit of {MAX_SNAPSHOT_BYTES}",
@@ -186,6 +189,11 @@ impl RaftService {
 impl RaftTransport for RaftService {
     async fn batch(&self, req: Request<RaftBatch>) -> tonic::Result<Response<RaftBatchReply>> {
         let batch = req.into_inner();
+        // A whole batch comes from one node of one cluster: another cluster's (a
+        // leftover node on a peer's old address) is refused before any group sees it.
+        self.node
+            .check_peer_cluster(batch.cluster_id, batch.from_node)
+            .map_err(|e| to_status(&e))?;
         let sent_at_ms = batch.sent_at_ms;
         let results = join_all(
             batch
@@ -211,7 +219,20 @@ impl RaftTransport for RaftService {
             node_id: self.node.node_id(),
             addr: self.node.advertise().to_string(),
             partitions_hosted: self.node.partitions_hosted(),
+            cluster_id: self.node.cluster_id(),
+            removed: self.node.is_removed(),
         }))
+    }
+
+    async fn removed(
+        &self,
+        req: Request<RemovedRequest>,
+    ) -> tonic::Result<Response<RemovedResponse>> {
+        let req = req.into_inner();
+        self.node
+            .removed_notice(req.cluster_id, req.node_id)
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(RemovedResponse {}))
     }
 
     async fn assign(&self, req: Request<AssignRequest>) -> tonic::Result<Response<AssignResponse>> {
@@ -266,6 +287,15 @@ impl Admin for RaftService {
         req: Request<AddNodeRequest>,
     ) -> tonic::Result<Response<AddNodeResponse>> {
         let req = req.into_inner();
+        let mine = self.node.cluster_id();
+        if req.cluster_id != 0 && req.cluster_id != mine && self.node.node_id() != 0 {
+            let e = NodeError::WrongCluster {
+                what: format!("the join of {}", req.addr),
+                got: req.cluster_id,
+                mine,
+            };
+            return Err(to_status(&e));
+        }
         let addr = req.addr.clone();
         on_meta_leader(
             &self.node,

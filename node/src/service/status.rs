@@ -26,6 +26,8 @@ pub fn error_code(err: &NodeError) -> ErrorCode {
         NodeError::InvalidArgument(_) => ErrorCode::InvalidArgument,
         NodeError::LsnNotReached { .. } => ErrorCode::LsnNotReached,
         NodeError::Fenced { .. } => ErrorCode::Fenced,
+        NodeError::Removed { .. } => ErrorCode::Removed,
+        NodeError::WrongCluster { .. } => ErrorCode::WrongCluster,
         NodeError::ShuttingDown => ErrorCode::Unavailable,
         NodeError::Internal(_) => ErrorCode::Internal,
     }

@@ -115,7 +115,7 @@ pub fn record_error(h: &HistoryWriter, op: OpHandle, e: &ClientError) -> Ended {
 pub async fn process_client(endpoints: &[String]) -> Result<Client> {
     let deadline = Instant::now() + CONNECT_PATIENCE;
     loop {
-        match Client::connect(ClientConfig::new(endpoints.to_vec())).await {
+        match Client::try_connect(ClientConfig::new(endpoints.to_vec())).await {
             Ok(client) => return Ok(client),
             Err(e) if Instant::now() >= deadline => return Err(e.into()),
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
