@@ -303,3 +303,115 @@ fn check_fails_planted_anomalies_and_passes_a_valid_history() {
     assert_eq!(code, 2);
     assert!(stderr.contains("line 1"), "{stderr}");
 }
+
+/// `fresh-restart`: every node but one is killed and a brand-new cluster (new cluster
+/// id, empty) is founded on their addresses beside the old member (ARCHITECTURE.md
+/// item 38). No read after a restart may return a value written to the old cluster
+/// (`no-old-cluster-values`); linearizability is checked per era between restarts,
+/// since the new cluster starts empty by design (a `null` read after acknowledged
+/// writes is expected across the restart, and only there). The checker must catch a
+/// planted old-cluster read and accept a reset across a restart first.
+#[test]
+fn fresh_restart_never_serves_old_cluster_values() {
+    let dir = tempfile::tempdir().unwrap();
+    // The marker as the nemesis writes it: invoked when the kills start (t=100),
+    // `info` when the new cluster is up (`ready_ns` 200).
+    let marker = [
+        r#"{"index":2,"process":4611686018427387904,"type":"invoke","f":"fresh-restart","key":"","value":{"old_member":"n0"},"time_ns":100}"#,
+        r#"{"index":3,"process":4611686018427387904,"type":"info","f":"fresh-restart","key":"","value":{"old_member":"n0","ready_ns":200},"time_ns":200,"error":"nemesis marker"}"#,
+    ];
+    let before = [
+        r#"{"index":0,"process":0,"type":"invoke","f":"write","key":"k","value":"0.1","time_ns":10}"#,
+        r#"{"index":1,"process":0,"type":"ok","f":"write","key":"k","value":"0.1","time_ns":20}"#,
+    ];
+    // Planted bug: after the restart, a read returns the old cluster's value.
+    let mut planted: Vec<&str> = before.iter().chain(&marker).copied().collect();
+    planted.extend([
+        r#"{"index":4,"process":1,"type":"invoke","f":"read","key":"k","value":null,"time_ns":300}"#,
+        r#"{"index":5,"process":1,"type":"ok","f":"read","key":"k","value":"0.1","time_ns":310}"#,
+    ]);
+    let (code, stdout, stderr) = check(dir.path(), "old-value.jsonl", &planted);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.starts_with("valid: false"), "{stdout}");
+    assert!(stderr.contains("old-cluster-value"), "{stderr}");
+    // Valid: the new cluster starts empty (a null read), then serves its own writes.
+    let mut reset: Vec<&str> = before.iter().chain(&marker).copied().collect();
+    reset.extend([
+        r#"{"index":4,"process":1,"type":"invoke","f":"read","key":"k","value":null,"time_ns":300}"#,
+        r#"{"index":5,"process":1,"type":"ok","f":"read","key":"k","value":null,"time_ns":310}"#,
+        r#"{"index":6,"process":1,"type":"invoke","f":"write","key":"k","value":"1.1","time_ns":320}"#,
+        r#"{"index":7,"process":1,"type":"ok","f":"write","key":"k","value":"1.1","time_ns":330}"#,
+        r#"{"index":8,"process":1,"type":"invoke","f":"read","key":"k","value":null,"time_ns":340}"#,
+        r#"{"index":9,"process":1,"type":"ok","f":"read","key":"k","value":"1.1","time_ns":350}"#,
+    ]);
+    let (code, stdout, stderr) = check(dir.path(), "reset.jsonl", &reset);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    // A real run: memory-only nodes, the fresh-restart nemesis only.
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let bins = bins!();
+    let out = dir.path().join("run");
+    let secs = std::env::var("RAFTCACHE_JEPSEN_SECS").unwrap_or_else(|_| "20".into());
+    let mut cmd = Command::new(jepsen());
+    cmd.args([
+        "test",
+        "--workload",
+        "register",
+        "--nemesis",
+        "fresh-restart",
+    ])
+    .args(["--nodes", "3", "--partitions", "4", "--time-limit", &secs])
+    .args(["--concurrency", "4", "--rate", "80"])
+    .arg("--out")
+    .arg(&out)
+    .arg("--node-bin")
+    .arg(&bins.node);
+    if let Ok(seed) = std::env::var("RAFTCACHE_JEPSEN_SEED") {
+        cmd.args(["--seed", &seed]);
+    }
+    let output = match output_within(&mut cmd, Duration::from_secs(300)) {
+        Ok(output) => output,
+        Err(e) => fail_kept(dir, &format!("{e:#}")),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !(output.status.success() && stdout.starts_with("valid: true")) {
+        fail_kept(
+            dir,
+            &format!(
+                "not valid ({:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+                output.status
+            ),
+        );
+    }
+    let history = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
+    let restarts = history
+        .lines()
+        .filter(|l| l.contains(r#""f":"fresh-restart""#) && l.contains(r#""type":"info""#))
+        .count();
+    let report = std::fs::read_to_string(out.join("report.txt")).unwrap();
+    if restarts == 0 || !report.contains("no-old-cluster-values: valid true") {
+        fail_kept(
+            dir,
+            &format!("{restarts} fresh restarts marked in the history\n{report}"),
+        );
+    }
+    let oks = history
+        .lines()
+        .filter(|l| l.contains(r#""type":"ok""#))
+        .count();
+    assert!(oks >= 200, "only {oks} ok operations\n{stderr}");
+    eprintln!("fresh-restart: {restarts} restart(s)\n{report}");
+}
+
+/// Keeps the run folder of a failed run and panics with `why` and the nemesis log.
+fn fail_kept(dir: tempfile::TempDir, why: &str) -> ! {
+    let kept = dir.keep();
+    let nemesis = std::fs::read_to_string(kept.join("run/nemesis.jsonl")).unwrap_or_default();
+    panic!(
+        "fresh-restart: {why}; run folder kept at {}\n--- nemesis log ---\n{nemesis}",
+        kept.display()
+    );
+}

@@ -5,7 +5,7 @@
 //! harness error.
 
 use super::check::{check_file, CheckOptions, Validity};
-use super::nemesis::parse_faults;
+use super::nemesis::{parse_faults, Fault};
 use super::run::{run, RunOptions, Workload};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -44,7 +44,9 @@ struct TestArgs {
     #[arg(long, default_value = "register")]
     workload: Workload,
     /// Comma-separated faults: partition, net, kill, pause, member, clock, cdc-kill,
-    /// pg-restart; `all` for every one that applies; `none`.
+    /// pg-restart; `all` for every one that applies; `none`. Only by name (not in
+    /// `all`): kill-all (durable persistence), fresh-restart (register workload,
+    /// memory-only nodes, at least 2).
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Node processes.
@@ -185,6 +187,17 @@ fn build_options(t: TestArgs) -> Result<RunOptions, String> {
         ));
     }
     let faults = parse_faults(&t.nemesis, cdc, t.persistence == "durable")?;
+    if faults.contains(&Fault::FreshRestart) {
+        // A fresh restart empties the cluster by design: only the register checker
+        // scopes for it (per era, plus the no-old-cluster-values rule).
+        if t.workload != Workload::Register || t.persistence != "none" || t.nodes < 2 {
+            return Err(
+                "nemesis fresh-restart needs --workload register, --persistence none and \
+                 at least 2 nodes"
+                    .into(),
+            );
+        }
+    }
     if t.nodes == 0 || t.nodes > 9 {
         return Err(format!("--nodes {} is outside 1..=9", t.nodes));
     }

@@ -40,6 +40,9 @@ pub enum SlotState {
     Down,
     /// Removed from the cluster by the member nemesis and stopped.
     Removed,
+    /// Running, but a member of the old cluster that a fresh restart replaced
+    /// ([`JCluster::fresh_restart`]): not counted as a member of the cluster under test.
+    Stranded,
 }
 
 /// One node position: a fixed address, successive incarnations.
@@ -207,6 +210,46 @@ impl JCluster {
         self.spawn(i, Some(&seed)).await
     }
 
+    /// The `fresh-restart` fault (memory-only clusters): kills every node but slot
+    /// `keep` (the old member, left running and marked [`SlotState::Stranded`]), then
+    /// founds a brand-new cluster on the killed slots' addresses: fresh data
+    /// directories, the first of them founding (no `--join`, a new cluster id), the
+    /// others joining it. Returns a description for the nemesis log.
+    ///
+    /// # Errors
+    /// With persistence, with fewer than two slots, or when a node does not start.
+    pub async fn fresh_restart(&mut self, keep: usize) -> Result<String> {
+        anyhow::ensure!(
+            self.opts.persistence.is_none(),
+            "fresh-restart needs memory-only nodes (no --persistence)"
+        );
+        let victims: Vec<usize> = (0..self.slots.len()).filter(|&i| i != keep).collect();
+        let Some(&founder) = victims.first() else {
+            bail!("fresh-restart needs at least two nodes");
+        };
+        for &i in &victims {
+            self.signal_kill(i);
+        }
+        for &i in &victims {
+            self.kill(i).await;
+        }
+        if self.slots[keep].state == SlotState::Paused {
+            self.resume(keep);
+        }
+        self.slots[keep].state = SlotState::Stranded;
+        // Memory-only: each incarnation gets a new data directory (`data-<n>`).
+        self.spawn(founder, None).await?;
+        let seed = self.slots[founder].addr.to_string();
+        for &i in &victims[1..] {
+            self.spawn(i, Some(&seed)).await?;
+        }
+        Ok(format!(
+            "old member n{keep} (node {}) left running; new cluster founded by n{founder}: {}",
+            self.slots[keep].node_id,
+            self.describe()
+        ))
+    }
+
     /// Stops slot `i` with SIGSTOP.
     pub fn pause(&mut self, i: usize) {
         let slot = &mut self.slots[i];
@@ -261,7 +304,7 @@ impl JCluster {
     pub fn slot_of(&self, id: u64) -> Option<usize> {
         self.slots
             .iter()
-            .find(|s| s.node_id == id && id != 0)
+            .find(|s| s.node_id == id && id != 0 && s.state != SlotState::Stranded)
             .map(|s| s.index)
     }
 

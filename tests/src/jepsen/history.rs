@@ -27,7 +27,11 @@
 //! - CDC values are decimal integer strings that grow per key in commit order (the
 //!   row's version), so "older" means numerically smaller. Values that do not parse as
 //!   integers are only compared for equality and are never called older.
-//! - The nemesis log is a separate file, not part of the history.
+//! - The nemesis log is a separate file, not part of the history — except
+//!   `f: "fresh-restart"` (process `nemesis::NEMESIS_PROCESS`, key `""`): invoked when
+//!   the nemesis starts killing every node but one, completed as `info` when a new
+//!   cluster is up on their addresses, with `value.ready_ns` = that time. The register
+//!   checker needs it from the file alone (`check/fresh.rs`).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

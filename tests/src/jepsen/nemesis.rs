@@ -18,11 +18,18 @@
 //! | `clock` | skew one node's wall clock by ±1–10 s (`Admin/InjectFault`) | reset it |
 //! | `cdc-kill` | SIGKILL the CDC worker | restart it |
 //! | `pg-restart` | stop PostgreSQL (fast) | start it |
+//! | `fresh-restart` | SIGKILL every node but one (the old member, left running) and found a brand-new cluster (new id, empty) on their addresses (memory-only, register workload; only by name, not in `all`) | kill the old member and restart it joining the new cluster |
+//!
+//! A `fresh-restart` is also marked in the history (the checker needs it, from the
+//! file alone): an operation `f: "fresh-restart"` of process [`NEMESIS_PROCESS`] on key
+//! `""`, invoked when the kills start and completed as `info` when the new cluster is
+//! up, with `value.ready_ns` = that time (see `check/fresh.rs`).
 //!
 //! Every start and heal is one JSON line in `nemesis.jsonl`, timed on the history's
 //! clock.
 
 use super::cluster::{JCluster, SlotState};
+use super::history::{Extra, HistoryWriter, Outcome};
 use super::partition::{self, Shape};
 use anyhow::{bail, Result};
 use rand::rngs::SmallRng;
@@ -55,11 +62,18 @@ pub enum Fault {
     CdcKill,
     /// PostgreSQL stopped and started.
     PgRestart,
+    /// Every node but one killed and a new cluster founded on their addresses beside
+    /// the old member (memory-only register runs; never part of `all`).
+    FreshRestart,
 }
+
+/// The process number of the nemesis's markers in the history (far above any
+/// workload or final-read process).
+pub const NEMESIS_PROCESS: u64 = 1 << 62;
 
 impl Fault {
     /// Every fault, in the order `all` lists them.
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 10] = [
         Fault::Partition,
         Fault::Net,
         Fault::Kill,
@@ -69,6 +83,7 @@ impl Fault {
         Fault::Clock,
         Fault::CdcKill,
         Fault::PgRestart,
+        Fault::FreshRestart,
     ];
 
     /// Its name on the command line.
@@ -83,6 +98,7 @@ impl Fault {
             Fault::Clock => "clock",
             Fault::CdcKill => "cdc-kill",
             Fault::PgRestart => "pg-restart",
+            Fault::FreshRestart => "fresh-restart",
         }
     }
 
@@ -95,6 +111,13 @@ impl Fault {
     /// without it, killing every node loses the data by design.
     pub fn needs_durable(self) -> bool {
         self == Fault::KillAll
+    }
+
+    /// Whether it must be named on its own (not part of `all`): a fresh restart
+    /// empties the cluster by design, which only the register checker scopes for
+    /// (per era), and it needs memory-only nodes.
+    pub fn explicit_only(self) -> bool {
+        self == Fault::FreshRestart
     }
 }
 
@@ -122,11 +145,9 @@ pub fn parse_faults(spec: &str, cdc: bool, durable: bool) -> Result<Vec<Fault>, 
     for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
         match part.trim() {
             "none" => {}
-            "all" => faults.extend(
-                Fault::ALL
-                    .into_iter()
-                    .filter(|f| (cdc || !f.needs_cdc()) && (durable || !f.needs_durable())),
-            ),
+            "all" => faults.extend(Fault::ALL.into_iter().filter(|f| {
+                (cdc || !f.needs_cdc()) && (durable || !f.needs_durable()) && !f.explicit_only()
+            })),
             name => {
                 let f: Fault = name.parse()?;
                 if f.needs_cdc() && !cdc {
@@ -184,6 +205,7 @@ enum Undo {
     RestartAll,
     Resume(usize),
     Readd(usize),
+    Rejoin(usize),
     Clock(usize),
     StartCdc,
     StartPg,
@@ -236,6 +258,7 @@ pub struct Nemesis {
     rng: SmallRng,
     log: Arc<NemesisLog>,
     external: Option<Box<dyn External>>,
+    history: Option<Arc<HistoryWriter>>,
     /// Faults started (successfully), by name.
     pub counts: std::collections::BTreeMap<&'static str, u32>,
 }
@@ -255,8 +278,16 @@ impl Nemesis {
             rng: SmallRng::seed_from_u64(seed),
             log,
             external,
+            history: None,
             counts: Default::default(),
         }
+    }
+
+    /// Marks history-relevant faults (`fresh-restart`) in `h` too.
+    #[must_use]
+    pub fn with_history(mut self, h: Arc<HistoryWriter>) -> Nemesis {
+        self.history = Some(h);
+        self
     }
 
     fn pick(&mut self, (lo, hi): (Duration, Duration)) -> Duration {
@@ -276,7 +307,11 @@ impl Nemesis {
                 .faults
                 .choose(&mut self.rng)
                 .unwrap_or(&Fault::Partition);
-            if matches!(fault, Fault::Kill | Fault::KillAll | Fault::Member) && !healthy {
+            if matches!(
+                fault,
+                Fault::Kill | Fault::KillAll | Fault::Member | Fault::FreshRestart
+            ) && !healthy
+            {
                 healthy = cluster.wait_healthy(self.schedule.recover).await.is_ok();
                 continue;
             }
@@ -456,6 +491,49 @@ impl Nemesis {
                 self.log.event("start", name, "PostgreSQL stopped");
                 Undo::StartPg
             }
+            Fault::FreshRestart => {
+                let old = format!("n{victim}");
+                self.log.event(
+                    "start",
+                    name,
+                    &format!("SIGKILL every node but {old}; founding a new cluster"),
+                );
+                let marker = self.history.as_ref().map(|h| {
+                    let op = h.invoke(
+                        NEMESIS_PROCESS,
+                        name,
+                        "",
+                        serde_json::json!({ "old_member": old }),
+                        Extra::default(),
+                    );
+                    (h.clone(), op)
+                });
+                let result = cluster.fresh_restart(victim).await;
+                if let Some((h, op)) = marker {
+                    let detail = match &result {
+                        Ok(d) => d.clone(),
+                        Err(e) => format!("new cluster not fully started: {e:#}"),
+                    };
+                    let value = serde_json::json!({
+                        "old_member": old,
+                        "ready_ns": h.elapsed_ns(),
+                        "detail": detail,
+                    });
+                    h.complete(
+                        op,
+                        Outcome::Info,
+                        value,
+                        Extra::default().with_error("nemesis marker"),
+                    );
+                }
+                // The old member must rejoin in any case (heal), even if the new
+                // cluster did not start fully.
+                match result {
+                    Ok(detail) => self.log.event("note", name, &detail),
+                    Err(e) => self.log.event("error", name, &format!("{e:#}")),
+                }
+                Undo::Rejoin(victim)
+            }
         })
     }
 
@@ -519,6 +597,19 @@ impl Nemesis {
                 );
                 Ok(())
             }
+            Undo::Rejoin(i) => {
+                cluster.kill(i).await;
+                cluster.restart(i).await?;
+                self.log.event(
+                    "heal",
+                    "fresh-restart",
+                    &format!(
+                        "old member n{i} killed and restarted as node {} of the new cluster",
+                        cluster.slots[i].node_id
+                    ),
+                );
+                Ok(())
+            }
             Undo::Clock(i) => {
                 if cluster.slots[i].state == SlotState::Up {
                     cluster.set_clock_offset(i, 0).await?;
@@ -554,6 +645,10 @@ impl Nemesis {
             match cluster.slots[i].state {
                 SlotState::Paused => cluster.resume(i),
                 SlotState::Down | SlotState::Removed => cluster.restart(i).await?,
+                SlotState::Stranded => {
+                    cluster.kill(i).await;
+                    cluster.restart(i).await?;
+                }
                 SlotState::Up => {
                     let _ = cluster.set_clock_offset(i, 0).await;
                 }

@@ -196,7 +196,8 @@ pub async fn run(opts: &RunOptions) -> Result<RunResult> {
         opts.seed.wrapping_add(1),
         log.clone(),
         external,
-    );
+    )
+    .with_history(h.clone());
     let healed = nemesis.run(&mut cluster, until).await;
     load.await.context("workload task")??;
     healed.context("the cluster did not recover after the run")?;

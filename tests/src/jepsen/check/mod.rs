@@ -7,7 +7,11 @@
 //!   linearizability (`linear.rs`, Wing & Gong / Lowe with memoisation, as in Porcupine
 //!   and Knossos), with the smallest failing window of operations for a report;
 //! - `db-write`/`cache-read`/`db-read` → the CDC freshness checker (`cdc.rs`) and its
-//!   staleness statistics.
+//!   staleness statistics;
+//! - a history with `fresh-restart` markers (the nemesis founded a new cluster beside
+//!   an old member, `fresh.rs`) → linearizability per era between restarts, and the
+//!   `no-old-cluster-values` checker: no read after a restart returns a value written
+//!   to the old cluster.
 //!
 //! Unknown `f`s (e.g. `cache-fill`) are counted and otherwise ignored. The result is a
 //! [`Report`]: a [`Validity`] (`Invalid` beats `Unknown` beats `Valid`), counts, one
@@ -23,7 +27,10 @@
 
 mod cdc;
 mod counter;
+mod fresh;
 mod linear;
+
+pub use fresh::MARKER_F as FRESH_RESTART_F;
 
 use crate::jepsen::history::{pair, read_history, Event, Operation, Outcome};
 use serde::Serialize;
@@ -379,6 +386,7 @@ pub fn check_operations(ops: &[Operation], opts: &CheckOptions) -> Report {
     let mut checkers = Vec::new();
     let mut anomalies = Vec::new();
     let mut cdc_stats = None;
+    let restarts = fresh::restarts(ops);
     if !register_keys.is_empty() {
         let started = Instant::now();
         let deadline = after(started, opts.time_limit);
@@ -386,11 +394,47 @@ pub fn check_operations(ops: &[Operation], opts: &CheckOptions) -> Report {
         let n = register_keys.len();
         for (i, (key, kops)) in register_keys.iter().enumerate() {
             let keys_left = u32::try_from(n - i).unwrap_or(u32::MAX);
-            let r = linear::check_key(key, kops, opts, deadline, keys_left);
+            let r = if restarts.is_empty() {
+                linear::check_key(key, kops, opts, deadline, keys_left)
+            } else {
+                check_key_per_era(key, kops, &restarts, opts, deadline, keys_left)
+            };
             res.add(key, r.valid, r.note, r.anomalies, &mut anomalies);
+        }
+        if !restarts.is_empty() {
+            res.notes.push(format!(
+                "{} fresh restart(s): each era between them checked on its own from an \
+                 empty register (see check/fresh.rs)",
+                restarts.len()
+            ));
         }
         let ops = register_keys.iter().flat_map(|(_, k)| k.iter().copied());
         checkers.push(res.finish(ops, started));
+        if !restarts.is_empty() {
+            let started = Instant::now();
+            let r = fresh::check(&register_keys, &restarts);
+            let keys_invalid = r
+                .anomalies
+                .iter()
+                .map(|a| a.key.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
+            let ops = register_keys.iter().flat_map(|(_, k)| k.iter().copied());
+            checkers.push(CheckerResult {
+                name: "no-old-cluster-values".into(),
+                valid: r.valid,
+                keys: r.keys,
+                keys_invalid,
+                keys_unknown: 0,
+                counts: Counts::of(ops),
+                notes: vec![format!(
+                    "{} reads invoked after a fresh restart checked",
+                    r.reads_checked
+                )],
+                elapsed_ms: millis(started.elapsed()),
+            });
+            anomalies.extend(r.anomalies);
+        }
     }
     if !counter_keys.is_empty() {
         let started = Instant::now();
@@ -503,6 +547,40 @@ impl KeyTally {
             elapsed_ms: millis(started.elapsed()),
         }
     }
+}
+
+/// Linearizability of one key across fresh restarts: each era on its own
+/// ([`fresh::eras`] says why and how straddling operations are placed).
+fn check_key_per_era(
+    key: &str,
+    kops: &[&Operation],
+    restarts: &[fresh::Restart],
+    opts: &CheckOptions,
+    deadline: Instant,
+    keys_left: u32,
+) -> KeyResult {
+    let mut out = KeyResult {
+        valid: Validity::Valid,
+        note: None,
+        anomalies: Vec::new(),
+    };
+    let mut notes = Vec::new();
+    for (e, era) in fresh::eras(kops, restarts).iter().enumerate() {
+        let refs: Vec<&Operation> = era.iter().collect();
+        let r = linear::check_key(key, &refs, opts, deadline, keys_left);
+        out.valid = out.valid.combine(r.valid);
+        if let Some(n) = r.note {
+            notes.push(format!("era {e}: {n}"));
+        }
+        out.anomalies.extend(r.anomalies.into_iter().map(|mut a| {
+            a.message = format!("era {e} (after {e} fresh restart(s)): {}", a.message);
+            a
+        }));
+    }
+    if !notes.is_empty() {
+        out.note = Some(notes.join("; "));
+    }
+    out
 }
 
 /// The result of checking one key.
