@@ -113,6 +113,8 @@ pub enum Changed<'a> {
     Keys(&'a [Bytes]),
     /// A CDC batch: its keys and prefixes.
     Cdc(&'a [CdcChange]),
+    /// Possibly every key (`Flush`).
+    All,
 }
 
 impl<'a> Changed<'a> {
@@ -120,6 +122,8 @@ impl<'a> Changed<'a> {
     pub fn of(cmd: &'a Command) -> Self {
         match cmd {
             Command::Evict { keys } => Changed::Keys(keys),
+            // Every key may have gone: near caches drop everything (the empty prefix).
+            Command::Flush { .. } => Changed::All,
             Command::Cdc { changes, .. } | Command::CdcTx { changes, .. } => Changed::Cdc(changes),
             // Reclaimed keys had expired (near caches honour TTLs themselves); a lease
             // grant or release changes no value.
@@ -136,6 +140,7 @@ impl<'a> Changed<'a> {
             Changed::Key(_) => false,
             Changed::Keys(keys) => keys.is_empty(),
             Changed::Cdc(changes) => changes.is_empty(),
+            Changed::All => false,
         }
     }
 
@@ -145,6 +150,7 @@ impl<'a> Changed<'a> {
             Changed::Nothing => (Vec::new(), Vec::new()),
             Changed::Key(k) => (vec![(*k).clone()], Vec::new()),
             Changed::Keys(keys) => (keys.to_vec(), Vec::new()),
+            Changed::All => (Vec::new(), vec![Bytes::new()]),
             Changed::Cdc(changes) => {
                 let mut keys = Vec::new();
                 let mut prefixes = Vec::new();

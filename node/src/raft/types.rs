@@ -121,6 +121,7 @@ impl fmt::Display for Op {
                 write!(f, "expire(key {}B, {expire_at_ms:?})", key.len())?
             }
             Command::Evict { keys } => write!(f, "evict({} keys)", keys.len())?,
+            Command::Flush { keep } => write!(f, "flush(keep {}B)", keep.len())?,
             Command::Reclaim { max } => write!(f, "reclaim(max {max})")?,
             Command::Cdc { lsn, changes, .. } => {
                 write!(f, "cdc(lsn {lsn}, {} changes)", changes.len())?

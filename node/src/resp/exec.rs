@@ -40,10 +40,6 @@ pub struct RespSettings {
     pub port: u16,
 }
 
-/// Keys removed per `Evict` op by `FLUSHALL`.
-const FLUSH_CHUNK: usize = 4_096;
-/// Most `Evict` rounds of `FLUSHALL` per partition (bounds a flush racing writers).
-const FLUSH_ROUNDS: usize = 1_024;
 /// At most one warning per this many ms about refused oversized arguments.
 const OVERSIZED_LOG_MS: u64 = 10_000;
 
@@ -1006,10 +1002,9 @@ impl Frontend {
         Ok((keys, expires))
     }
 
-    /// Empties the partitions this node leads of user keys: `Evict` ops of up to
-    /// [`FLUSH_CHUNK`] keys each, until none is left (at most [`FLUSH_ROUNDS`]), keeping
-    /// internal keys (`__raftcache:`). Each op is atomic, a partition's flush is not
-    /// (a single op per partition needs a flush command in the state machine).
+    /// Empties the partitions this node leads of user keys, one `Flush` op per partition
+    /// (atomic: a partition's writes are before or after it), keeping internal keys
+    /// (`__raftcache:`).
     async fn local_flush(&self) {
         let Some(engine) = self.node.engine() else {
             return;
@@ -1023,32 +1018,20 @@ impl Frontend {
 
     /// One partition of [`local_flush`](Self::local_flush); the keys removed.
     async fn flush_partition(&self, engine: &Engine, p: u32) -> Result<u64, String> {
-        let mut removed = 0;
-        for _ in 0..FLUSH_ROUNDS {
-            let Some(group) = self.node.group(p).filter(|g| g.is_leader()) else {
-                return Err("this node no longer leads the partition".into());
-            };
-            // A few more than a chunk, so that internal keys at the front cannot stall it.
-            let keys: Vec<Bytes> = engine
-                .partition_keys(PartitionId(p), FLUSH_CHUNK + 64)
-                .into_iter()
-                .filter(|k| !hot::is_internal(k))
-                .take(FLUSH_CHUNK)
-                .collect();
-            if keys.is_empty() {
-                break;
-            }
-            let op = Op {
-                now_ms: engine.now_ms(),
-                cmd: Command::Evict { keys },
-            };
-            match group.write(crate::raft::Proposal::from(op)).await {
-                Ok(Some(Outcome::Evicted(n))) => removed += n as u64,
-                Ok(_) => {}
-                Err(e) => return Err(format!("{e:?}")),
-            }
+        let Some(group) = self.node.group(p).filter(|g| g.is_leader()) else {
+            return Err("this node no longer leads the partition".into());
+        };
+        let op = Op {
+            now_ms: engine.now_ms(),
+            cmd: Command::Flush {
+                keep: Bytes::from_static(hot::INTERNAL_PREFIX),
+            },
+        };
+        match group.write(crate::raft::Proposal::from(op)).await {
+            Ok(Some(Outcome::Evicted(n))) => Ok(n as u64),
+            Ok(_) => Ok(0),
+            Err(e) => Err(format!("{e:?}")),
         }
-        Ok(removed)
     }
 
     /// `FLUSHALL` over the cluster.

@@ -195,6 +195,14 @@ pub enum Command {
         /// 0, or the lease's token (the log index of its grant).
         token: u64,
     },
+    /// Empties the partition in one step (Redis `FLUSHALL`, per partition): removes every
+    /// entry, live or expired, whose key does not start with `keep` (an empty `keep`
+    /// keeps nothing), and ends their leases. CDC state (tombstones, watermark, fence)
+    /// stays. The outcome is [`Outcome::Evicted`] with the number removed.
+    Flush {
+        /// Keys starting with this stay (the node's internal `__raftcache:` keys).
+        keep: Bytes,
+    },
 }
 
 /// The Redis-only writes of [`Command::Redis`].
@@ -355,7 +363,8 @@ impl Command {
             Command::Evict { .. }
             | Command::Reclaim { .. }
             | Command::Cdc { .. }
-            | Command::CdcTx { .. } => None,
+            | Command::CdcTx { .. }
+            | Command::Flush { .. } => None,
         }
     }
 }

@@ -151,6 +151,19 @@ impl LeaseTable {
         keys.len()
     }
 
+    /// Forgets every lease except those of keys starting with `keep` (empty: none kept).
+    pub(crate) fn keep_only(&mut self, keep: &[u8]) {
+        let gone: Vec<Bytes> = self
+            .leases
+            .keys()
+            .filter(|key| keep.is_empty() || !key.starts_with(keep))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.remove(key);
+        }
+    }
+
     /// Forgets up to `max` leases whose `until_ms <= now_ms`, earliest first (ties by
     /// key). Returns how many.
     pub(crate) fn expire(&mut self, now_ms: u64, max: usize) -> usize {

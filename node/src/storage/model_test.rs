@@ -48,6 +48,8 @@ enum Step {
     Incr(usize, i64),
     Expire(usize, Option<i64>),
     Evict(Vec<usize>),
+    /// `Flush` keeping the keys that start with `PREFIXES[i]` (`""`: keeps nothing).
+    Flush(usize),
     Reclaim(usize),
     Cdc {
         lsn: u64,
@@ -168,6 +170,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (key.clone(), delta).prop_map(|(k, d)| Step::Incr(k, d)),
         2 => (key.clone(), ttl).prop_map(|(k, t)| Step::Expire(k, t)),
         1 => prop::collection::vec(key.clone(), 0..4).prop_map(Step::Evict),
+        1 => (0..PREFIXES.len()).prop_map(Step::Flush),
         1 => (0usize..4).prop_map(Step::Reclaim),
         3 => key.clone().prop_map(Step::Get),
         3 => (0u64..25).prop_map(Step::Advance),
@@ -670,6 +673,13 @@ impl Model {
                 }
                 Outcome::Evicted(n)
             }
+            Command::Flush { keep } => {
+                let gone = |k: &[u8]| keep.is_empty() || !k.starts_with(keep);
+                let before = self.map.len();
+                self.map.retain(|k, _| !gone(k));
+                self.leases.retain(|k, _| !gone(k));
+                Outcome::Evicted(before - self.map.len())
+            }
             Command::Reclaim { max } => {
                 self.expire_tombstones(now, *max);
                 let mut ended: Vec<(u64, Vec<u8>)> = self
@@ -812,6 +822,9 @@ fn to_op(step: &Step, model: &Model, now: u64) -> Option<Op> {
         },
         Step::Evict(keys) => Command::Evict {
             keys: keys.iter().map(|k| key(*k)).collect(),
+        },
+        Step::Flush(i) => Command::Flush {
+            keep: Bytes::from_static(PREFIXES[*i].as_bytes()),
         },
         Step::Reclaim(max) => Command::Reclaim { max: *max },
         Step::Cdc {

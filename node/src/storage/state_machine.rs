@@ -215,6 +215,11 @@ impl PartitionState {
         let now = op.now_ms;
         match &op.cmd {
             Command::Evict { keys } => Outcome::Evicted(self.evict(keys, now)),
+            Command::Flush { keep } => {
+                let keys = self.flushed_keys(keep);
+                self.leases.keep_only(keep);
+                Outcome::Evicted(self.evict(&keys, now))
+            }
             Command::Reclaim { max } => {
                 self.cdc.expire(now, *max);
                 self.leases.expire(now, *max);
@@ -430,6 +435,12 @@ impl PartitionState {
                         .sum(),
                 )
             }
+            Command::Flush { keep } => -signed(
+                self.flushed_keys(keep)
+                    .iter()
+                    .filter_map(|key| self.entries.get(key.as_ref()).map(|e| cost_of(key, e)))
+                    .sum(),
+            ),
             Command::Reclaim { max } => -signed(
                 self.ttl
                     .due(now)
@@ -934,6 +945,7 @@ impl PartitionState {
             | Command::Reclaim { .. }
             | Command::Cdc { .. }
             | Command::CdcTx { .. }
+            | Command::Flush { .. }
             | Command::Lease { .. }
             | Command::ReleaseLease { .. } => {
                 unreachable!("plan is only called for single-key writes")
@@ -1352,6 +1364,15 @@ impl PartitionState {
             .prefix_tombstone(prefix, lsn, tx, || keep_bytes(share, prefix));
         self.leases.remove_prefix(prefix);
         removed
+    }
+
+    /// The keys a [`Command::Flush`] keeping `keep` removes, in storage order.
+    fn flushed_keys(&self, keep: &[u8]) -> Vec<Bytes> {
+        self.entries
+            .keys()
+            .filter(|key| keep.is_empty() || !key.starts_with(keep))
+            .cloned()
+            .collect()
     }
 
     /// Removes every listed key that is held (live or expired).
