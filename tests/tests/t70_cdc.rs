@@ -468,3 +468,53 @@ fn a_lost_slot_is_reported_and_every_key_space_is_reset() {
         assert_eq!(read(&c, "user:1", l).await, None);
     });
 }
+
+/// The cache is restarted as a brand-new cluster (memory only, a new cluster id) on the
+/// same address while the worker runs: the worker follows it without being restarted
+/// (its client replaces the old cluster's map; its lease is gone, so it takes a new one,
+/// finds no "ready" marker and resets the key spaces), and row changes reach the new
+/// cluster.
+#[test]
+fn the_worker_follows_a_cache_restarted_as_a_new_cluster() {
+    let rt = runtime();
+    let mut s = setup(&rt);
+    let db = rt.block_on(s.pg.client());
+    rt.block_on(async {
+        let c = cache(&s.node).await;
+        c.set("user:60", "cached").await.unwrap();
+        let l = exec(
+            &db,
+            "INSERT INTO users VALUES (60, 'x@x', 'X'), (61, 'y@y', 'Y')",
+        )
+        .await;
+        assert_eq!(read(&c, "user:60", l).await, None, "first cluster");
+    });
+    let addr = s.node.endpoint();
+    s.node.kill9();
+    s.node = NodeProc::start_at(&bins!(), &addr, &[]).unwrap();
+    rt.block_on(async {
+        let c = cache(&s.node).await;
+        // The worker reaches the new cluster: a min_lsn read past a new commit succeeds.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let l = exec(&db, "UPDATE users SET name = 'X2' WHERE id = 60").await;
+        loop {
+            match c.get_with_min_lsn("user:60", l).await {
+                Ok(_) => break,
+                Err(ClientError::LsnNotReached { .. }) if Instant::now() < deadline => {}
+                Err(e) => panic!(
+                    "the worker did not reach the new cluster: {e}\n{}",
+                    s.worker.log()
+                ),
+            }
+        }
+        // And its invalidations land there: a key cached in the new cluster goes when its
+        // row changes.
+        c.set("user:61", "cached").await.unwrap();
+        let l = exec(&db, "UPDATE users SET name = 'Y2' WHERE id = 61").await;
+        assert_eq!(
+            read(&c, "user:61", l).await,
+            None,
+            "invalidated in the new cluster"
+        );
+    });
+}

@@ -21,6 +21,7 @@
 
 pub mod disk;
 mod group;
+mod log_limit;
 mod log_store;
 pub mod network;
 pub mod snapshot;

@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -110,6 +110,11 @@ struct Inner {
     /// Peers (by address) that refused our messages as another cluster's: each is
     /// logged once.
     refused_by: Mutex<HashSet<String>>,
+    /// Failed batches per peer, logged at most once per peer per interval.
+    unreachable_log: Mutex<super::log_limit::PeerLogLimit>,
+    /// Whether `unreachable_log` may hold a failing peer (a successful batch then skips
+    /// the lock when it is false: the common case).
+    failing: AtomicBool,
     /// Peers by address.
     peers: Mutex<HashMap<String, Arc<Peer>>>,
     /// Published address → the address dialled instead (`cluster.peer-routes`).
@@ -140,6 +145,8 @@ impl Transport {
                 node_id: AtomicU64::new(0),
                 cluster_id: AtomicU64::new(0),
                 refused_by: Mutex::new(HashSet::new()),
+                unreachable_log: Mutex::default(),
+                failing: AtomicBool::new(false),
                 peers: Mutex::new(HashMap::new()),
                 routes,
                 replicas: RwLock::new(HashMap::new()),
@@ -407,6 +414,7 @@ async fn run_batcher(
             let answer = tokio::time::timeout(BATCH_TIMEOUT, client.batch(request)).await;
             match answer {
                 Ok(Ok(reply)) => {
+                    inner.note_answer(&addr);
                     let results = reply.into_inner().results;
                     let mut results = results.into_iter();
                     for reply in replies {
@@ -420,6 +428,7 @@ async fn run_batcher(
                 }
                 Ok(Err(status)) => {
                     inner.note_refusal(&addr, &status);
+                    inner.note_failure(&addr, status.message());
                     let e = SendError::Unreachable(status.message().to_string());
                     for reply in replies {
                         let _ = reply.send(Err(e.clone()));
@@ -428,6 +437,7 @@ async fn run_batcher(
                 Err(_) => {
                     let e =
                         SendError::Unreachable(format!("batch timed out after {BATCH_TIMEOUT:?}"));
+                    inner.note_failure(&addr, &format!("batch timed out after {BATCH_TIMEOUT:?}"));
                     for reply in replies {
                         let _ = reply.send(Err(e.clone()));
                     }
@@ -438,6 +448,43 @@ async fn run_batcher(
 }
 
 impl Inner {
+    /// Logs a failed batch to `addr`: the first at once, then one line per peer per
+    /// [`PEER_LOG_INTERVAL`](super::log_limit::PEER_LOG_INTERVAL) with the count.
+    /// (openraft's own per-message warnings are filtered out by default: `node::cli`.)
+    fn note_failure(&self, addr: &str, error: &str) {
+        let now = std::time::Instant::now();
+        self.failing.store(true, Ordering::Relaxed);
+        let logged = self
+            .unreachable_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failed(addr, now);
+        if let Some(failures) = logged {
+            tracing::warn!(
+                peer = addr,
+                failures,
+                "peer {addr} unreachable: {error} ({failures} failed batch(es) since the last \
+                 line; at most one line per peer every {:?})",
+                super::log_limit::PEER_LOG_INTERVAL
+            );
+        }
+    }
+
+    /// Notes that `addr` answered a batch; logs its recovery if it had failed.
+    fn note_answer(&self, addr: &str) {
+        if !self.failing.load(Ordering::Relaxed) {
+            return;
+        }
+        let recovered = self
+            .unreachable_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recovered(addr);
+        if recovered {
+            tracing::info!(peer = addr, "peer {addr} answers again");
+        }
+    }
+
     /// Logs, once per peer, that the peer at `addr` refused our messages as another
     /// cluster's (its status carries `WRONG_CLUSTER`): the messages are then treated
     /// as undeliverable, so openraft backs off as from an unreachable peer.
