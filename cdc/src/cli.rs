@@ -138,13 +138,7 @@ pub fn main() -> ExitCode {
         eprintln!("error: --config is required");
         return ExitCode::from(2);
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging("info");
     let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -180,18 +174,7 @@ pub fn main() -> ExitCode {
 /// `raftcache-cdc drop-slot`: drops the configured slot and says what it did on
 /// stdout; refuses (exit 1) while a walsender streams from it.
 fn drop_slot_main(args: DropSlotArgs, outer_config: Option<PathBuf>, check: bool) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "raftcache_cdc=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let fail = |message: String| {
-        eprintln!("error: {}", one_line(&message));
-        ExitCode::from(2)
-    };
+    init_logging("raftcache_cdc=warn");
     if check {
         return fail("--check is for the worker; drop-slot takes only --config".into());
     }
@@ -261,18 +244,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// `raftcache-cdc verify`: logs only this crate's warnings unless `RUST_LOG` says
 /// otherwise, so that an error is the one line on stderr.
 fn verify_main(args: VerifyArgs, outer_config: Option<PathBuf>, check: bool) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "raftcache_cdc=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let fail = |message: String| {
-        eprintln!("error: {}", one_line(&message));
-        ExitCode::from(2)
-    };
+    init_logging("raftcache_cdc=warn");
     if check {
         return fail("--check is for the worker; verify checks the configuration itself".into());
     }
@@ -362,4 +334,22 @@ async fn verify(config: Config, options: Options, args: &VerifyArgs) -> anyhow::
 /// `text` on one line: every run of white space (newlines too) becomes one space.
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Logs to stderr with `RUST_LOG`, or `default` without it; colours only on a terminal.
+fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// A subcommand's error: one line on stderr, exit 2.
+fn fail(message: String) -> ExitCode {
+    eprintln!("error: {}", one_line(&message));
+    ExitCode::from(2)
 }

@@ -402,32 +402,29 @@ impl Engine {
             } => {
                 self.check_key(&key)?;
                 self.check_value(&value)?;
-                if let Some(snapshot) = source_snapshot {
-                    if source_lsn != 0 || keep_ttl || condition != Condition::Always {
+                match source_snapshot {
+                    Some(_) if source_lsn != 0 || keep_ttl || condition != Condition::Always => {
                         return Err(StorageError::InvalidFill(
                             "a set with source_snapshot takes no source_lsn, keep_ttl or \
                              condition: a fill writes unless it is stale"
                                 .into(),
                         ));
                     }
-                    return Ok(Op {
-                        now_ms,
-                        cmd: Command::SnapshotFill {
-                            key,
-                            value,
-                            expire_at_ms: deadline(now_ms, ttl_ms)?,
-                            snapshot,
-                            token: 0,
-                        },
-                    });
-                }
-                Command::Set {
-                    key,
-                    value,
-                    expire_at_ms: deadline(now_ms, ttl_ms)?,
-                    keep_ttl,
-                    condition,
-                    source_lsn,
+                    Some(snapshot) => Command::SnapshotFill {
+                        key,
+                        value,
+                        expire_at_ms: deadline(now_ms, ttl_ms)?,
+                        snapshot,
+                        token: 0,
+                    },
+                    None => Command::Set {
+                        key,
+                        value,
+                        expire_at_ms: deadline(now_ms, ttl_ms)?,
+                        keep_ttl,
+                        condition,
+                        source_lsn,
+                    },
                 }
             }
             WriteRequest::Delete { key } => {
@@ -542,29 +539,26 @@ impl Engine {
             } => {
                 self.check_key(&key)?;
                 self.check_value(&value)?;
-                if let Some(snapshot) = source_snapshot {
-                    if source_lsn != 0 {
+                match source_snapshot {
+                    Some(_) if source_lsn != 0 => {
                         return Err(StorageError::InvalidFill(
                             "source_lsn and source_snapshot exclude each other".into(),
                         ));
                     }
-                    return Ok(Op {
-                        now_ms,
-                        cmd: Command::SnapshotFill {
-                            key,
-                            value,
-                            expire_at_ms: deadline(now_ms, ttl_ms)?,
-                            snapshot,
-                            token,
-                        },
-                    });
-                }
-                Command::Fill {
-                    key,
-                    value,
-                    expire_at_ms: deadline(now_ms, ttl_ms)?,
-                    source_lsn,
-                    token,
+                    Some(snapshot) => Command::SnapshotFill {
+                        key,
+                        value,
+                        expire_at_ms: deadline(now_ms, ttl_ms)?,
+                        snapshot,
+                        token,
+                    },
+                    None => Command::Fill {
+                        key,
+                        value,
+                        expire_at_ms: deadline(now_ms, ttl_ms)?,
+                        source_lsn,
+                        token,
+                    },
                 }
             }
         };

@@ -843,11 +843,7 @@ impl PartitionState {
                 token,
                 ..
             } => {
-                let holds = self
-                    .leases
-                    .get(key)
-                    .is_some_and(|l| l.token == *token && l.is_live(now));
-                if !holds {
+                if !self.lease_holds(key, *token, now) {
                     // Nothing changes, not even an expired entry is dropped.
                     return Plan {
                         existing,
@@ -913,12 +909,7 @@ impl PartitionState {
                         }
                     }
                 };
-                let holds = *token == 0
-                    || self
-                        .leases
-                        .get(key)
-                        .is_some_and(|l| l.token == *token && l.is_live(now));
-                if !holds {
+                if *token != 0 && !self.lease_holds(key, *token, now) {
                     // As `Fill`: nothing changes, not even an expired entry is dropped.
                     return Plan {
                         existing,
@@ -1364,6 +1355,13 @@ impl PartitionState {
             .prefix_tombstone(prefix, lsn, tx, || keep_bytes(share, prefix));
         self.leases.remove_prefix(prefix);
         removed
+    }
+
+    /// Whether `key`'s lease is `token` and still runs at `now` (a fill under it may write).
+    fn lease_holds(&self, key: &[u8], token: u64, now: u64) -> bool {
+        self.leases
+            .get(key)
+            .is_some_and(|l| l.token == token && l.is_live(now))
     }
 
     /// The keys a [`Command::Flush`] keeping `keep` removes, in storage order.
